@@ -1,0 +1,1 @@
+"""GPU side of Easel: everything that touches torch and diffusers lives under this package."""

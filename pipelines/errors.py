@@ -1,0 +1,44 @@
+"""Errors the GPU side raises; `server/errors.py` maps each to a status code per dialect. No torch import."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine reports to a request."""
+
+
+class InvalidRequest(EngineError):
+    """The request cannot run as given; `field` names the offending request field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ModelNotFound(EngineError):
+    def __init__(self, name: str):
+        super().__init__(f"model '{name}' not found")
+        self.name = name
+
+
+class QueueFull(EngineError):
+    def __init__(self, retry_after_s: int = 5):
+        super().__init__("the server is busy: the generation queue is full, retry later")
+        self.retry_after_s = retry_after_s
+
+
+class EngineNotReady(EngineError):
+    """Raised while the engine is starting, draining or dead."""
+
+
+class ModelLoadError(EngineError):
+    """A model failed to load; the message says which and why (never a traceback)."""
+
+
+class JobCancelled(EngineError):
+    """The job was cancelled before it produced a result."""
+
+
+class GenerationFailed(EngineError):
+    """The pipeline raised while running the job."""

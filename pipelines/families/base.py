@@ -1,0 +1,84 @@
+"""What every family adapter provides. One file per family implements it (sd.py, flux.py, qwen.py)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from pipelines.registry import ModelSpec
+from pipelines.request import GenerationRequest, Task
+
+# Called after every denoising step with (step_index_done, total_steps). Returning True asks the pipeline to stop
+# (interrupt/skip/cancel): the adapter sets `pipe._interrupt = True`, diffusers skips the remaining steps and the
+# partially denoised latents are still decoded (A1111's interrupt behaviour).
+StepCallback = Callable[[int, int], bool]
+
+
+class UnsupportedTask(ValueError):
+    """The model's family cannot run this task (e.g. instruction edit on SD)."""
+
+
+@dataclass
+class LoadedModel:
+    """A base pipeline in memory plus the task pipelines derived from it with `from_pipe` (weights shared)."""
+
+    spec: ModelSpec
+    base: DiffusionPipeline
+    device: torch.device
+    dtype: torch.dtype
+    derived: dict[Task, DiffusionPipeline] = field(default_factory=dict)
+
+    def approx_bytes(self) -> int:
+        total = 0
+        for comp in self.base.components.values():
+            if isinstance(comp, torch.nn.Module):
+                total += sum(p.numel() * p.element_size() for p in comp.parameters())
+                total += sum(b.numel() * b.element_size() for b in comp.buffers())
+        return total
+
+
+class FamilyAdapter(abc.ABC):
+    """Loads and runs one model family. Stateless: all state lives in `LoadedModel`."""
+
+    families: tuple[str, ...] = ()
+    size_multiple: int = 8
+    tasks: frozenset[Task] = frozenset({Task.TXT2IMG, Task.IMG2IMG, Task.INPAINT})
+    flow_matching: bool = False  # FLUX/Qwen use flow-matching schedulers; SD uses discrete-time ones
+
+    @abc.abstractmethod
+    def load(self, spec: ModelSpec, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+        """Load the base (txt2img) pipeline from a local diffusers folder with `from_pretrained`."""
+
+    @abc.abstractmethod
+    def pipeline_for(self, loaded: LoadedModel, task: Task) -> DiffusionPipeline:
+        """The pipeline for `task`, derived from the base with `from_pipe` once and cached in `loaded.derived`."""
+
+    @abc.abstractmethod
+    def run(
+        self,
+        loaded: LoadedModel,
+        req: GenerationRequest,
+        seeds: list[int],
+        scheduler: Any,
+        on_step: StepCallback,
+    ) -> list[Image.Image]:
+        """One pipeline call making `len(seeds)` images, image i from its own generator seeded `seeds[i]`.
+
+        `scheduler` is a fresh scheduler instance for this call only (never assigned to the shared pipelines).
+        Input images in `req` are already prepared (resized to `req.width x req.height`, mask binarised/blurred).
+        """
+
+    def check_task(self, task: Task) -> None:
+        if task not in self.tasks:
+            raise UnsupportedTask(f"model family {'/'.join(self.families)} does not support task '{task.value}'")
+
+
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image: image i is reproducible whatever its batch position or device."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]

@@ -1,0 +1,101 @@
+"""The one contract between the HTTP side and the GPU side.
+
+Dialects build a `GenerationRequest`, the engine returns a `GenerationResult`. Nothing here imports torch,
+so `server/` can use these types freely.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+
+class Task(str, enum.Enum):
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
+    EDIT = "edit"  # instruction editing of an input image (Qwen-Image-Edit)
+
+
+@dataclass
+class InpaintOptions:
+    """A1111-style inpainting knobs; pure image preparation, applied around the pipeline call."""
+
+    mask_blur: int = 4
+    inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    full_res: bool = True  # "only masked": crop around the mask, inpaint at full size, paste back
+    full_res_padding: int = 0
+    invert: bool = False
+    composite_original: bool = True  # paste the original back outside the mask, as A1111 does
+
+
+@dataclass
+class GenerationRequest:
+    """One unit of work, dialect-agnostic.
+
+    `seed` is the first seed; image i of the request uses `seed + i` (A1111 rule). -1 means random: the engine
+    resolves it and reports the seeds it used in the result. `batch_size` images are made per pipeline call,
+    `n_iter` calls are made one after another.
+    """
+
+    model: str
+    prompt: str
+    task: Task = Task.TXT2IMG
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    guidance: float = 7.0
+    seed: int = -1
+    batch_size: int = 1
+    n_iter: int = 1
+    sampler: str | None = None  # A1111 sampler name, e.g. "DPM++ 2M" or legacy "DPM++ 2M Karras"
+    schedule: str | None = None  # A1111 schedule name/label, e.g. "karras"; None = automatic
+    strength: float = 0.75  # img2img / inpaint denoising strength
+    init_images: list[Image.Image] = field(default_factory=list)
+    mask: Image.Image | None = None  # white = repaint
+    inpaint: InpaintOptions = field(default_factory=InpaintOptions)
+    resize_mode: int = 0  # A1111: 0 just resize, 1 crop and resize, 2 resize and fill
+    # Free-form tags the dialect wants echoed back (never read by the GPU side).
+    tags: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_images(self) -> int:
+        return self.batch_size * self.n_iter
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]  # one per returned image
+    model: str  # model id that ran
+    model_hash: str | None  # short hash reported in infotext, if known
+    sampler: str  # normalized A1111 sampler name that ran (e.g. "DPM++ 2M")
+    schedule: str  # A1111 schedule label that ran (e.g. "Karras", "Automatic")
+    width: int
+    height: int
+    steps: int
+    interrupted: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # queued_s, load_s, run_s
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Progress:
+    """Snapshot of a job's progress, safe to read from any thread."""
+
+    job_no: int = 0  # index of the pipeline call (n_iter) in progress
+    job_count: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    started_at: float | None = None
+
+    @property
+    def fraction(self) -> float:
+        if self.job_count == 0 or self.sampling_steps == 0:
+            return 0.0
+        done = self.job_no / self.job_count + self.sampling_step / self.sampling_steps / self.job_count
+        return min(done, 1.0)

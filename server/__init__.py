@@ -1,0 +1,1 @@
+"""HTTP side of Easel. Never imports torch or diffusers."""
