@@ -1,0 +1,111 @@
+"""PipelineCache: each model is loaded once, however many requests ask for it at the same moment; least recently
+used models are evicted above a count limit and (on CUDA) a memory budget."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import torch
+
+from pipelines.errors import ModelLoadError
+from pipelines.families.base import LoadedModel
+from pipelines.registry import ModelSpec
+
+log = logging.getLogger("easel.cache")
+
+Loader = Callable[[ModelSpec], LoadedModel]
+
+
+def free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class PipelineCache:
+    def __init__(self, loader: Loader, max_models: int = 3, memory_budget_bytes: int | None = None):
+        if max_models < 1:
+            raise ValueError("max_models must be >= 1")
+        self._loader = loader
+        self.max_models = max_models
+        self.memory_budget_bytes = memory_budget_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._loading: dict[str, Future[LoadedModel]] = {}
+        self.load_count: dict[str, int] = {}  # how many times each model was really loaded (tests, metrics)
+
+    def get(self, spec: ModelSpec) -> LoadedModel:
+        """The loaded model; loads it (once, even under concurrency) if absent. Raises ModelLoadError."""
+        with self._lock:
+            entry = self._entries.get(spec.id)
+            if entry is not None:
+                self._entries.move_to_end(spec.id)
+                return entry
+            pending = self._loading.get(spec.id)
+            owner = pending is None
+            if owner:
+                pending = Future()
+                self._loading[spec.id] = pending
+        if not owner:
+            return pending.result()  # another thread is loading it: share its result or its error
+        try:
+            loaded = self._load(spec)
+        except BaseException as e:
+            with self._lock:
+                self._loading.pop(spec.id, None)
+            pending.set_exception(e)
+            raise
+        with self._lock:
+            self._loading.pop(spec.id, None)
+            self._entries[spec.id] = loaded
+            self.load_count[spec.id] = self.load_count.get(spec.id, 0) + 1
+            evicted = self._evict_locked(keep=spec.id)
+        if evicted:
+            log.info("evicted %s", ", ".join(evicted))
+            free_device_memory()
+        pending.set_result(loaded)
+        return loaded
+
+    def _load(self, spec: ModelSpec) -> LoadedModel:
+        try:
+            return self._loader(spec)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            log.exception("loading model %s failed", spec.id)
+            raise ModelLoadError(f"model '{spec.id}' failed to load: {type(e).__name__}: {e}") from e
+
+    def _evict_locked(self, keep: str) -> list[str]:
+        evicted: list[str] = []
+
+        def over_budget() -> bool:
+            if len(self._entries) > self.max_models:
+                return True
+            if self.memory_budget_bytes is None:
+                return False
+            used = sum(e.approx_bytes() for e in self._entries.values() if e.device.type == "cuda")
+            return used > self.memory_budget_bytes
+
+        while len(self._entries) > 1 and over_budget():
+            victim = next(k for k in self._entries if k != keep)
+            del self._entries[victim]
+            evicted.append(victim)
+        return evicted
+
+    def unload(self, model_id: str | None = None) -> list[str]:
+        """Drop one model (or all); memory is returned once running jobs release their references."""
+        with self._lock:
+            ids = [model_id] if model_id else list(self._entries)
+            dropped = [i for i in ids if self._entries.pop(i, None) is not None]
+        if dropped:
+            free_device_memory()
+        return dropped
+
+    def loaded_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
