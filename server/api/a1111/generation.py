@@ -1,0 +1,162 @@
+"""txt2img / img2img: validate, decode, submit, wait, encode. CPU-heavy steps run in the threadpool."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from fastapi import Request
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from pipelines.engine_api import EngineClient
+from pipelines.errors import EngineNotReady, InvalidRequest
+from pipelines.request import GenerationResult
+from server.api.a1111 import adapter
+from server.api.a1111.adapter import InputImages, Prepared
+from server.api.a1111.schemas import GenerationBase, Img2ImgRequest
+from server.api.a1111.state import A1111State
+from server.errors import ApiError
+from server.images import b64, decode_image, encode_image
+from server.settings import Settings
+
+log = logging.getLogger("easel.a1111")
+
+# The gateway's documented default checkpoint for /v2/automatic1111/sdapi/v1/txt2img (any models.yaml alias).
+GATEWAY_DEFAULT_MODEL = "Realistic_Vision_V5.1.safetensors"
+
+
+def require_engine(request: Request) -> EngineClient:
+    engine = request.app.state.engine
+    if engine is None:
+        raise EngineNotReady(
+            getattr(request.app.state, "engine_error", None) or "the engine is starting; retry shortly"
+        )
+    return engine
+
+
+def ignored_features(body: GenerationBase) -> list[str]:
+    """A1111 features accepted for compatibility but not applied (yet); logged so a surprised user can find out."""
+    checks = {
+        "enable_hr (hires fix)": getattr(body, "enable_hr", False),
+        "restore_faces": body.restore_faces,
+        "tiling": body.tiling,
+        "subseed_strength (variation seeds)": body.subseed_strength,
+        "refiner_checkpoint": body.refiner_checkpoint,
+        "styles (no presets defined)": body.styles,
+    }
+    return [name for name, value in checks.items() if value]
+
+
+def decode_inputs(body: Img2ImgRequest, settings: Settings, background: str) -> InputImages:
+    """Decode init_images and mask, refusing corrupt or oversized data with the field named."""
+    limits = {"max_bytes": settings.max_body_bytes, "max_pixels": settings.max_image_pixels}
+    images = []
+    for i, data in enumerate(body.init_images or []):
+        try:
+            img = decode_image(data, "init_images", **limits)
+        except ApiError as e:
+            raise ApiError(
+                e.status, e.message.replace("init_images:", f"init_images[{i}]:", 1), field="init_images", code=e.code
+            ) from None
+        images.append(adapter.flatten_rgb(img, background))
+    mask = None
+    if body.mask:
+        mask = adapter.binary_mask(decode_image(body.mask, "mask", **limits), body.mask_round)
+    return InputImages(images, mask)
+
+
+def _engine_field(e: InvalidRequest, model_field: str | None) -> InvalidRequest:
+    """Rename the engine's field to the A1111 one the client sent."""
+    if e.field == "model":
+        name = model_field or "sd_model_checkpoint"
+    else:
+        name = adapter.ENGINE_FIELD_NAMES.get(e.field, e.field)
+    return e if name == e.field else InvalidRequest(name, e.message)
+
+
+async def prepare(request: Request, body: GenerationBase, state: A1111State) -> tuple[Prepared, str | None]:
+    settings: Settings = request.app.state.settings
+    default = GATEWAY_DEFAULT_MODEL if request.url.path.startswith("/v2/") else None
+    choice = adapter.choose_model(body, state.registry, state.current_model, default)
+    errors = adapter.check_request(body, settings, choice.spec)
+    if errors:
+        raise ApiError.invalid(errors)
+    if ignored := ignored_features(body):
+        log.info("%s: not applied: %s", request.url.path, ", ".join(ignored))
+
+    images = None
+    extra: dict[str, Any] = {}
+    if isinstance(body, Img2ImgRequest):
+        if not body.init_images:
+            raise ApiError(404, "Init image not found", field="init_images", code="init_image_not_found")
+        background = str(state.options.get("img2img_background_color") or "#ffffff")
+        images = await run_in_threadpool(decode_inputs, body, settings, background)
+        extra = adapter.img2img_extra_params(body, images.mask is not None)
+
+    prep = Prepared(
+        body=body,
+        spec=choice.spec,
+        request=adapter.to_generation_request(body, choice.spec, images),
+        job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
+        extra_generation_params=extra,
+        subseed=adapter.resolve_subseed(body.subseed),
+    )
+    return prep, choice.field
+
+
+async def run(request: Request, body: GenerationBase, state: A1111State) -> dict[str, Any]:
+    """The whole synchronous A1111 call; the job keeps running if the wait times out (504)."""
+    settings: Settings = request.app.state.settings
+    engine = require_engine(request)
+    prep, model_field = await prepare(request, body, state)
+    try:
+        job = engine.submit(prep.request)
+        result = await job.wait(timeout=settings.sync_timeout_s)
+    except InvalidRequest as e:
+        raise _engine_field(e, model_field) from None
+    except TimeoutError:
+        raise ApiError(
+            504,
+            f"the job did not finish within sync_timeout_s={settings.sync_timeout_s:g} s; it keeps running "
+            "(watch /sdapi/v1/progress, stop it with /sdapi/v1/interrupt)",
+            code="timeout",
+        ) from None
+
+    if not body.override_settings_restore_afterwards and body.override_settings:
+        # A1111 keeps the overrides as the new options when asked not to restore them.
+        if model_field == "override_settings.sd_model_checkpoint":
+            state.current_model_id = prep.spec.id
+        state.store_options(body.override_settings)
+    return await run_in_threadpool(render, prep, result, dict(state.options), settings.a1111_version)
+
+
+def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], version: str | None) -> dict[str, Any]:
+    """The A1111 response: encoded images (grid first when A1111 would add one), echo, info JSON."""
+    text_opts = adapter.InfotextOptions.from_options(options)
+    seeds = adapter.all_seeds(result, prep.request.seed, prep.request.total_images)
+    images: list[Image.Image] = list(result.images)
+    infotexts = [
+        adapter.image_infotext(prep, result, seeds[i] if i < len(seeds) else prep.request.seed, text_opts, version)
+        for i in range(len(images))
+    ]
+    index_of_first_image = 0
+    if adapter.wants_grid(prep.body, len(images), options):
+        images.insert(0, adapter.image_grid(images, prep.request.batch_size, int(options.get("n_rows", -1))))
+        infotexts.insert(0, infotexts[0])  # A1111 uses the main prompt and first seed for the grid
+        index_of_first_image = 1
+
+    encoded: list[str] = []
+    if prep.body.send_images:
+        fmt = str(options.get("samples_format") or "png").lower()
+        fmt = fmt if fmt in ("png", "jpg", "jpeg", "webp") else "png"
+        quality = int(options.get("jpeg_quality", 80))
+        with_info = bool(options.get("enable_pnginfo", True))
+        for img, text in zip(images, infotexts, strict=True):
+            encoded.append(b64(encode_image(img, fmt, quality, text if with_info else None)))
+    return {
+        "images": encoded,
+        "parameters": adapter.echo_parameters(prep.body),
+        "info": adapter.build_info(prep, result, infotexts, index_of_first_image, version),
+    }

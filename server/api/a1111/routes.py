@@ -1,0 +1,226 @@
+"""A1111 `/sdapi/v1/*` routes. Control endpoints always answer JSON (`{}` / `null`), never 204: webuiapi calls
+`.json()` on every response."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from server.api.a1111 import catalog, generation
+from server.api.a1111.adapter import unknown_model
+from server.api.a1111.infotext import parse_generation_parameters
+from server.api.a1111.schemas import (
+    GatewayTxt2ImgRequest,
+    GenerationResponse,
+    Img2ImgRequest,
+    NameItem,
+    PNGInfoRequest,
+    PNGInfoResponse,
+    ProgressResponse,
+    PromptStyleItem,
+    SamplerItem,
+    SchedulerItem,
+    SDModelItem,
+    Txt2ImgRequest,
+    UpscalerItem,
+)
+from server.api.a1111.state import A1111State, get_state
+from server.errors import ApiError
+from server.images import decode_image, read_png_info
+
+# Keys Pillow puts in `img.info` that are not text chunks (A1111 drops the same ones from png-info `items`).
+IGNORED_INFO_KEYS = {
+    "jfif",
+    "jfif_version",
+    "jfif_unit",
+    "jfif_density",
+    "dpi",
+    "exif",
+    "loop",
+    "background",
+    "timestamp",
+    "duration",
+    "progressive",
+    "progression",
+    "icc_profile",
+    "chromaticity",
+    "photoshop",
+    "parameters",
+}
+
+
+def _not_supported(feature: str) -> ApiError:
+    return ApiError(501, f"{feature} is not supported by this server", code="not_implemented")
+
+
+def build_router(*, gateway: bool = False) -> APIRouter:
+    """The A1111 routes; `gateway=True` builds the /v2/automatic1111 copy whose txt2img takes `model`."""
+    router = APIRouter(tags=["automatic1111 (gateway)" if gateway else "automatic1111"])
+    _add_generation_routes(router, gateway)
+    _add_model_routes(router)
+    _add_control_routes(router)
+    _add_listing_routes(router)
+    return router
+
+
+def _add_generation_routes(router: APIRouter, gateway: bool) -> None:
+    if gateway:
+
+        @router.post("/txt2img", response_model=GenerationResponse)
+        async def txt2img_gateway(
+            request: Request, body: GatewayTxt2ImgRequest, state: A1111State = Depends(get_state)
+        ) -> dict[str, Any]:
+            """Gateway txt2img: `model` picks any models.yaml id/alias/title; defaults steps 20, 512x512, cfg 7."""
+            return await generation.run(request, body, state)
+
+    else:
+
+        @router.post("/txt2img", response_model=GenerationResponse)
+        async def txt2img(
+            request: Request, body: Txt2ImgRequest, state: A1111State = Depends(get_state)
+        ) -> dict[str, Any]:
+            """A1111 txt2img with A1111's API defaults (steps 50, Euler, 512x512, cfg 7)."""
+            return await generation.run(request, body, state)
+
+    @router.post("/img2img", response_model=GenerationResponse)
+    async def img2img(request: Request, body: Img2ImgRequest, state: A1111State = Depends(get_state)) -> dict[str, Any]:
+        """img2img; a `mask` (white = repaint, or RGBA alpha) makes it inpainting."""
+        return await generation.run(request, body, state)
+
+    @router.post("/png-info", response_model=PNGInfoResponse)
+    async def png_info(request: Request, body: PNGInfoRequest) -> PNGInfoResponse:
+        settings = request.app.state.settings
+        img = await run_in_threadpool(
+            decode_image, body.image, "image", settings.max_body_bytes, settings.max_image_pixels
+        )
+        info = read_png_info(img) or ""
+        items = {k: v for k, v in img.info.items() if k not in IGNORED_INFO_KEYS and isinstance(v, str)}
+        return PNGInfoResponse(info=info, items=items, parameters=parse_generation_parameters(info) if info else {})
+
+    @router.post("/extra-single-image")
+    @router.post("/extra-batch-images")
+    async def extras() -> None:
+        raise _not_supported("upscaling and face restoration (extras)")
+
+    @router.post("/interrogate")
+    async def interrogate() -> None:
+        raise _not_supported("interrogate (image captioning)")
+
+
+def _add_model_routes(router: APIRouter) -> None:
+    @router.get("/sd-models", response_model=list[SDModelItem])
+    async def sd_models(state: A1111State = Depends(get_state)) -> list[SDModelItem]:
+        return catalog.sd_models(state.registry)
+
+    @router.get("/options")
+    async def get_options(state: A1111State = Depends(get_state)) -> dict[str, Any]:
+        return state.options_view()
+
+    @router.post("/options")
+    async def set_options(
+        request: Request, values: dict[str, Any] = Body(...), state: A1111State = Depends(get_state)
+    ) -> None:
+        """Store options; `sd_model_checkpoint` (any alias) loads that model before answering, as A1111 does."""
+        name = values.get("sd_model_checkpoint")
+        if name is not None:
+            spec = state.registry.resolve(str(name))
+            if spec is None:
+                raise unknown_model(state.registry, str(name), "sd_model_checkpoint")
+            await generation.require_engine(request).load_model(spec.id)
+            state.current_model_id = spec.id
+        state.store_options(values)
+        return None
+
+    @router.post("/refresh-checkpoints")
+    async def refresh_checkpoints() -> None:
+        return None  # models.yaml is read at start-up
+
+    @router.post("/unload-checkpoint")
+    async def unload_checkpoint(request: Request) -> dict[str, Any]:
+        await run_in_threadpool(generation.require_engine(request).unload_models)
+        return {}
+
+    @router.post("/reload-checkpoint")
+    async def reload_checkpoint(request: Request, state: A1111State = Depends(get_state)) -> dict[str, Any]:
+        await generation.require_engine(request).load_model(state.current_model_id)
+        return {}
+
+
+def _add_control_routes(router: APIRouter) -> None:
+    @router.get("/progress", response_model=ProgressResponse)
+    async def progress(
+        request: Request, skip_current_image: bool = False, state: A1111State = Depends(get_state)
+    ) -> ProgressResponse:
+        return catalog.progress(request.app.state.engine, state)
+
+    @router.post("/interrupt")
+    async def interrupt(request: Request, state: A1111State = Depends(get_state)) -> dict[str, Any]:
+        """Stop the running job at its next step; its request returns the images finished so far."""
+        engine = request.app.state.engine
+        if engine is not None:
+            job = engine.current_job()
+            engine.interrupt()
+            state.interrupted_job_id = job.id if job is not None else None
+        return {}
+
+    @router.post("/skip")
+    async def skip(request: Request, state: A1111State = Depends(get_state)) -> None:
+        engine = request.app.state.engine
+        if engine is not None:
+            job = engine.current_job()
+            engine.skip()
+            state.skipped_job_id = job.id if job is not None else None
+        return None
+
+    @router.get("/memory")
+    async def memory(request: Request) -> dict[str, Any]:
+        return await run_in_threadpool(generation.require_engine(request).memory_stats)
+
+
+def _add_listing_routes(router: APIRouter) -> None:
+    router.add_api_route("/samplers", catalog.samplers, methods=["GET"], response_model=list[SamplerItem])
+    router.add_api_route("/schedulers", catalog.schedulers, methods=["GET"], response_model=list[SchedulerItem])
+    router.add_api_route("/upscalers", catalog.upscalers, methods=["GET"], response_model=list[UpscalerItem])
+    router.add_api_route(
+        "/latent-upscale-modes", catalog.latent_upscale_modes, methods=["GET"], response_model=list[NameItem]
+    )
+
+    @router.get("/cmd-flags")
+    async def cmd_flags(request: Request) -> dict[str, Any]:
+        return catalog.cmd_flags(request.app.state.settings)
+
+    @router.get("/scripts")
+    async def scripts() -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}
+
+    @router.get("/prompt-styles", response_model=list[PromptStyleItem])
+    async def prompt_styles() -> list[PromptStyleItem]:
+        return []  # no style presets yet; styles sent with a request are accepted and ignored
+
+    @router.get("/embeddings")
+    async def embeddings() -> dict[str, dict]:
+        return {"loaded": {}, "skipped": {}}
+
+    # Features this server does not have yet answer with empty lists / null, like an A1111 without them.
+    for path in (
+        "/script-info",
+        "/loras",
+        "/sd-vae",
+        "/hypernetworks",
+        "/face-restorers",
+        "/realesrgan-models",
+        "/extensions",
+    ):
+        router.add_api_route(path, _empty_list, methods=["GET"], name=f"list{path.replace('-', '_').replace('/', '_')}")
+    for path in ("/refresh-loras", "/refresh-vae", "/refresh-embeddings"):
+        router.add_api_route(path, _null, methods=["POST"], name=f"post{path.replace('-', '_').replace('/', '_')}")
+
+
+async def _empty_list() -> list:
+    return []
+
+
+async def _null() -> None:
+    return None
