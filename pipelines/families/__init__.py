@@ -1,0 +1,112 @@
+"""Family adapters: `adapter_for(family)` plus the helpers every adapter's `run` shares.
+
+The adapter modules are imported lazily by `adapter_for`, so importing this package stays cheap and the adapters can
+import the helpers below without an import cycle.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers import utils as _diffusers_utils
+from PIL import Image
+
+from pipelines.families.base import FamilyAdapter, LoadedModel, StepCallback
+from pipelines.request import GenerationRequest, Task
+
+# family -> (module, class); imported on first use.
+_ADAPTER_CLASSES: dict[str, tuple[str, str]] = {
+    "sd15": ("pipelines.families.sd", "StableDiffusionAdapter"),
+    "sdxl": ("pipelines.families.sd", "StableDiffusionAdapter"),
+    "flux": ("pipelines.families.flux", "FluxAdapter"),
+    "qwen-image": ("pipelines.families.qwen", "QwenImageAdapter"),
+    "qwen-image-edit": ("pipelines.families.qwen", "QwenImageEditAdapter"),
+}
+_ADAPTERS: dict[tuple[str, str], FamilyAdapter] = {}
+# diffusers renamed `torch_dtype` to `dtype` (the old name now warns); older releases only know `torch_dtype`.
+_DTYPE_KW = "dtype" if hasattr(_diffusers_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def adapter_for(family: str) -> FamilyAdapter:
+    """The (stateless, shared) adapter of a registry family. Raises KeyError for an unknown family."""
+    try:
+        key = _ADAPTER_CLASSES[family]
+    except KeyError:
+        raise KeyError(f"unknown model family '{family}'") from None
+    if key not in _ADAPTERS:
+        _ADAPTERS[key] = getattr(importlib.import_module(key[0]), key[1])()
+    return _ADAPTERS[key]
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype argument of `from_pretrained`/`from_pipe` under the name this diffusers understands."""
+    return {_DTYPE_KW: dtype}
+
+
+def derive(loaded: LoadedModel, task: Task, cls: type[DiffusionPipeline]) -> DiffusionPipeline:
+    """`cls.from_pipe(loaded.base)` once per task, cached in `loaded.derived` (weights shared, never reloaded)."""
+    if task not in loaded.derived:
+        # The dtype matters: without it from_pipe casts every shared module to float32, in place.
+        pipe = cls.from_pipe(loaded.base, **dtype_kwargs(loaded.dtype))
+        pipe.set_progress_bar_config(disable=True)
+        loaded.derived[task] = pipe
+    return loaded.derived[task]
+
+
+def call_view(pipe: DiffusionPipeline, scheduler: Any | None, steps: int) -> DiffusionPipeline:
+    """A per-call shallow copy of a cached pipeline that runs with its own scheduler.
+
+    Components (weights) are shared; attributes the call sets (`scheduler`, `_interrupt`, `_guidance_scale`, ...)
+    land on the copy only, so nothing leaks into the cached pipeline or other requests. Cheaper than `from_pipe`,
+    which re-runs `__init__` and casts every shared module to one dtype. Schedulers are stateful (timesteps, step
+    index), so even without a requested one the call gets a fresh instance of the model's own.
+    """
+    if scheduler is None:
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    if steps == 1 and scheduler.config.get("shift_terminal"):
+        # Stretching a single sigma to the terminal value divides by zero (NaN latents): Qwen-Image's config has
+        # shift_terminal, and one step is a legal request.
+        scheduler = type(scheduler).from_config(scheduler.config, shift_terminal=None)
+    view = copy.copy(pipe)
+    view.scheduler = scheduler
+    return view
+
+
+def step_callback(on_step: StepCallback, default_total: int):
+    """`callback_on_step_end` reporting (steps done, total) and setting `_interrupt` when `on_step` returns True.
+
+    The total is the number of timesteps the pipeline really runs (`_num_timesteps`: fewer than `steps` for
+    img2img/inpaint with strength < 1, one more for PNDM's PLMS warm-up step).
+    """
+
+    def callback(pipe: DiffusionPipeline, i: int, t: Any, callback_kwargs: dict) -> dict:
+        total = getattr(pipe, "_num_timesteps", None) or default_total
+        if on_step(i + 1, total):
+            pipe._interrupt = True
+        return callback_kwargs
+
+    return callback
+
+
+def init_image_arg(req: GenerationRequest, n: int) -> Image.Image | list[Image.Image]:
+    """The `image` argument for `n` images: the single init image, or A1111's cycling over several."""
+    if not req.init_images:
+        raise ValueError(f"task '{req.task.value}' needs an init image")
+    if len(req.init_images) == 1:
+        return req.init_images[0]
+    return [req.init_images[i % len(req.init_images)] for i in range(n)]
+
+
+def first_init_image(req: GenerationRequest) -> Image.Image:
+    image = init_image_arg(req, 1)
+    return image[0] if isinstance(image, list) else image
+
+
+def mask_arg(req: GenerationRequest) -> Image.Image:
+    if req.mask is None:
+        raise ValueError("task 'inpaint' needs a mask")
+    return req.mask

@@ -1,0 +1,181 @@
+"""Qwen-Image and Qwen-Image-Edit: MMDiT on Qwen2.5-VL text embeddings, flow matching, true CFG.
+
+`req.guidance` is Qwen's `true_cfg_scale`. Qwen runs CFG only when a negative prompt is given, so with guidance > 1
+and an empty negative prompt we pass " ", as the official examples do; guidance <= 1 runs without CFG (one pass).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    QwenImageEditInpaintPipeline,
+    QwenImageEditPipeline,
+    QwenImageImg2ImgPipeline,
+    QwenImageInpaintPipeline,
+    QwenImagePipeline,
+)
+from PIL import Image
+from transformers import Qwen2VLProcessor
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import is_torchvision_available
+
+from pipelines.families import (
+    call_view,
+    derive,
+    dtype_kwargs,
+    first_init_image,
+    init_image_arg,
+    mask_arg,
+    step_callback,
+)
+from pipelines.families.base import FamilyAdapter, LoadedModel, StepCallback, generators
+from pipelines.registry import ModelSpec
+from pipelines.request import GenerationRequest, Task
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` without its video processor.
+
+    transformers' Qwen2VLProcessor requires a video processor, and video processors need torchvision. The edit
+    pipelines only pass images, so on a machine without torchvision we load the same `processor/` folder through
+    this subclass (image processor + tokenizer), and the demo builder uses it to write that folder.
+    """
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids(
+            self.image_token
+        )
+        self.video_token_id = getattr(tokenizer, "video_token_id", None) or tokenizer.convert_tokens_to_ids(
+            self.video_token
+        )
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+def load_edit_processor(path: str | Path) -> Qwen2VLProcessor:
+    """The `processor/` of an edit checkpoint: the stock class where torchvision allows, else the image-only one."""
+    folder = Path(path) / "processor"
+    if is_torchvision_available():
+        try:
+            return Qwen2VLProcessor.from_pretrained(folder)
+        except (OSError, ValueError, TypeError, ImportError):  # e.g. no usable video processor config
+            pass
+    return ImageOnlyQwen2VLProcessor.from_pretrained(folder)
+
+
+def _qwen_kwargs(req: GenerationRequest) -> dict[str, Any]:
+    negative = req.negative_prompt or (" " if req.guidance > 1 else None)
+    return dict(prompt=req.prompt, negative_prompt=negative, true_cfg_scale=req.guidance)
+
+
+class _QwenBase(FamilyAdapter):
+    size_multiple = 16  # VAE factor 8 x 2x2 patches
+    flow_matching = True
+    base_class: type[DiffusionPipeline] = QwenImagePipeline
+
+    def load(self, spec: ModelSpec, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+        pipe = self.base_class.from_pretrained(path, **dtype_kwargs(dtype), **self._load_kwargs(path))
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return LoadedModel(spec=spec, base=pipe, device=device, dtype=dtype)
+
+    def _load_kwargs(self, path: str) -> dict[str, Any]:
+        return {}
+
+
+class QwenImageAdapter(_QwenBase):
+    families = ("qwen-image",)
+    tasks = frozenset({Task.TXT2IMG, Task.IMG2IMG, Task.INPAINT})
+    base_class = QwenImagePipeline
+    _derived = {Task.IMG2IMG: QwenImageImg2ImgPipeline, Task.INPAINT: QwenImageInpaintPipeline}
+
+    def pipeline_for(self, loaded: LoadedModel, task: Task) -> DiffusionPipeline:
+        self.check_task(task)
+        if task == Task.TXT2IMG:
+            return loaded.base
+        return derive(loaded, task, self._derived[task])
+
+    def run(
+        self,
+        loaded: LoadedModel,
+        req: GenerationRequest,
+        seeds: list[int],
+        scheduler: Any,
+        on_step: StepCallback,
+    ) -> list[Image.Image]:
+        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
+        kwargs = _qwen_kwargs(req)
+        kwargs.update(
+            width=req.width,
+            height=req.height,
+            num_inference_steps=req.steps,
+            num_images_per_prompt=len(seeds),
+            generator=generators(seeds),
+            callback_on_step_end=step_callback(on_step, req.steps),
+            output_type="pil",
+        )
+        if req.task == Task.IMG2IMG:
+            kwargs.update(image=init_image_arg(req, len(seeds)), strength=req.strength)
+        elif req.task == Task.INPAINT:
+            kwargs.update(image=init_image_arg(req, len(seeds)), mask_image=mask_arg(req), strength=req.strength)
+        return list(pipe(**kwargs).images)
+
+
+class QwenImageEditAdapter(_QwenBase):
+    """Instruction editing. The input image conditions every task (through the VL encoder and as reference latents).
+
+    EDIT: the prompt is the instruction, the image is re-generated from noise. INPAINT: the edit-inpaint pipeline,
+    only the masked region changes. IMG2IMG: the same edit-inpaint pipeline with an all-white mask, i.e. an edit
+    that starts from the noised input at `strength` (A1111's denoising strength). No TXT2IMG: there is no image.
+    The edit-inpaint pipeline always denoises at ~1 MP (the input's aspect ratio, whatever width/height say), so
+    INPAINT/IMG2IMG cost a 1 MP generation and their results are resized to the requested size.
+    """
+
+    families = ("qwen-image-edit",)
+    tasks = frozenset({Task.EDIT, Task.IMG2IMG, Task.INPAINT})
+    base_class = QwenImageEditPipeline
+
+    def _load_kwargs(self, path: str) -> dict[str, Any]:
+        return {"processor": load_edit_processor(path)}
+
+    def pipeline_for(self, loaded: LoadedModel, task: Task) -> DiffusionPipeline:
+        self.check_task(task)
+        if task == Task.EDIT:
+            return loaded.base
+        # IMG2IMG and INPAINT share one derived pipeline (weights and processor shared with the base).
+        pipe = derive(loaded, Task.INPAINT, QwenImageEditInpaintPipeline)
+        loaded.derived.setdefault(task, pipe)
+        return pipe
+
+    def run(
+        self,
+        loaded: LoadedModel,
+        req: GenerationRequest,
+        seeds: list[int],
+        scheduler: Any,
+        on_step: StepCallback,
+    ) -> list[Image.Image]:
+        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
+        kwargs = _qwen_kwargs(req)
+        kwargs.update(
+            image=first_init_image(req),  # the prompt template has one image slot
+            width=req.width,
+            height=req.height,
+            num_inference_steps=req.steps,
+            num_images_per_prompt=len(seeds),
+            generator=generators(seeds),
+            callback_on_step_end=step_callback(on_step, req.steps),
+            output_type="pil",
+        )
+        if req.task == Task.INPAINT:
+            kwargs.update(mask_image=mask_arg(req), strength=req.strength)
+        elif req.task == Task.IMG2IMG:
+            kwargs.update(mask_image=Image.new("L", (req.width, req.height), 255), strength=req.strength)
+        size = (req.width, req.height)
+        # The edit-inpaint pipeline ignores width/height and works at ~1 MP with the input's aspect ratio.
+        return [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in pipe(**kwargs).images]

@@ -1,0 +1,94 @@
+"""Stable Diffusion 1.5 and SDXL: UNet, discrete-time schedulers, classic CFG with a negative prompt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+
+from pipelines.families import call_view, derive, dtype_kwargs, init_image_arg, mask_arg, step_callback
+from pipelines.families.base import FamilyAdapter, LoadedModel, StepCallback, generators
+from pipelines.registry import ModelSpec
+from pipelines.request import GenerationRequest, Task
+
+_CLASSES: dict[str, dict[Task, type[DiffusionPipeline]]] = {
+    "sd15": {
+        Task.TXT2IMG: StableDiffusionPipeline,
+        Task.IMG2IMG: StableDiffusionImg2ImgPipeline,
+        Task.INPAINT: StableDiffusionInpaintPipeline,
+    },
+    "sdxl": {
+        Task.TXT2IMG: StableDiffusionXLPipeline,
+        Task.IMG2IMG: StableDiffusionXLImg2ImgPipeline,
+        Task.INPAINT: StableDiffusionXLInpaintPipeline,
+    },
+}
+
+
+class StableDiffusionAdapter(FamilyAdapter):
+    families = ("sd15", "sdxl")
+    size_multiple = 8
+    tasks = frozenset({Task.TXT2IMG, Task.IMG2IMG, Task.INPAINT})
+    flow_matching = False
+
+    def load(self, spec: ModelSpec, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+        cls = _CLASSES[spec.family][Task.TXT2IMG]
+        kwargs: dict[str, Any] = {}
+        if spec.family == "sd15":
+            # The server never runs the NSFW checker (A1111 doesn't either); don't even load its weights.
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        pipe = cls.from_pretrained(path, **dtype_kwargs(dtype), **kwargs)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return LoadedModel(spec=spec, base=pipe, device=device, dtype=dtype)
+
+    def pipeline_for(self, loaded: LoadedModel, task: Task) -> DiffusionPipeline:
+        self.check_task(task)
+        if task == Task.TXT2IMG:
+            return loaded.base
+        return derive(loaded, task, _CLASSES[loaded.spec.family][task])
+
+    def run(
+        self,
+        loaded: LoadedModel,
+        req: GenerationRequest,
+        seeds: list[int],
+        scheduler: Any,
+        on_step: StepCallback,
+    ) -> list[Image.Image]:
+        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
+        kwargs: dict[str, Any] = dict(
+            prompt=req.prompt,
+            # None rather than "": SDXL then uses zeros for the unconditional embedding (force_zeros_for_empty_prompt)
+            negative_prompt=req.negative_prompt or None,
+            num_inference_steps=req.steps,
+            guidance_scale=req.guidance,
+            num_images_per_prompt=len(seeds),
+            generator=generators(seeds),
+            callback_on_step_end=step_callback(on_step, req.steps),
+            output_type="pil",
+        )
+        if req.task == Task.TXT2IMG:
+            kwargs.update(width=req.width, height=req.height)
+        elif req.task == Task.IMG2IMG:
+            # img2img takes its size from the (already resized) init image.
+            kwargs.update(image=init_image_arg(req, len(seeds)), strength=req.strength)
+        elif req.task == Task.INPAINT:
+            kwargs.update(
+                image=init_image_arg(req, len(seeds)),
+                mask_image=mask_arg(req),
+                strength=req.strength,
+                width=req.width,
+                height=req.height,
+            )
+        return list(pipe(**kwargs).images)
