@@ -1,0 +1,109 @@
+"""create_app(settings) -> FastAPI: routers, middleware, lifespan, error handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from pipelines.engine_api import EngineClient
+from pipelines.registry import Registry, load_registry
+from server.errors import register_error_handlers
+from server.settings import Settings
+
+log = logging.getLogger("easel")
+
+
+def _start_real_engine(app: FastAPI, settings: Settings, registry: Registry) -> None:
+    """Build the torch-side engine in a thread so /livez answers while models and the worker come up."""
+
+    def build() -> None:
+        try:
+            # Imported here: the HTTP package itself never imports torch; only the composition root does.
+            from pipelines.engine import Engine, EngineConfig
+
+            engine = Engine(
+                registry,
+                EngineConfig(
+                    data_dir=settings.data_dir,
+                    device=settings.device,
+                    queue_size=settings.queue_size,
+                    cache_max_models=settings.cache_max_models,
+                    cache_memory_budget_gb=settings.cache_memory_budget_gb,
+                ),
+            )
+            engine.start()
+            app.state.engine = engine
+            log.info("engine ready on %s", engine.device)
+        except Exception as e:  # surfaced by /readyz and the log; the process stays alive for /livez
+            log.exception("engine failed to start")
+            app.state.engine_error = f"{type(e).__name__}: {e}"
+
+    threading.Thread(target=build, name="easel-engine-start", daemon=True).start()
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    engine: EngineClient | None = None,
+    registry: Registry | None = None,
+) -> FastAPI:
+    """The Easel ASGI app. Tests may inject a ready `engine` (and `registry`); otherwise the real engine starts."""
+    settings = settings or Settings()
+    registry = registry or load_registry(settings.models)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if app.state.engine is None:
+            _start_real_engine(app, settings, registry)
+        yield
+        eng = app.state.engine
+        if eng is not None and hasattr(eng, "stop"):
+            await asyncio.get_running_loop().run_in_executor(None, eng.stop)
+
+    app = FastAPI(
+        title="Easel",
+        version="0.1.0",
+        description="Self-hosted image generation: AUTOMATIC1111, gateway and OpenAI-style APIs over diffusers.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.engine = engine
+    app.state.engine_error = None
+
+    @app.middleware("http")
+    async def limit_body_size(request: Request, call_next):  # refuse before the body costs memory
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return JSONResponse(
+                status_code=413,
+                content={
+                    "error": "PayloadTooLarge",
+                    "detail": f"request body of {length} bytes exceeds max_body_bytes={settings.max_body_bytes}",
+                },
+            )
+        return await call_next(request)
+
+    @app.get("/livez", tags=["health"])
+    async def livez() -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> Response:
+        eng = app.state.engine
+        if eng is not None and eng.ready:
+            return JSONResponse({"status": "ready", "models": len(registry)})
+        reason = app.state.engine_error or "starting: loading the registry and starting the engine"
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+
+    from server.api import a1111
+
+    a1111.install(app)
+    register_error_handlers(app)
+    return app

@@ -1,0 +1,68 @@
+"""A real `easel serve` subprocess on a free loopback port, shared by the end-to-end tests of a session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, port: int, proc: subprocess.Popen, log: Path):
+        self.port = port
+        self.proc = proc
+        self.log = log
+        self.url = f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def live_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("server-log") / "easel.log"
+    easel = Path(sys.executable).parent / "easel"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EASEL_MAX_STEPS": "400"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(easel), "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    server = LiveServer(port, proc, log)
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"easel serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"easel serve not ready after 300 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield server
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -1,0 +1,132 @@
+"""Engine on the real demo SD pipeline: progress, interrupt, skip, cancel, admission, errors."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.engine import Engine, EngineConfig
+from pipelines.engine_api import JobStatus
+from pipelines.errors import InvalidRequest, JobCancelled, ModelLoadError, ModelNotFound, QueueFull
+from pipelines.registry import load_registry
+from pipelines.request import GenerationRequest, Task
+
+
+@pytest.fixture(scope="module")
+def engine(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    yaml = tmp_path_factory.mktemp("reg") / "models.yaml"
+    yaml.write_text(
+        "models:\n"
+        "  demo-sd15:\n    family: sd15\n    source: demo:sd15\n"
+        "  broken:\n    family: sd15\n    source: /nonexistent/weights\n"
+    )
+    eng = Engine(load_registry(yaml), EngineConfig(data_dir=data_dir, queue_size=2))
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def req(**kw) -> GenerationRequest:
+    base = dict(model="demo-sd15", prompt="a cat", width=64, height=64, steps=3, seed=1)
+    return GenerationRequest(**{**base, **kw})
+
+
+def wait_for_step(job, step: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while job.progress.sampling_step < step:
+        assert time.monotonic() < deadline, "job made no progress"
+        assert not job.done, f"job finished early: {job.status}"
+        time.sleep(0.01)
+
+
+def test_runs_and_reports_progress_and_seeds(engine):
+    job = engine.submit(req(seed=-1, batch_size=2, n_iter=2))
+    result = job.wait_sync(120)
+    assert job.status == JobStatus.COMPLETED
+    assert len(result.images) == 4 and all(im.size == (64, 64) for im in result.images)
+    s = result.seeds[0]
+    assert 0 <= s < 4294967294 and result.seeds == [s, s + 1, s + 2, s + 3]
+    p = job.progress
+    assert (p.job_no, p.sampling_step, p.sampling_steps, p.job_count) == (2, 3, 3, 2)
+    assert result.sampler == "Euler" and result.model == "demo-sd15"
+
+
+def test_interrupt_returns_what_is_finished(engine):
+    job = engine.submit(req(steps=400, n_iter=3))
+    wait_for_step(job, 2)
+    assert engine.current_job() is job
+    engine.interrupt()
+    result = job.wait_sync(120)
+    assert result.interrupted and len(result.images) == 1  # the remaining n_iter calls are not run
+    assert job.progress.job_no < 3
+    assert engine.current_job() is None
+
+
+def test_skip_moves_to_the_next_call(engine):
+    job = engine.submit(req(steps=400, n_iter=2))
+    wait_for_step(job, 2)
+    engine.skip()
+    deadline = time.monotonic() + 60
+    while job.progress.job_no < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    wait_for_step(job, 2)
+    engine.skip()
+    result = job.wait_sync(120)
+    assert len(result.images) == 2 and not result.interrupted
+
+
+def test_cancel_queued_and_running_jobs(engine):
+    running = engine.submit(req(steps=400))
+    wait_for_step(running, 1)
+    queued = engine.submit(req())
+    queued.cancel()
+    assert queued.status == JobStatus.CANCELLED
+    with pytest.raises(JobCancelled):
+        queued.wait_sync(1)
+    running.cancel()
+    with pytest.raises(JobCancelled):
+        running.wait_sync(60)
+    assert running.status == JobStatus.CANCELLED
+
+
+def test_full_queue_refuses_at_once(engine):
+    running = engine.submit(req(steps=400))
+    wait_for_step(running, 1)
+    queued = [engine.submit(req()), engine.submit(req())]
+    with pytest.raises(QueueFull):
+        engine.submit(req())
+    running.cancel()
+    for j in queued:
+        j.wait_sync(60)
+    with pytest.raises(JobCancelled):
+        running.wait_sync(60)
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(width=60), "width"),
+        (dict(height=0), "height"),
+        (dict(steps=0), "steps"),
+        (dict(task=Task.EDIT), "model"),
+        (dict(task=Task.IMG2IMG), "init_images"),
+        (dict(strength=1.5), "denoising_strength"),
+    ],
+)
+def test_invalid_requests_name_the_field(engine, kw, field):
+    with pytest.raises(InvalidRequest) as e:
+        engine.submit(req(**kw))
+    assert e.value.field == field
+
+
+def test_unknown_model_and_load_error(engine):
+    with pytest.raises(ModelNotFound):
+        engine.submit(req(model="nope"))
+    job = engine.submit(req(model="broken"))
+    with pytest.raises(ModelLoadError, match="broken"):
+        job.wait_sync(60)
+    assert job.status == JobStatus.FAILED
+    assert engine.submit(req()).wait_sync(60).images  # the queue keeps going after a failure
