@@ -8,12 +8,13 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from pipelines.engine_api import EngineClient
 from pipelines.registry import Registry, load_registry
 from server.errors import register_error_handlers
+from server.middleware import BodySizeLimit
 from server.settings import Settings
 
 log = logging.getLogger("easel")
@@ -77,18 +78,7 @@ def create_app(
     app.state.engine = engine
     app.state.engine_error = None
 
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next):  # refuse before the body costs memory
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse(
-                status_code=413,
-                content={
-                    "error": "PayloadTooLarge",
-                    "detail": f"request body of {length} bytes exceeds max_body_bytes={settings.max_body_bytes}",
-                },
-            )
-        return await call_next(request)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     @app.get("/livez", tags=["health"])
     async def livez() -> dict:

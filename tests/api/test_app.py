@@ -1,0 +1,61 @@
+"""App-level behaviour: health probes, body-size limit, OpenAPI."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from pipelines.registry import load_registry
+from server.app import create_app
+from server.settings import REPO_ROOT, Settings
+from tests.api.fake_engine import FakeEngine
+
+
+def test_readyz_is_503_until_the_engine_runs_and_livez_always_200():
+    registry = load_registry(REPO_ROOT / "models.yaml")
+    app = create_app(Settings(), registry=registry)
+    client = TestClient(app)  # no lifespan: the engine never starts
+    assert client.get("/livez").status_code == 200
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["status"] == "not ready"
+
+    app.state.engine = FakeEngine(registry)
+    assert client.get("/readyz").status_code == 200
+
+
+def test_engine_start_failure_is_reported_by_readyz():
+    app = create_app(Settings(), registry=load_registry(REPO_ROOT / "models.yaml"))
+    app.state.engine_error = "ModelLoadError: model 'demo-sd15' failed to load"
+    r = TestClient(app).get("/readyz")
+    assert r.status_code == 503 and "demo-sd15" in r.json()["reason"]
+
+
+def test_oversized_body_is_refused_with_413_before_it_is_read():
+    registry = load_registry(REPO_ROOT / "models.yaml")
+    client = TestClient(create_app(Settings(max_body_bytes=2048), engine=FakeEngine(registry), registry=registry))
+    r = client.post(
+        "/sdapi/v1/txt2img", content=b"{" + b" " * 4096 + b"}", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and "max_body_bytes" in r.text
+    assert client.post("/sdapi/v1/txt2img", json={"prompt": "ok", "steps": 2}).status_code == 200
+
+
+def test_openapi_docs_are_served():
+    registry = load_registry(REPO_ROOT / "models.yaml")
+    client = TestClient(create_app(Settings(), engine=FakeEngine(registry), registry=registry))
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/livez", "/readyz", "/sdapi/v1/txt2img", "/v2/automatic1111/sdapi/v1/txt2img"} <= set(paths)
+
+
+def test_chunked_oversized_body_is_refused_too():
+    registry = load_registry(REPO_ROOT / "models.yaml")
+    client = TestClient(create_app(Settings(max_body_bytes=2048), engine=FakeEngine(registry), registry=registry))
+
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"x" * 1024
+        yield b'"}'
+
+    r = client.post("/sdapi/v1/txt2img", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
