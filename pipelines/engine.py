@@ -11,6 +11,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ class Job:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._callbacks: list[Callable[[Job], None]] = []
         # Flags polled by the worker at every denoising step.
         self.cancel_requested = False
         self.interrupt_requested = False
@@ -115,6 +117,13 @@ class Job:
             queued = self._status == JobStatus.QUEUED
         if queued:  # never reaches the GPU; the worker drops it when it comes off the queue
             self._finish(JobStatus.CANCELLED, error=JobCancelled(f"job {self.id} was cancelled"))
+
+    def add_done_callback(self, fn: Callable[[Job], None]) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        _call_safely(fn, self)
 
     async def wait(self, timeout: float | None = None) -> GenerationResult:
         loop = asyncio.get_running_loop()
@@ -164,8 +173,18 @@ class Job:
             self._status, self._result, self._error = status, result, error
             self._done.set()
             waiters, self._waiters = self._waiters, []
+            callbacks, self._callbacks = self._callbacks, []
         for loop, fut in waiters:
             loop.call_soon_threadsafe(_set_if_pending, fut)
+        for fn in callbacks:
+            _call_safely(fn, self)
+
+
+def _call_safely(fn: Callable[[Job], None], job: Job) -> None:
+    try:
+        fn(job)
+    except Exception:  # a broken listener must not take the worker down
+        log.exception("done-callback of job %s failed", job.id)
 
 
 def _set_if_pending(fut: asyncio.Future) -> None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from pipelines.request import GenerationRequest, GenerationResult, Progress
@@ -38,6 +39,13 @@ class JobHandle(Protocol):
 
     def cancel(self) -> None:
         """Drop the job if queued; stop it at the next step if running (its result then raises JobCancelled)."""
+        ...
+
+    def add_done_callback(self, fn: Callable[[JobHandle], None]) -> None:
+        """Call `fn(job)` once the job is completed, failed or cancelled (at once if it already is).
+
+        It runs on the engine's worker thread: keep it short, hand slow work (disk, database) to another thread.
+        """
         ...
 
 

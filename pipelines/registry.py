@@ -20,6 +20,8 @@ Family = Literal["sd15", "sdxl", "flux", "qwen-image", "qwen-image-edit"]
 # Pixel multiple each family needs (VAE factor x patch size).
 SIZE_MULTIPLE: dict[str, int] = {"sd15": 8, "sdxl": 8, "flux": 16, "qwen-image": 16, "qwen-image-edit": 16}
 DEMO_PREFIX = "demo:"
+# Gateway routes (/v2/image/*) that models.yaml's `routes:` section maps to model ids.
+ROUTE_NAMES = ("flux", "qwen", "qwen-edit", "gpt-image", "gpt-image-edit", "gemini-3")
 
 
 class RegistryError(ValueError):
@@ -108,7 +110,13 @@ class RegistryFile(BaseModel):
 class Registry:
     """Validated model table with name resolution."""
 
-    def __init__(self, models: list[ModelSpec], default_model: str | None = None, source: Path | None = None):
+    def __init__(
+        self,
+        models: list[ModelSpec],
+        default_model: str | None = None,
+        source: Path | None = None,
+        routes: dict[str, str] | None = None,
+    ):
         if not models:
             raise RegistryError(f"{source or 'models.yaml'}: no models defined")
         self.models: dict[str, ModelSpec] = {m.id: m for m in models}
@@ -122,6 +130,14 @@ class Registry:
         if default_model is not None and default_model not in self.models:
             raise RegistryError(f"{source}: default_model: unknown model id '{default_model}'")
         self.default_model = default_model or models[0].id
+        self.routes: dict[str, str] = {}
+        for route, name in (routes or {}).items():
+            if route not in ROUTE_NAMES:
+                raise RegistryError(f"{source}: field 'routes.{route}': unknown route; known: {', '.join(ROUTE_NAMES)}")
+            spec = self.resolve(name)
+            if spec is None:
+                raise RegistryError(f"{source}: field 'routes.{route}': unknown model '{name}'")
+            self.routes[route] = spec.id
 
     def __iter__(self):
         return iter(self.models.values())
@@ -131,6 +147,11 @@ class Registry:
 
     def get(self, model_id: str) -> ModelSpec:
         return self.models[model_id]
+
+    def route_model(self, route: str) -> ModelSpec | None:
+        """The model a gateway route is mapped to in models.yaml's `routes:`, or None if unmapped."""
+        model_id = self.routes.get(route)
+        return self.models[model_id] if model_id else None
 
     def resolve(self, name: str | None) -> ModelSpec | None:
         """Find a model by id, alias, A1111 title or hash (case-insensitive); None if unknown."""
@@ -179,4 +200,4 @@ def load_registry(path: str | Path) -> Registry:
             if not src.is_absolute():
                 spec = spec.model_copy(update={"source": str((path.parent / src).resolve())})
         specs.append(spec)
-    return Registry(specs, top.default_model, source=path)
+    return Registry(specs, top.default_model, source=path, routes=top.routes)

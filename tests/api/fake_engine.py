@@ -11,6 +11,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image
@@ -42,6 +43,8 @@ class FakeJob:
         self._error: BaseException | None = None
         self._result: GenerationResult | None = None
         self._done = threading.Event()
+        self._callbacks: list[Callable[[FakeJob], None]] = []
+        self._lock = threading.Lock()
         self.cancel_requested = False
         self.interrupt_requested = False
         self.skip_requested = False
@@ -72,6 +75,13 @@ class FakeJob:
 
     def cancel(self) -> None:
         self.cancel_requested = True
+
+    def add_done_callback(self, fn: Callable[[FakeJob], None]) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
 
     # Worker side ---------------------------------------------------------------------------------------------------
 
@@ -125,7 +135,11 @@ class FakeJob:
             self._error = e
             self._status = JobStatus.FAILED
         finally:
-            self._done.set()
+            with self._lock:
+                self._done.set()
+                callbacks, self._callbacks = self._callbacks, []
+            for fn in callbacks:
+                fn(self)
 
 
 class FakeEngine:

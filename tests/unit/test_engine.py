@@ -130,3 +130,15 @@ def test_unknown_model_and_load_error(engine):
         job.wait_sync(60)
     assert job.status == JobStatus.FAILED
     assert engine.submit(req()).wait_sync(60).images  # the queue keeps going after a failure
+
+
+def test_done_callbacks_run_once_on_completion_and_at_once_when_late(engine):
+    seen: list[tuple[str, JobStatus]] = []
+    job = engine.submit(req(steps=2))
+    job.add_done_callback(lambda j: seen.append(("early", j.status)))
+    job.wait_sync(60)
+    job.add_done_callback(lambda j: seen.append(("late", j.status)))
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(seen) == [("early", JobStatus.COMPLETED), ("late", JobStatus.COMPLETED)]

@@ -68,3 +68,14 @@ def test_unknown_default_model_and_bad_yaml(tmp_path):
         load_registry(write(tmp_path, "models: [\n"))
     with pytest.raises(RegistryError, match="not found"):
         load_registry(tmp_path / "missing.yaml")
+
+
+def test_routes_map_gateway_routes_to_models(registry, tmp_path):
+    assert registry.route_model("flux").id == "demo-flux"
+    assert registry.route_model("qwen-edit").id == "demo-qwen-image-edit"
+    base = "models:\n  m1:\n    family: sd15\n    source: demo:sd15\n"
+    assert load_registry(write(tmp_path, base)).route_model("flux") is None
+    with pytest.raises(RegistryError, match="routes.dalle"):
+        load_registry(write(tmp_path, base + "routes:\n  dalle: m1\n"))
+    with pytest.raises(RegistryError, match="routes.flux.*unknown model 'm2'"):
+        load_registry(write(tmp_path, base + "routes:\n  flux: m2\n"))
