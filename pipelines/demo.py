@@ -51,6 +51,7 @@ from transformers import (
     T5Tokenizer,
 )
 from transformers.utils import is_torchvision_available
+from transformers.utils import logging as transformers_logging
 
 from pipelines.families.qwen import ImageOnlyQwen2VLProcessor
 
@@ -103,8 +104,8 @@ def _t5_tokenizer(max_length: int = 512) -> T5Tokenizer:
 def _qwen_tokenizer() -> Qwen2Tokenizer:
     """Qwen2 byte-level BPE with no merges plus the chat/vision special tokens the Qwen-Image templates use."""
     vocab = {c: i for i, c in enumerate(_BYTES)}
-    for tok in _QWEN_SPECIALS:
-        vocab[tok] = len(vocab)
+    for special in _QWEN_SPECIALS:
+        vocab[special] = len(vocab)
     tok = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=32768)
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in _QWEN_SPECIALS])
     return tok
@@ -476,24 +477,38 @@ def build_demo_model(kind: str, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
     try:
-        with torch.random.fork_rng(devices=[]):  # deterministic weights without disturbing the caller's RNG
+        with torch.random.fork_rng(devices=[]), _quiet_progress():  # fixed seeds, caller's RNG left alone
             pipe = _BUILDERS[kind]()
-        pipe.save_pretrained(tmp, safe_serialization=True)
+            pipe.save_pretrained(tmp, safe_serialization=True)
         if kind == "qwen-image-edit":
             _finish_edit_processor(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        if out_dir.exists():  # stale (unmarked or older version): move it aside in one step, then swap in
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    marker = out_dir / MARKER
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
     marker_tmp = out_dir / (MARKER + ".tmp")
     marker_tmp.write_text(json.dumps({"kind": kind, "version": DEMO_VERSION}))
-    os.replace(marker_tmp, marker)
+    os.replace(marker_tmp, out_dir / MARKER)
     return out_dir
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No "Writing model shards" bars on the server's stderr while demo models are saved."""
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

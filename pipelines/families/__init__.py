@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,7 +77,7 @@ def call_view(pipe: DiffusionPipeline, scheduler: Any | None, steps: int) -> Dif
     return view
 
 
-def step_callback(on_step: StepCallback, default_total: int):
+def step_callback(on_step: StepCallback, default_total: int) -> Callable[[DiffusionPipeline, int, Any, dict], dict]:
     """`callback_on_step_end` reporting (steps done, total) and setting `_interrupt` when `on_step` returns True.
 
     The total is the number of timesteps the pipeline really runs (`_num_timesteps`: fewer than `steps` for

@@ -6,7 +6,10 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a test that reaches for the network is a bug
 
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +33,6 @@ from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, Task
 
 FAMILIES = demo.DEMO_KINDS
-TXT2IMG_FAMILIES = ("sd15", "sdxl", "flux", "qwen-image")
 INPAINT_FAMILIES = FAMILIES  # the edit model inpaints through QwenImageEditInpaintPipeline
 LONG_UNICODE_PROMPT = "a photo of a cat 猫 🐱 café, détaillé, " * 80  # past every tokenizer's max length
 
@@ -43,15 +45,6 @@ PIPELINE_CLASS = {
 }
 
 
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """All demo models, built once per test session."""
-    root = tmp_path_factory.mktemp("demo-models")
-    for kind in demo.DEMO_KINDS:
-        demo.ensure_demo_model(kind, root)
-    return root
-
-
 @pytest.fixture(scope="module")
 def load(demo_root: Path) -> Callable[[str], LoadedModel]:
     """Load each family's demo model once per module (float32, CPU)."""
@@ -60,7 +53,8 @@ def load(demo_root: Path) -> Callable[[str], LoadedModel]:
     def _load(family: str) -> LoadedModel:
         if family not in cache:
             spec = ModelSpec(id=f"demo-{family}", family=family, source=f"demo:{family}")
-            cache[family] = adapter_for(family).load(spec, str(demo_root / family), torch.device("cpu"), torch.float32)
+            path = demo.ensure_demo_model(family, demo_root)  # shared with the engine and e2e tests
+            cache[family] = adapter_for(family).load(spec, str(path), torch.device("cpu"), torch.float32)
         return cache[family]
 
     return _load
@@ -124,7 +118,7 @@ def test_adapter_for_maps_families() -> None:
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_demo_folder_loads_with_diffusion_pipeline(demo_root: Path, kind: str) -> None:
-    path = demo_root / kind
+    path = demo.ensure_demo_model(kind, demo_root)
     assert (path / demo.MARKER).is_file()
     assert not list(demo_root.glob(f".{kind}.tmp-*"))
     kwargs = {}
@@ -152,6 +146,7 @@ def test_ensure_demo_model_builds_once_across_threads(tmp_path: Path, monkeypatc
 
     def counting_build(kind: str, out_dir: Path) -> Path:
         builds.append(kind)
+        time.sleep(0.2)  # make sure the other threads arrive while this build runs
         return real_build(kind, out_dir)
 
     monkeypatch.setattr(demo, "build_demo_model", counting_build)
@@ -172,6 +167,39 @@ def test_ensure_demo_model_builds_once_across_threads(tmp_path: Path, monkeypatc
     demo.ensure_demo_model("flux", tmp_path)
     assert builds == ["flux", "flux"]
     assert (tmp_path / "flux" / demo.MARKER).is_file()
+
+
+_BUILD_ONCE_SCRIPT = """
+import sys, time
+from pathlib import Path
+from pipelines import demo
+
+real_build = demo.build_demo_model
+
+def counting_build(kind, out_dir):
+    with open(sys.argv[2], "a") as log:
+        log.write("built\\n")
+    time.sleep(1.0)  # the other process reaches the lock while this one builds
+    return real_build(kind, out_dir)
+
+demo.build_demo_model = counting_build
+print(demo.ensure_demo_model("flux", Path(sys.argv[1])))
+"""
+
+
+def test_ensure_demo_model_builds_once_across_processes(tmp_path: Path) -> None:
+    log = tmp_path / "builds.log"
+    cmd = [sys.executable, "-c", _BUILD_ONCE_SCRIPT, str(tmp_path / "models"), str(log)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err
+        assert out.strip() == str(tmp_path / "models" / "flux")
+    assert log.read_text().count("built") == 1
+    assert (tmp_path / "models" / "flux" / demo.MARKER).is_file()
 
 
 def test_unknown_demo_kind(tmp_path: Path) -> None:
@@ -199,7 +227,7 @@ def test_txt2img_size_count_and_seeds(load, family: str) -> None:
     assert np.abs(_px(batch[0]) - _px(batch[1])).max() > 10, "different seeds gave the same picture"
 
 
-@pytest.mark.parametrize("family", TXT2IMG_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_long_unicode_prompt_is_truncated(load, family: str) -> None:
     req = _req(family, prompt=LONG_UNICODE_PROMPT, negative_prompt="blurry, 低质量 " * 50, steps=1)
     images, _ = _run(family, load(family), req, [1])
@@ -305,7 +333,7 @@ def test_from_pipe_shares_weights(load, family: str) -> None:
 def test_from_pipe_keeps_the_loaded_dtype(demo_root: Path) -> None:
     spec = ModelSpec(id="demo-sd15", family="sd15", source="demo:sd15")
     adapter = adapter_for("sd15")
-    loaded = adapter.load(spec, str(demo_root / "sd15"), torch.device("cpu"), torch.bfloat16)
+    loaded = adapter.load(spec, str(demo.ensure_demo_model("sd15", demo_root)), torch.device("cpu"), torch.bfloat16)
     adapter.pipeline_for(loaded, Task.INPAINT)
     assert loaded.base.unet.dtype == torch.bfloat16
     assert loaded.base.vae.dtype == torch.bfloat16
