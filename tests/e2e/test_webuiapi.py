@@ -36,9 +36,10 @@ def test_txt2img_dpmpp_2m_karras_reproducible(api):
     info = r1.info
     assert info["all_seeds"] == [1234, 1235]
     assert info["sampler_name"] == "DPM++ 2M"
-    assert "Schedule type: Karras" in info["infotexts"][0] or info["extra_generation_params"].get(
-        "Schedule type"
-    ) in (None, "Karras")
+    assert "Schedule type: Karras" in info["infotexts"][0] or info["extra_generation_params"].get("Schedule type") in (
+        None,
+        "Karras",
+    )
     # image 1 of the batch is the same picture as a single request with seed+1
     r2 = api.txt2img(prompt="a lighthouse", width=128, height=96, steps=4, seed=1235)
     a = np.asarray(r1.images[1], dtype=np.int16)
@@ -59,8 +60,16 @@ def test_img2img_with_mask_keeps_unmasked_pixels(api):
     mask = Image.new("RGB", (128, 128), "black")
     ImageDraw.Draw(mask).rectangle([40, 40, 87, 87], fill="white")
     r = api.img2img(
-        images=[init], mask_image=mask, prompt="a window", width=128, height=128, steps=4, seed=3,
-        denoising_strength=0.9, inpainting_fill=1, mask_blur=0,
+        images=[init],
+        mask_image=mask,
+        prompt="a window",
+        width=128,
+        height=128,
+        steps=4,
+        seed=3,
+        denoising_strength=0.9,
+        inpainting_fill=1,
+        mask_blur=0,
     )
     out = np.asarray(r.image.convert("RGB"), dtype=np.int16)
     src = np.asarray(init, dtype=np.int16)
@@ -108,8 +117,17 @@ def test_progress_and_interrupt(api):
     assert busy is not None and first is not None, "the job never showed progress"
     seconds_per_step = (time.monotonic() - first[0]) / (busy["state"]["sampling_step"] - first[1])
     assert 0 < busy["progress"] <= 1 and busy["state"]["sampling_steps"] == 300
-    assert set(busy["state"]) >= {"skipped", "interrupted", "stopping_generation", "job", "job_count",
-                                  "job_timestamp", "job_no", "sampling_step", "sampling_steps"}
+    assert set(busy["state"]) >= {
+        "skipped",
+        "interrupted",
+        "stopping_generation",
+        "job",
+        "job_count",
+        "job_timestamp",
+        "job_no",
+        "sampling_step",
+        "sampling_steps",
+    }
     assert api.interrupt() == {}
     worker.join(120)
     assert not worker.is_alive()
@@ -123,10 +141,17 @@ def test_progress_and_interrupt(api):
 @pytest.mark.parametrize("model", ["demo-flux", "demo-qwen-image", "demo-sdxl"])
 def test_every_family_through_the_a1111_routes(live_server, model):
     """FLUX and Qwen-Image selected by title per request; sizes floored to the family's multiple."""
-    title = next(m["title"] for m in httpx.get(f"{live_server.url}/sdapi/v1/sd-models").json()
-                 if m["model_name"] == model)
-    body = {"prompt": "a harbour", "width": 72, "height": 100, "steps": 2, "seed": 5,
-            "override_settings": {"sd_model_checkpoint": title}}
+    title = next(
+        m["title"] for m in httpx.get(f"{live_server.url}/sdapi/v1/sd-models").json() if m["model_name"] == model
+    )
+    body = {
+        "prompt": "a harbour",
+        "width": 72,
+        "height": 100,
+        "steps": 2,
+        "seed": 5,
+        "override_settings": {"sd_model_checkpoint": title},
+    }
     r = httpx.post(f"{live_server.url}/sdapi/v1/txt2img", json=body, timeout=300)
     assert r.status_code == 200, r.text
     info = json.loads(r.json()["info"])

@@ -24,8 +24,15 @@ def test_shipped_registry_has_the_five_demo_models(registry):
 
 def test_resolve_by_id_alias_title_stem_and_hash(registry):
     sd = registry.get("demo-sd15")
-    for name in ["demo-sd15", "DEMO-SD15", sd.title, sd.short_hash, "Realistic_Vision_V5.1.safetensors",
-                 "Realistic_Vision_V5.1", "Realistic_Vision_V5.1.safetensors [0123456789]"]:
+    for name in [
+        "demo-sd15",
+        "DEMO-SD15",
+        sd.title,
+        sd.short_hash,
+        "Realistic_Vision_V5.1.safetensors",
+        "Realistic_Vision_V5.1",
+        "Realistic_Vision_V5.1.safetensors [0123456789]",
+    ]:
         assert registry.resolve(name) is sd, name
     assert registry.resolve("nope.safetensors") is None
     assert registry.resolve("") is None
