@@ -1,9 +1,10 @@
-"""Engine: bounded admission queue, one worker thread per device running one job at a time, per-step progress,
-interrupt / skip / cancel, per-job status. Batching across requests comes later; the seams are `_run_job`."""
+"""Engine: bounded admission, one worker thread per device, dynamic batching of compatible requests into one
+pipeline call (`pipelines.batching`), per-step progress, interrupt / skip / cancel, per-job status."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import queue
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from pipelines import demo
+from pipelines.batching import batch_key
 from pipelines.cache import PipelineCache, free_device_memory
 from pipelines.engine_api import JobStatus
 from pipelines.errors import (
@@ -33,10 +35,11 @@ from pipelines.errors import (
     QueueFull,
 )
 from pipelines.families import adapter_for
-from pipelines.families.base import FamilyAdapter, LoadedModel, UnsupportedTask
+from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, UnsupportedTask
 from pipelines.imageprep import flatten, prepare_inpaint, resize_image
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, Progress, Task
+from pipelines.sampler_names import SamplerChoice
 from pipelines.samplers import build_scheduler, resolve_sampler, scheduler_label_for_info
 
 log = logging.getLogger("easel.engine")
@@ -52,6 +55,9 @@ class EngineConfig:
     cache_max_models: int = 3
     cache_memory_budget_gb: float | None = None
     preload_default: bool = True  # load the default model at start, so the first request does not pay for it
+    max_batch: int = 8  # images per pipeline call when compatible requests are batched (1 = no batching)
+    max_batch_by_family: dict[str, int] = dataclasses.field(default_factory=dict)
+    max_wait_ms: float = 10.0  # how long a busy device waits for batch companions
 
     @property
     def demo_root(self) -> Path:
@@ -77,10 +83,12 @@ def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
 class Job:
     """A submitted request: status, progress, result. Thread-safe; awaited from any event loop."""
 
-    def __init__(self, request: GenerationRequest, seed: int):
+    def __init__(self, request: GenerationRequest, seed: int, choice: SamplerChoice):
         self.id = uuid.uuid4().hex
         self.request = request
         self.seed = seed
+        self.choice = choice
+        self.batch_key = batch_key(self.id, request, choice)
         self.created_at = time.time()
         self._status = JobStatus.QUEUED
         self._progress = Progress(job_count=request.n_iter, sampling_steps=request.steps)
@@ -94,6 +102,21 @@ class Job:
         self.cancel_requested = False
         self.interrupt_requested = False
         self.skip_requested = False
+        # Worker-side state, touched only by the worker thread.
+        self.prepared: GenerationRequest | None = None  # inputs resized / mask prepared, set when the job starts
+        self.finish_images: Callable[[list[Image.Image]], list[Image.Image]] = list
+        self.images: list[Image.Image] = []
+        self.timings: dict[str, float] = {"queued_s": 0.0, "load_s": 0.0, "run_s": 0.0}
+        self.degraded: list[str] = []  # what was done differently to make it run (e.g. an OOM batch split)
+        self.admitted = True  # counts against the admission limit until it starts or ends
+
+    def seeds_for(self, iteration: int) -> list[int]:
+        n = self.request.batch_size
+        return [self.seed + iteration * n + i for i in range(n)]
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.cancel_requested or self.interrupt_requested or self.skip_requested
 
     @property
     def status(self) -> JobStatus:
@@ -193,10 +216,11 @@ def _set_if_pending(fut: asyncio.Future) -> None:
 
 
 _STOP = object()
+Unit = tuple[Job, int]  # a job and which of its n_iter pipeline calls is due
 
 
 class Engine:
-    """Implements `pipelines.engine_api.EngineClient`."""
+    """Implements `pipelines.engine_api.EngineClient`, with dynamic batching of compatible requests."""
 
     def __init__(self, registry: Registry, config: EngineConfig | None = None):
         self.registry = registry
@@ -208,11 +232,17 @@ class Engine:
             max_models=self.config.cache_max_models,
             memory_budget_bytes=int(budget * 2**30) if budget and self.device.type == "cuda" else None,
         )
-        self._queue: queue.Queue = queue.Queue(maxsize=self.config.queue_size)
-        self._current: Job | None = None
+        # Unbounded hand-off to the worker; admission is bounded by `_admitted` (jobs not started yet), which also
+        # counts jobs the worker has already drained into its pending list while looking for batch companions.
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._admission = threading.Lock()
+        self._admitted = 0
+        self._pending: collections.deque[Unit] = collections.deque()  # worker thread only
+        self._current_batch: list[Job] = []
         self._worker: threading.Thread | None = None
         self._running = False
-        self.jobs_done = 0
+        self._stopping = False
+        self.calls = 0  # pipeline calls made (tests and metrics: batching shows as fewer calls than jobs)
 
     # Lifecycle ---------------------------------------------------------------------------------------------------
 
@@ -224,21 +254,11 @@ class Engine:
         self._worker.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop admitting, cancel what is queued, let the running job stop at its next step."""
+        """Stop admitting, cancel what is waiting, let the running batch stop at its next step."""
         self._running = False
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(job, Job):
-                job._finish(JobStatus.CANCELLED, error=JobCancelled("the server is shutting down"))
-        if self._current is not None:
-            self._current.cancel_requested = True
-        try:
-            self._queue.put_nowait(_STOP)
-        except queue.Full:
-            pass
+        for job in list(self._current_batch):
+            job.cancel_requested = True
+        self._queue.put(_STOP)
         if self._worker is not None:
             self._worker.join(timeout)
 
@@ -257,27 +277,38 @@ class Engine:
         request = dataclasses.replace(request, model=spec.id)
         self._validate(spec, request)
         seed = request.seed if request.seed is not None and request.seed >= 0 else random.randrange(MAX_SEED)
-        job = Job(request, seed)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull() from None
+        job = Job(request, seed, resolve_sampler(request.sampler or spec.defaults.sampler, "Euler", request.schedule))
+        with self._admission:
+            if self._admitted >= self.config.queue_size:
+                raise QueueFull()
+            self._admitted += 1
+        job.add_done_callback(self._release)
+        self._queue.put(job)
         return job
 
+    def _release(self, job: Job) -> None:
+        """The job no longer waits: it started, or ended before it could."""
+        with self._admission:
+            if job.admitted:
+                job.admitted = False
+                self._admitted -= 1
+
     def current_job(self) -> Job | None:
-        return self._current
+        batch = self._current_batch
+        return batch[0] if batch else None
+
+    def running_jobs(self) -> list[Job]:
+        return list(self._current_batch)
 
     def queued_count(self) -> int:
-        return self._queue.qsize()
+        return self._admitted
 
     def interrupt(self) -> None:
-        job = self._current
-        if job is not None:
+        for job in list(self._current_batch):
             job.interrupt_requested = True
 
     def skip(self) -> None:
-        job = self._current
-        if job is not None:
+        for job in list(self._current_batch):
             job.skip_requested = True
 
     async def load_model(self, model_id: str) -> None:
@@ -353,102 +384,209 @@ class Engine:
         log.info("loaded %s (%s) in %.1f s", spec.id, spec.family, time.perf_counter() - started)
         return loaded
 
-    # Worker ------------------------------------------------------------------------------------------------------
+    def max_batch_for(self, family: str) -> int:
+        return self.config.max_batch_by_family.get(family, self.config.max_batch)
+
+    # Worker: pick a unit, gather compatible companions, run them as one pipeline call ---------------------------
 
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is _STOP:
+            first, was_idle = self._take_unit()
+            if first is None:
+                self._cancel_waiting("the server is shutting down")
                 return
-            if job.cancel_requested or not job._start():
-                continue
-            self._current = job
+            batch = self._gather(first, was_idle)
             try:
-                result = self._run_job(job)
-            except JobCancelled as e:
-                job._finish(JobStatus.CANCELLED, error=e)
-            except (InvalidRequest, ModelLoadError, ModelNotFound) as e:
-                job._finish(JobStatus.FAILED, error=e)
-            except torch.cuda.OutOfMemoryError:
-                free_device_memory()
-                job._finish(
-                    JobStatus.FAILED,
-                    error=GenerationFailed("out of GPU memory for this request: try a smaller size or batch"),
-                )
-            except Exception as e:
-                log.exception("job %s failed", job.id)
-                job._finish(JobStatus.FAILED, error=GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
-            else:
-                job._finish(JobStatus.COMPLETED, result=result)
+                self._run_batch(batch)
             finally:
-                self._current = None
-                self.jobs_done += 1
+                self._current_batch = []
 
-    def _run_job(self, job: Job) -> GenerationResult:
-        req = job.request
-        spec = self.registry.get(req.model)
+    def _alive(self, unit: Unit) -> bool:
+        job = unit[0]
+        if job.cancel_requested:
+            job._finish(JobStatus.CANCELLED, error=JobCancelled(f"job {job.id} was cancelled"))
+        return not job.done
+
+    def _receive(self, block: bool, timeout: float | None = None) -> Unit | None:
+        """The next job from the hand-off queue as its first unit; None if nothing came (or we are stopping)."""
+        try:
+            item = self._queue.get(block=block, timeout=timeout)
+        except queue.Empty:
+            return None
+        if item is _STOP:
+            self._stopping = True
+            return None
+        return (item, 0)
+
+    def _take_unit(self) -> tuple[Unit | None, bool]:
+        """The oldest live unit, and whether the device sat idle waiting for it (then it starts at once)."""
+        while not self._stopping:
+            if self._pending:
+                unit, was_idle = self._pending.popleft(), False
+            else:
+                unit, was_idle = self._receive(block=False), False
+                if unit is None and not self._stopping:
+                    unit, was_idle = self._receive(block=True), True
+                if unit is None:
+                    continue
+            if self._alive(unit):
+                return unit, was_idle
+        return None, False
+
+    def _gather(self, first: Unit, was_idle: bool) -> list[Unit]:
+        """`first` plus compatible units, up to the family's max_batch images. Waits up to max_wait_ms for more
+        only when the device was busy (a lone request on an idle device starts at once)."""
+        job0 = first[0]
+        key = job0.batch_key
+        limit = self.max_batch_for(self.registry.get(job0.request.model).family)
+        batch, count = [first], job0.request.batch_size
+
+        def take(unit: Unit) -> bool:
+            nonlocal count
+            job = unit[0]
+            if job.batch_key != key or count + job.request.batch_size > limit or not self._alive(unit):
+                return False
+            batch.append(unit)
+            count += job.request.batch_size
+            return True
+
+        self._pending = collections.deque(u for u in self._pending if not take(u) and not u[0].done)
+        while (unit := self._receive(block=False)) is not None:
+            if not take(unit):
+                self._pending.append(unit)
+        if was_idle or job0.batch_key[0] == "alone" or self.config.max_wait_ms <= 0:
+            return batch
+        deadline = time.monotonic() + self.config.max_wait_ms / 1000
+        while count < limit and (remaining := deadline - time.monotonic()) > 0 and not self._stopping:
+            unit = self._receive(block=True, timeout=remaining)
+            if unit is not None and not take(unit):
+                self._pending.append(unit)
+        return batch
+
+    def _cancel_waiting(self, reason: str) -> None:
+        while (unit := self._receive(block=False)) is not None or self._pending:
+            unit = unit or self._pending.popleft()
+            unit[0]._finish(JobStatus.CANCELLED, error=JobCancelled(reason))
+
+    def _run_batch(self, batch: list[Unit]) -> None:
+        started = [u for u in batch if u[1] > 0 or u[0]._start()]
+        for job, it in started:
+            if it == 0:
+                self._release(job)
+                job.timings["queued_s"] = time.time() - job.created_at
+        if not started:
+            return
+        self._current_batch = [job for job, _ in started]
+        job0 = started[0][0]
+        spec = self.registry.get(job0.request.model)
         adapter = adapter_for(spec.family)
-        queued_s = time.time() - job.created_at
-        t0 = time.perf_counter()
-        loaded = self.cache.get(spec)
-        load_s = time.perf_counter() - t0
-
-        choice = resolve_sampler(req.sampler or spec.defaults.sampler, "Euler", req.schedule)
-        req, finish = self._prepare_images(req)
-        seeds = [job.seed + i for i in range(req.total_images)]
-        images: list[Image.Image] = []
-        interrupted = False
-        t1 = time.perf_counter()
-        for it in range(req.n_iter):
-            if job.cancel_requested:
-                raise JobCancelled(f"job {job.id} was cancelled")
-            if job.interrupt_requested:
-                interrupted = True
-                break
+        try:
+            t0 = time.perf_counter()
+            loaded = self.cache.get(spec)
+            load_s = time.perf_counter() - t0
+        except Exception as e:
+            for job, _ in started:
+                self._fail(job, e)
+            return
+        ready: list[Unit] = []
+        for job, it in started:
+            if it == 0:
+                job.timings["load_s"] = load_s
+                try:
+                    job.prepared, job.finish_images = self._prepare_images(job.request)
+                except Exception as e:
+                    self._fail(job, e)
+                    continue
             job.skip_requested = False
-            call_seeds = seeds[it * req.batch_size : (it + 1) * req.batch_size]
-            job._set_progress(it, 0, req.steps)
-            scheduler = build_scheduler(
-                choice, loaded.base.scheduler.config, adapter.flow_matching, sdxl=spec.family == "sdxl"
-            )
-            out = self._call(adapter, loaded, req, call_seeds, scheduler, job, it)
-            images.extend(finish(out))
-            if job.cancel_requested:
-                raise JobCancelled(f"job {job.id} was cancelled")
-        interrupted = interrupted or job.interrupt_requested
-        if not interrupted:
-            job._set_progress(req.n_iter, req.steps, req.steps)
+            ready.append((job, it))
+        if not ready:
+            return
+
+        t1 = time.perf_counter()
+        try:
+            outputs = self._call(adapter, loaded, spec, ready)
+        except Exception as e:
+            for job, _ in ready:
+                self._fail(job, e)
+            return
         run_s = time.perf_counter() - t1
+        follow_ups: list[Unit] = []
+        for (job, it), images in zip(ready, outputs, strict=True):
+            job.timings["run_s"] += run_s
+            if job.cancel_requested:  # its images are dropped; the others in the batch keep theirs
+                job._finish(JobStatus.CANCELLED, error=JobCancelled(f"job {job.id} was cancelled"))
+                continue
+            try:
+                job.images.extend(job.finish_images(images))
+            except Exception as e:
+                self._fail(job, e)
+                continue
+            if job.interrupt_requested or it + 1 >= job.request.n_iter:
+                job._finish(JobStatus.COMPLETED, result=self._result(job, spec, adapter))
+            else:
+                follow_ups.append((job, it + 1))
+        # A job's next call goes ahead of newer work, so its n_iter calls run back to back.
+        self._pending.extendleft(reversed(follow_ups))
+
+    def _call(self, adapter: FamilyAdapter, loaded: LoadedModel, spec: ModelSpec, units: list[Unit]):
+        """One pipeline call for `units`; on out-of-memory, split the batch in two and retry each half."""
+        job0 = units[0][0]
+        scheduler = build_scheduler(
+            job0.choice, loaded.base.scheduler.config, adapter.flow_matching, sdxl=spec.family == "sdxl"
+        )
+        items = [BatchItem(job.prepared, job.seeds_for(it)) for job, it in units]
+
+        def on_step(step: int, total: int) -> bool:
+            for job, it in units:
+                job._set_progress(it, step, total)
+            # The call stops only when every request in it wants to stop; a cancelled one's images are dropped.
+            return all(job.stop_requested for job, _ in units)
+
+        try:
+            self.calls += 1
+            with torch.inference_mode():
+                return adapter.run_batch(loaded, items, scheduler, on_step)
+        except torch.cuda.OutOfMemoryError:
+            if len(units) == 1:
+                raise
+            free_device_memory()
+            mid = len(units) // 2
+            log.warning("out of memory with a batch of %d requests: retrying in two halves", len(units))
+            for job, _ in units:
+                job.degraded.append(f"batch of {len(units)} split after out-of-memory")
+            return self._call(adapter, loaded, spec, units[:mid]) + self._call(adapter, loaded, spec, units[mid:])
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            free_device_memory()
+            error = GenerationFailed("out of GPU memory for this request: try a smaller size or batch")
+        elif isinstance(error, (InvalidRequest, ModelLoadError, ModelNotFound, JobCancelled, GenerationFailed)):
+            pass
+        else:
+            log.error("job %s failed: %s: %s", job.id, type(error).__name__, error, exc_info=error)
+            error = GenerationFailed(f"generation failed: {type(error).__name__}: {error}")
+        status = JobStatus.CANCELLED if isinstance(error, JobCancelled) else JobStatus.FAILED
+        job._finish(status, error=error)
+
+    def _result(self, job: Job, spec: ModelSpec, adapter: FamilyAdapter) -> GenerationResult:
+        req = job.request
+        if not job.interrupt_requested:
+            job._set_progress(req.n_iter, req.steps, req.steps)
+        images = job.images
         return GenerationResult(
             images=images,
-            seeds=seeds[: len(images)],
+            seeds=[job.seed + i for i in range(len(images))],
             model=spec.id,
             model_hash=spec.short_hash,
-            sampler=choice.name,
-            schedule=scheduler_label_for_info(choice, adapter.flow_matching),
+            sampler=job.choice.name,
+            schedule=scheduler_label_for_info(job.choice, adapter.flow_matching),
             width=images[0].width if images else req.width,  # "only masked" inpainting returns the init's size
             height=images[0].height if images else req.height,
             steps=req.steps,
-            interrupted=interrupted,
-            timings={"queued_s": queued_s, "load_s": load_s, "run_s": run_s},
+            interrupted=job.interrupt_requested,
+            timings=dict(job.timings),
+            extra={"degraded": list(job.degraded)} if job.degraded else {},
         )
-
-    def _call(
-        self,
-        adapter: FamilyAdapter,
-        loaded: LoadedModel,
-        req: GenerationRequest,
-        seeds: list[int],
-        scheduler: Any,
-        job: Job,
-        it: int,
-    ) -> list[Image.Image]:
-        def on_step(step: int, total: int) -> bool:
-            job._set_progress(it, step, total)
-            return job.cancel_requested or job.interrupt_requested or job.skip_requested
-
-        with torch.inference_mode():
-            return adapter.run(loaded, req, seeds, scheduler, on_step)
 
     @staticmethod
     def _prepare_images(req: GenerationRequest):

@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline
 from diffusers import utils as _diffusers_utils
 from PIL import Image
 
-from pipelines.families.base import FamilyAdapter, LoadedModel, StepCallback
+from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback
 from pipelines.request import GenerationRequest, Task
 
 # family -> (module, class); imported on first use.
@@ -111,3 +111,32 @@ def mask_arg(req: GenerationRequest) -> Image.Image:
     if req.mask is None:
         raise ValueError("task 'inpaint' needs a mask")
     return req.mask
+
+
+def batch_prompts(items: list[BatchItem]) -> tuple[list[str], list[str]]:
+    """Prompt and negative prompt per image of the call (one entry per seed of every item)."""
+    prompts = [it.request.prompt for it in items for _ in it.seeds]
+    negatives = [it.request.negative_prompt for it in items for _ in it.seeds]
+    return prompts, negatives
+
+
+def batch_seeds(items: list[BatchItem]) -> list[int]:
+    return [s for it in items for s in it.seeds]
+
+
+def batch_init_images(items: list[BatchItem]) -> list[Image.Image]:
+    """The init image of every image of the call (A1111 cycles over several init images within a request)."""
+    out: list[Image.Image] = []
+    for it in items:
+        image = init_image_arg(it.request, len(it.seeds))
+        out.extend(image if isinstance(image, list) else [image] * len(it.seeds))
+    return out
+
+
+def split_outputs(images: list[Image.Image], items: list[BatchItem]) -> list[list[Image.Image]]:
+    """Hand each item back its own images, in call order."""
+    out, start = [], 0
+    for it in items:
+        out.append(images[start : start + len(it.seeds)])
+        start += len(it.seeds)
+    return out

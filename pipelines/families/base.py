@@ -20,6 +20,14 @@ from pipelines.request import GenerationRequest, Task
 StepCallback = Callable[[int, int], bool]
 
 
+@dataclass
+class BatchItem:
+    """One request's share of a pipeline call: its (prepared) request and the seeds of its images."""
+
+    request: GenerationRequest
+    seeds: list[int]
+
+
 class UnsupportedTask(ValueError):
     """The model's family cannot run this task (e.g. instruction edit on SD)."""
 
@@ -60,6 +68,22 @@ class FamilyAdapter(abc.ABC):
         """The pipeline for `task`, derived from the base with `from_pipe` once and cached in `loaded.derived`."""
 
     @abc.abstractmethod
+    def run_batch(
+        self,
+        loaded: LoadedModel,
+        items: list[BatchItem],
+        scheduler: Any,
+        on_step: StepCallback,
+    ) -> list[list[Image.Image]]:
+        """ONE pipeline call making the images of every item; returns each item's images, in order.
+
+        Items share everything but prompts, negative prompts, seeds and init images (the engine batches only
+        compatible requests, see `pipelines.batching`); shared parameters are read from `items[0].request`.
+        Image j of an item comes from its own generator seeded `item.seeds[j]`, so it matches a call with that
+        seed alone. `scheduler` is a fresh scheduler for this call only (never assigned to the shared pipelines).
+        Input images are already prepared (resized to width x height, mask binarised/blurred).
+        """
+
     def run(
         self,
         loaded: LoadedModel,
@@ -68,11 +92,8 @@ class FamilyAdapter(abc.ABC):
         scheduler: Any,
         on_step: StepCallback,
     ) -> list[Image.Image]:
-        """One pipeline call making `len(seeds)` images, image i from its own generator seeded `seeds[i]`.
-
-        `scheduler` is a fresh scheduler instance for this call only (never assigned to the shared pipelines).
-        Input images in `req` are already prepared (resized to `req.width x req.height`, mask binarised/blurred).
-        """
+        """One request alone: `len(seeds)` images, image i from its own generator seeded `seeds[i]`."""
+        return self.run_batch(loaded, [BatchItem(req, seeds)], scheduler, on_step)[0]
 
     def check_task(self, task: Task) -> None:
         if task not in self.tasks:

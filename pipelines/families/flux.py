@@ -13,10 +13,20 @@ import torch
 from diffusers import DiffusionPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 from PIL import Image
 
-from pipelines.families import call_view, derive, dtype_kwargs, init_image_arg, mask_arg, step_callback
-from pipelines.families.base import FamilyAdapter, LoadedModel, StepCallback, generators
+from pipelines.families import (
+    batch_init_images,
+    batch_prompts,
+    batch_seeds,
+    call_view,
+    derive,
+    dtype_kwargs,
+    mask_arg,
+    split_outputs,
+    step_callback,
+)
+from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
 from pipelines.registry import ModelSpec
-from pipelines.request import GenerationRequest, Task
+from pipelines.request import Task
 
 _DERIVED: dict[Task, type[DiffusionPipeline]] = {Task.IMG2IMG: FluxImg2ImgPipeline, Task.INPAINT: FluxInpaintPipeline}
 
@@ -39,28 +49,28 @@ class FluxAdapter(FamilyAdapter):
             return loaded.base
         return derive(loaded, task, _DERIVED[task])
 
-    def run(
+    def run_batch(
         self,
         loaded: LoadedModel,
-        req: GenerationRequest,
-        seeds: list[int],
+        items: list[BatchItem],
         scheduler: Any,
         on_step: StepCallback,
-    ) -> list[Image.Image]:
+    ) -> list[list[Image.Image]]:
+        req = items[0].request
         pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
+        prompts, _ = batch_prompts(items)
         kwargs: dict[str, Any] = dict(
-            prompt=req.prompt,
+            prompt=prompts,
             width=req.width,
             height=req.height,
             num_inference_steps=req.steps,
             guidance_scale=req.guidance,
-            num_images_per_prompt=len(seeds),
-            generator=generators(seeds),
+            generator=generators(batch_seeds(items)),
             callback_on_step_end=step_callback(on_step, req.steps),
             output_type="pil",
         )
         if req.task == Task.IMG2IMG:
-            kwargs.update(image=init_image_arg(req, len(seeds)), strength=req.strength)
+            kwargs.update(image=batch_init_images(items), strength=req.strength)
         elif req.task == Task.INPAINT:
-            kwargs.update(image=init_image_arg(req, len(seeds)), mask_image=mask_arg(req), strength=req.strength)
-        return list(pipe(**kwargs).images)
+            kwargs.update(image=batch_init_images(items), mask_image=mask_arg(req), strength=req.strength)
+        return split_outputs(list(pipe(**kwargs).images), items)

@@ -24,15 +24,18 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torchvision_available
 
 from pipelines.families import (
+    batch_init_images,
+    batch_prompts,
+    batch_seeds,
     call_view,
     derive,
     dtype_kwargs,
     first_init_image,
-    init_image_arg,
     mask_arg,
+    split_outputs,
     step_callback,
 )
-from pipelines.families.base import FamilyAdapter, LoadedModel, StepCallback, generators
+from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
 from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, Task
 
@@ -68,8 +71,12 @@ def load_edit_processor(path: str | Path) -> Qwen2VLProcessor:
     return ImageOnlyQwen2VLProcessor.from_pretrained(folder)
 
 
+def _negative(negative_prompt: str, guidance: float) -> str | None:
+    return negative_prompt or (" " if guidance > 1 else None)
+
+
 def _qwen_kwargs(req: GenerationRequest) -> dict[str, Any]:
-    negative = req.negative_prompt or (" " if req.guidance > 1 else None)
+    negative = _negative(req.negative_prompt, req.guidance)
     return dict(prompt=req.prompt, negative_prompt=negative, true_cfg_scale=req.guidance)
 
 
@@ -100,30 +107,33 @@ class QwenImageAdapter(_QwenBase):
             return loaded.base
         return derive(loaded, task, self._derived[task])
 
-    def run(
+    def run_batch(
         self,
         loaded: LoadedModel,
-        req: GenerationRequest,
-        seeds: list[int],
+        items: list[BatchItem],
         scheduler: Any,
         on_step: StepCallback,
-    ) -> list[Image.Image]:
+    ) -> list[list[Image.Image]]:
+        req = items[0].request
         pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
-        kwargs = _qwen_kwargs(req)
-        kwargs.update(
+        prompts, negatives = batch_prompts(items)
+        negative = [_negative(n, req.guidance) for n in negatives]
+        kwargs: dict[str, Any] = dict(
+            prompt=prompts,
+            negative_prompt=None if req.guidance <= 1 else negative,
+            true_cfg_scale=req.guidance,
             width=req.width,
             height=req.height,
             num_inference_steps=req.steps,
-            num_images_per_prompt=len(seeds),
-            generator=generators(seeds),
+            generator=generators(batch_seeds(items)),
             callback_on_step_end=step_callback(on_step, req.steps),
             output_type="pil",
         )
         if req.task == Task.IMG2IMG:
-            kwargs.update(image=init_image_arg(req, len(seeds)), strength=req.strength)
+            kwargs.update(image=batch_init_images(items), strength=req.strength)
         elif req.task == Task.INPAINT:
-            kwargs.update(image=init_image_arg(req, len(seeds)), mask_image=mask_arg(req), strength=req.strength)
-        return list(pipe(**kwargs).images)
+            kwargs.update(image=batch_init_images(items), mask_image=mask_arg(req), strength=req.strength)
+        return split_outputs(list(pipe(**kwargs).images), items)
 
 
 class QwenImageEditAdapter(_QwenBase):
@@ -152,14 +162,17 @@ class QwenImageEditAdapter(_QwenBase):
         loaded.derived.setdefault(task, pipe)
         return pipe
 
-    def run(
+    def run_batch(
         self,
         loaded: LoadedModel,
-        req: GenerationRequest,
-        seeds: list[int],
+        items: list[BatchItem],
         scheduler: Any,
         on_step: StepCallback,
-    ) -> list[Image.Image]:
+    ) -> list[list[Image.Image]]:
+        # The prompt template has one image slot, so requests are never batched together here (batching.py).
+        if len(items) != 1:
+            raise ValueError("Qwen-Image-Edit runs one request per pipeline call")
+        req, seeds = items[0].request, items[0].seeds
         pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
         kwargs = _qwen_kwargs(req)
         kwargs.update(
@@ -178,4 +191,4 @@ class QwenImageEditAdapter(_QwenBase):
             kwargs.update(mask_image=Image.new("L", (req.width, req.height), 255), strength=req.strength)
         size = (req.width, req.height)
         # The edit-inpaint pipeline ignores width/height and works at ~1 MP with the input's aspect ratio.
-        return [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in pipe(**kwargs).images]
+        return [[im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in pipe(**kwargs).images]]

@@ -16,10 +16,20 @@ from diffusers import (
 )
 from PIL import Image
 
-from pipelines.families import call_view, derive, dtype_kwargs, init_image_arg, mask_arg, step_callback
-from pipelines.families.base import FamilyAdapter, LoadedModel, StepCallback, generators
+from pipelines.families import (
+    batch_init_images,
+    batch_prompts,
+    batch_seeds,
+    call_view,
+    derive,
+    dtype_kwargs,
+    mask_arg,
+    split_outputs,
+    step_callback,
+)
+from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
 from pipelines.registry import ModelSpec
-from pipelines.request import GenerationRequest, Task
+from pipelines.request import Task
 
 _CLASSES: dict[str, dict[Task, type[DiffusionPipeline]]] = {
     "sd15": {
@@ -58,22 +68,24 @@ class StableDiffusionAdapter(FamilyAdapter):
             return loaded.base
         return derive(loaded, task, _CLASSES[loaded.spec.family][task])
 
-    def run(
+    def run_batch(
         self,
         loaded: LoadedModel,
-        req: GenerationRequest,
-        seeds: list[int],
+        items: list[BatchItem],
         scheduler: Any,
         on_step: StepCallback,
-    ) -> list[Image.Image]:
+    ) -> list[list[Image.Image]]:
+        req = items[0].request
         pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
+        prompts, negatives = batch_prompts(items)
+        seeds = batch_seeds(items)
         kwargs: dict[str, Any] = dict(
-            prompt=req.prompt,
-            # None rather than "": SDXL then uses zeros for the unconditional embedding (force_zeros_for_empty_prompt)
-            negative_prompt=req.negative_prompt or None,
+            prompt=prompts,
+            # None rather than "": SDXL then uses zeros for the unconditional embedding (force_zeros_for_empty_prompt).
+            # The batcher never mixes empty and non-empty negative prompts in one call.
+            negative_prompt=negatives if any(negatives) else None,
             num_inference_steps=req.steps,
             guidance_scale=req.guidance,
-            num_images_per_prompt=len(seeds),
             generator=generators(seeds),
             callback_on_step_end=step_callback(on_step, req.steps),
             output_type="pil",
@@ -81,14 +93,14 @@ class StableDiffusionAdapter(FamilyAdapter):
         if req.task == Task.TXT2IMG:
             kwargs.update(width=req.width, height=req.height)
         elif req.task == Task.IMG2IMG:
-            # img2img takes its size from the (already resized) init image.
-            kwargs.update(image=init_image_arg(req, len(seeds)), strength=req.strength)
+            # img2img takes its size from the (already resized) init images.
+            kwargs.update(image=batch_init_images(items), strength=req.strength)
         elif req.task == Task.INPAINT:
             kwargs.update(
-                image=init_image_arg(req, len(seeds)),
+                image=batch_init_images(items),
                 mask_image=mask_arg(req),
                 strength=req.strength,
                 width=req.width,
                 height=req.height,
             )
-        return list(pipe(**kwargs).images)
+        return split_outputs(list(pipe(**kwargs).images), items)

@@ -1,0 +1,36 @@
+"""Which work can share one pipeline call.
+
+Requests batch together when everything that shapes the denoising loop is equal: model, task, size, steps,
+sampler and schedule, guidance, strength. Prompts, negative prompts and seeds may differ (each image keeps its own
+generator). Inpainting and instruction edits carry per-request masks / reference images that the pipelines take
+once per call, so they never share a call with another request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+from pipelines.request import GenerationRequest, Task
+from pipelines.sampler_names import SamplerChoice
+
+BATCHABLE_TASKS = frozenset({Task.TXT2IMG, Task.IMG2IMG})
+
+
+def batch_key(job_id: str, req: GenerationRequest, choice: SamplerChoice) -> Hashable:
+    """Equal keys may share a pipeline call; a unique key runs alone."""
+    if req.task not in BATCHABLE_TASKS:
+        return ("alone", job_id)
+    return (
+        req.model,
+        req.task,
+        req.width,
+        req.height,
+        req.steps,
+        choice.name,
+        choice.schedule,
+        req.guidance,
+        req.strength if req.task == Task.IMG2IMG else None,
+        # SDXL encodes an empty negative prompt as zeros and a non-empty one through the text encoders: a call
+        # cannot do both, so empty and non-empty negatives do not mix.
+        bool(req.negative_prompt),
+    )
