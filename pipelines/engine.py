@@ -37,6 +37,7 @@ from pipelines.errors import (
 from pipelines.families import adapter_for
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, UnsupportedTask
 from pipelines.imageprep import flatten, prepare_inpaint, resize_image
+from pipelines.optimize import apply_optimizations, prepare_call
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, Progress, Task
 from pipelines.sampler_names import SamplerChoice
@@ -380,9 +381,25 @@ class Engine:
                     "supported yet); see models.yaml"
                 )
         started = time.perf_counter()
-        loaded = adapter_for(spec.family).load(spec, str(path), self.device, resolve_dtype(spec, self.device))
+        adapter = adapter_for(spec.family)
+        loaded = adapter.load(spec, str(path), self.device, resolve_dtype(spec, self.device))
+        loaded.optimizations = apply_optimizations(
+            loaded.base, spec, self.device, warm_up=lambda: self._warm_up(adapter, loaded)
+        )
         log.info("loaded %s (%s) in %.1f s", spec.id, spec.family, time.perf_counter() - started)
         return loaded
+
+    @staticmethod
+    def _warm_up(adapter: FamilyAdapter, loaded: LoadedModel) -> None:
+        """One short generation at the model's default size, so compiled kernels exist before the first request."""
+        d = loaded.spec.defaults
+        task = Task.TXT2IMG if Task.TXT2IMG in adapter.tasks else None
+        if task is None:
+            return  # edit-only models need an input image; they compile on first use
+        req = GenerationRequest(model=loaded.spec.id, prompt="warm-up", width=d.width, height=d.height, steps=2)
+        scheduler = type(loaded.base.scheduler).from_config(loaded.base.scheduler.config)
+        with torch.inference_mode():
+            adapter.run(loaded, req, [0], scheduler, lambda step, total: False)
 
     def max_batch_for(self, family: str) -> int:
         return self.config.max_batch_by_family.get(family, self.config.max_batch)
@@ -542,6 +559,8 @@ class Engine:
             # The call stops only when every request in it wants to stop; a cancelled one's images are dropped.
             return all(job.stop_requested for job, _ in units)
 
+        n_images = sum(len(it.seeds) for it in items)
+        prepare_call(loaded.base, spec, self.device, job0.request.width, job0.request.height, n_images)
         try:
             self.calls += 1
             with torch.inference_mode():

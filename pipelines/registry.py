@@ -38,6 +38,21 @@ class ModelDefaults(BaseModel):
     sampler: str | None = None
 
 
+class PerformanceSpec(BaseModel):
+    """The CUDA fast path of one model (models.yaml `performance:`). Ignored on CPU, where none of it applies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers only when installed (the [cuda] extra)
+    channels_last: bool = True  # UNet convolutions in NHWC (SD/SDXL)
+    fuse_qkv: bool = True  # one matmul for Q, K and V in the denoiser's attention
+    compile: Literal["off", "regional", "full"] = "off"  # torch.compile of the denoiser, warmed up at load time
+    compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+    vae_tiling_above_pixels: int | None = Field(2048 * 2048, ge=64 * 64)  # tiled VAE decode above this size
+    vae_slicing_above_images: int | None = Field(4, ge=1)  # decode one image at a time above this batch
+    offload: Literal["none", "model", "sequential"] = "none"  # CPU offload for cards too small for the model
+
+
 class ModelSpec(BaseModel):
     """One model entry of models.yaml."""
 
@@ -50,6 +65,7 @@ class ModelSpec(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
+    performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     aliases: list[str] = Field(default_factory=list)
     description: str = ""
 

@@ -41,6 +41,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     derived: dict[Task, DiffusionPipeline] = field(default_factory=dict)
+    optimizations: list[str] = field(default_factory=list)  # CUDA fast-path steps applied at load time
 
     def approx_bytes(self) -> int:
         total = 0

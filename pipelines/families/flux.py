@@ -25,6 +25,7 @@ from pipelines.families import (
     step_callback,
 )
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
+from pipelines.optimize import place
 from pipelines.registry import ModelSpec
 from pipelines.request import Task
 
@@ -39,7 +40,7 @@ class FluxAdapter(FamilyAdapter):
 
     def load(self, spec: ModelSpec, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         pipe = FluxPipeline.from_pretrained(path, **dtype_kwargs(dtype))
-        pipe.to(device)
+        place(pipe, spec, device)  # the device, or CPU offload hooks (models.yaml performance.offload)
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(spec=spec, base=pipe, device=device, dtype=dtype)
 

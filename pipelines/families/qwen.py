@@ -36,6 +36,7 @@ from pipelines.families import (
     step_callback,
 )
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
+from pipelines.optimize import place
 from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, Task
 
@@ -87,7 +88,7 @@ class _QwenBase(FamilyAdapter):
 
     def load(self, spec: ModelSpec, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         pipe = self.base_class.from_pretrained(path, **dtype_kwargs(dtype), **self._load_kwargs(path))
-        pipe.to(device)
+        place(pipe, spec, device)  # the device, or CPU offload hooks (models.yaml performance.offload)
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(spec=spec, base=pipe, device=device, dtype=dtype)
 

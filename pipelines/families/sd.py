@@ -28,6 +28,7 @@ from pipelines.families import (
     step_callback,
 )
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
+from pipelines.optimize import place
 from pipelines.registry import ModelSpec
 from pipelines.request import Task
 
@@ -58,7 +59,7 @@ class StableDiffusionAdapter(FamilyAdapter):
             # The server never runs the NSFW checker (A1111 doesn't either); don't even load its weights.
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         pipe = cls.from_pretrained(path, **dtype_kwargs(dtype), **kwargs)
-        pipe.to(device)
+        place(pipe, spec, device)  # the device, or CPU offload hooks (models.yaml performance.offload)
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(spec=spec, base=pipe, device=device, dtype=dtype)
 
