@@ -1,7 +1,8 @@
 """Which work can share one pipeline call.
 
 Requests batch together when everything that shapes the denoising loop is equal: model, task, size, steps,
-sampler and schedule, guidance, strength. Prompts, negative prompts and seeds may differ (each image keeps its own
+sampler and schedule, guidance, strength, and the LoRAs (structured or `<lora:...>` tags, which are active for a
+whole call). Prompts, negative prompts and seeds may differ (each image keeps its own
 generator). Inpainting and instruction edits carry per-request masks / reference images that the pipelines take
 once per call, so they never share a call with another request.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
+from pipelines.prompts import clean_prompts, request_loras
 from pipelines.request import GenerationRequest, Task
 from pipelines.sampler_names import SamplerChoice
 
@@ -31,6 +33,7 @@ def batch_key(job_id: str, req: GenerationRequest, choice: SamplerChoice) -> Has
         req.guidance,
         req.strength if req.task == Task.IMG2IMG else None,
         # SDXL encodes an empty negative prompt as zeros and a non-empty one through the text encoders: a call
-        # cannot do both, so empty and non-empty negatives do not mix.
-        bool(req.negative_prompt),
+        # cannot do both, so empty and non-empty negatives (once extra-network tags are removed) do not mix.
+        bool(clean_prompts(req)[1]),
+        request_loras(req),
     )

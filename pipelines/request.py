@@ -32,6 +32,19 @@ class InpaintOptions:
     composite_original: bool = True  # paste the original back outside the mask, as A1111 does
 
 
+@dataclass(frozen=True)
+class LoraRef:
+    """A LoRA to apply to one request: a name from the Lora directory (file stem or alias) and its strength.
+
+    `weight` scales the denoiser (UNet/transformer) part; `te_weight` the text-encoder part, None meaning the same as
+    `weight` (A1111's `<lora:name:te:unet>` sets them apart; `<lora:name:w>` sets both).
+    """
+
+    name: str
+    weight: float = 1.0
+    te_weight: float | None = None
+
+
 @dataclass
 class GenerationRequest:
     """One unit of work, dialect-agnostic.
@@ -59,6 +72,9 @@ class GenerationRequest:
     mask: Image.Image | None = None  # white = repaint
     inpaint: InpaintOptions = field(default_factory=InpaintOptions)
     resize_mode: int = 0  # A1111: 0 just resize, 1 crop and resize, 2 resize and fill
+    # LoRAs from structured fields. `<lora:name:w>` tags in the prompt stay in `prompt` (the infotext shows it as
+    # sent) and are added to these by the family adapter (`pipelines.prompts.request_loras`).
+    loras: list[LoraRef] = field(default_factory=list)
     # Free-form tags the dialect wants echoed back (never read by the GPU side).
     tags: dict[str, Any] = field(default_factory=dict)
 
