@@ -21,7 +21,7 @@ import psutil
 import torch
 from PIL import Image
 
-from pipelines import demo
+from pipelines import checkpoints, demo
 from pipelines.batching import batch_key
 from pipelines.cache import PipelineCache, free_device_memory
 from pipelines.engine_api import JobStatus
@@ -37,6 +37,7 @@ from pipelines.errors import (
 from pipelines.families import adapter_for
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, UnsupportedTask
 from pipelines.imageprep import flatten, prepare_inpaint, resize_image
+from pipelines.lora import LoraManager, registry_for
 from pipelines.optimize import apply_optimizations, prepare_call
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, Progress, Task
@@ -59,6 +60,9 @@ class EngineConfig:
     max_batch: int = 8  # images per pipeline call when compatible requests are batched (1 = no batching)
     max_batch_by_family: dict[str, int] = dataclasses.field(default_factory=dict)
     max_wait_ms: float = 10.0  # how long a busy device waits for batch companions
+    lora_dir: Path | None = None  # A1111-style Lora folder (*.safetensors); None = LoRAs are not available
+    configs_dir: Path | None = None  # per-variant config folders for single-file checkpoints (prefetch-configs)
+    allow_pickle: bool = False  # load diffusers folders with pickle weights (.bin) for every model
 
     @property
     def demo_root(self) -> Path:
@@ -373,18 +377,34 @@ class Engine:
     def _load_model(self, spec: ModelSpec) -> LoadedModel:
         if spec.is_demo:
             path = demo.ensure_demo_model(spec.demo_kind, self.config.demo_root)
+        elif spec.is_single_file or Path(spec.source).suffix.lower() in checkpoints.PICKLE_SUFFIXES:
+            try:  # detect the variant from the header, find the local config folder; pickles are refused
+                spec = checkpoints.resolve_single_file(spec, self.config.configs_dir)
+            except checkpoints.CheckpointError as e:
+                raise ModelLoadError(f"model '{spec.id}': {e}") from None
+            path = Path(spec.source)
         else:
             path = Path(spec.source)
             if not path.is_dir():
                 raise ModelLoadError(
-                    f"model '{spec.id}': source is not a diffusers folder (single-file checkpoints are not "
-                    "supported yet); see models.yaml"
+                    f"model '{spec.id}': source {path} is neither a diffusers folder nor a .safetensors file"
+                )
+            pickles = checkpoints.find_pickle_weights(path)
+            if pickles and not (spec.allow_pickle or self.config.allow_pickle):
+                raise ModelLoadError(
+                    f"model '{spec.id}': {path} holds pickle weights ({', '.join(p.name for p in pickles[:3])}), "
+                    "which run code when loaded; convert them to safetensors, or set `allow_pickle: true` on the "
+                    "model in models.yaml if you trust the files"
                 )
         started = time.perf_counter()
         adapter = adapter_for(spec.family)
         loaded = adapter.load(spec, str(path), self.device, resolve_dtype(spec, self.device))
+        if self.config.lora_dir is not None:
+            loaded.loras = LoraManager(loaded.base, registry_for(self.config.lora_dir))
+        # The warm-up makes an image from text, which the refiner and FLUX Fill cannot: they compile on first use.
+        warm = spec.variant not in checkpoints.NO_TXT2IMG_VARIANTS
         loaded.optimizations = apply_optimizations(
-            loaded.base, spec, self.device, warm_up=lambda: self._warm_up(adapter, loaded)
+            loaded.base, spec, self.device, warm_up=(lambda: self._warm_up(adapter, loaded)) if warm else None
         )
         log.info("loaded %s (%s) in %.1f s", spec.id, spec.family, time.perf_counter() - started)
         return loaded

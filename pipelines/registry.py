@@ -7,15 +7,21 @@ uses the registry to resolve names (ids, aliases, A1111 titles) without touching
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import threading
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Family = Literal["sd15", "sdxl", "flux", "qwen-image", "qwen-image-edit"]
+# Architecture variants a single-file checkpoint can be (`pipelines.checkpoints.VARIANTS`): each picks a config folder
+# and a pipeline class within its family (SD2 runs on the sd15 adapter, the refiner on sdxl, Fill/Kontext on flux).
+Variant = Literal["sd15", "sd2", "sdxl", "sdxl-refiner", "flux-dev", "flux-schnell", "flux-fill", "flux-kontext"]
+SINGLE_FILE_SUFFIX = ".safetensors"
 
 # Pixel multiple each family needs (VAE factor x patch size).
 SIZE_MULTIPLE: dict[str, int] = {"sd15": 8, "sdxl": 8, "flux": 16, "qwen-image": 16, "qwen-image-edit": 16}
@@ -54,14 +60,26 @@ class PerformanceSpec(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    """One model entry of models.yaml."""
+    """One model entry of models.yaml, or a checkpoint file found in the checkpoints directory."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     family: Family
-    # "demo:<family>" (built in code), a diffusers folder, or (later) a single .safetensors file.
+    # "demo:<family>" (built in code), a diffusers folder, or a single .safetensors file (A1111/ldm/BFL layout).
     source: str
+    # Single files only: a local diffusers folder with the configs, tokenizers and scheduler of the architecture
+    # (`easel prefetch-configs`); default <configs_dir>/<variant>.
+    config: str | None = None
+    # Single files only: the architecture; detected from the file's keys when unset (needed for FLUX.1 Kontext,
+    # which has the same keys as FLUX.1-dev).
+    variant: Variant | None = None
+    # The file's real sha256 (A1111's hash); computed once and cached by the scanner, or pinned here.
+    file_sha256: str | None = Field(None, alias="sha256", pattern=r"^[0-9a-fA-F]{64}$")
+    # A1111's checkpoint name: the file's path relative to the checkpoints directory (set by the scanner).
+    checkpoint_name: str | None = None
+    # Pickle weights (.bin/.ckpt/.pt) run code when loaded: a diffusers folder holding them is refused unless allowed.
+    allow_pickle: bool = False
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
@@ -89,24 +107,52 @@ class ModelSpec(BaseModel):
         return SIZE_MULTIPLE[self.family]
 
     @property
+    def is_single_file(self) -> bool:
+        return not self.is_demo and self.source.lower().endswith(SINGLE_FILE_SUFFIX)
+
+    @property
     def short_hash(self) -> str:
-        """Stable 10-hex id for A1111 titles (`demo-sd15 [abcdef0123]`); content hashing comes with single files."""
+        """10-hex id of A1111 titles (`v1-5-pruned-emaonly.safetensors [6ce0161689]`)."""
         return self.sha256[:10]
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(f"{self.id}|{self.family}|{self.source}".encode()).hexdigest()
+        """The file's sha256 when known; otherwise a stable stand-in (a file's from its path, so a rename keeps it)."""
+        if self.file_sha256:
+            return self.file_sha256.lower()
+        key = f"file|{self.source}" if self.is_single_file else f"{self.id}|{self.family}|{self.source}"
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    @property
+    def checkpoint_file_name(self) -> str | None:
+        """A1111's `name` of a single file: its path relative to the checkpoints directory, else its file name."""
+        if not self.is_single_file:
+            return None
+        return self.checkpoint_name or PurePosixPath(self.source.replace("\\", "/")).name
+
+    @property
+    def model_name(self) -> str:
+        """A1111's `model_name`: the checkpoint name without extension, '/' as '_'; the id for other models."""
+        name = self.checkpoint_file_name
+        if name is None:
+            return self.id
+        return name.replace("/", "_").replace("\\", "_").rsplit(".", 1)[0]
 
     @property
     def title(self) -> str:
-        return f"{self.id} [{self.short_hash}]"
+        return f"{self.checkpoint_file_name or self.id} [{self.short_hash}]"
 
     def names(self) -> Iterable[str]:
-        """Every name this model answers to (A1111 accepts title, name, hash, aliases)."""
+        """Every name this model answers to (A1111 accepts title, name, model_name, stem, hash, aliases)."""
         yield self.id
         yield self.title
         yield self.short_hash
         yield self.sha256
+        name = self.checkpoint_file_name
+        if name is not None:
+            yield name
+            yield self.model_name
+            yield PurePosixPath(name).stem
         for alias in self.aliases:
             yield alias
             stem = alias.rsplit(".", 1)[0] if alias.endswith((".safetensors", ".ckpt")) else None
@@ -124,7 +170,12 @@ class RegistryFile(BaseModel):
 
 
 class Registry:
-    """Validated model table with name resolution."""
+    """Validated model table with name resolution.
+
+    models.yaml entries are fixed at start-up; checkpoint files found in the checkpoints directory are swapped in and
+    out by `replace_scanned` (A1111's refresh-checkpoints). Every change builds a new table and installs it in one
+    assignment, so request threads resolving names never see a half-updated one.
+    """
 
     def __init__(
         self,
@@ -135,14 +186,10 @@ class Registry:
     ):
         if not models:
             raise RegistryError(f"{source or 'models.yaml'}: no models defined")
-        self.models: dict[str, ModelSpec] = {m.id: m for m in models}
         self.source = source
-        self._names: dict[str, str] = {}
-        for m in models:
-            for name in m.names():
-                owner = self._names.setdefault(name.lower(), m.id)
-                if owner != m.id and name == m.id:
-                    raise RegistryError(f"{source}: model '{m.id}': id clashes with an alias of '{owner}'")
+        self._scanned: frozenset[str] = frozenset()
+        self._lock = threading.Lock()  # serialises changes (two rescans at once); readers never take it
+        self._install(models)
         if default_model is not None and default_model not in self.models:
             raise RegistryError(f"{source}: default_model: unknown model id '{default_model}'")
         self.default_model = default_model or models[0].id
@@ -155,6 +202,28 @@ class Registry:
                 raise RegistryError(f"{source}: field 'routes.{route}': unknown model '{name}'")
             self.routes[route] = spec.id
 
+    def _install(self, models: list[ModelSpec]) -> None:
+        table: dict[str, ModelSpec] = {}
+        names: dict[str, str] = {}
+        for m in models:
+            if m.id in table:
+                raise RegistryError(f"{self.source}: model '{m.id}': defined twice")
+            table[m.id] = m
+            for name in m.names():
+                owner = names.setdefault(name.lower(), m.id)
+                if owner != m.id and name == m.id:
+                    raise RegistryError(f"{self.source}: model '{m.id}': id clashes with an alias of '{owner}'")
+        self._state = (table, names)
+
+    @property
+    def models(self) -> dict[str, ModelSpec]:
+        return self._state[0]
+
+    @property
+    def scanned_ids(self) -> frozenset[str]:
+        """Ids of the models that came from the checkpoints directory (not models.yaml)."""
+        return self._scanned
+
     def __iter__(self):
         return iter(self.models.values())
 
@@ -163,6 +232,48 @@ class Registry:
 
     def get(self, model_id: str) -> ModelSpec:
         return self.models[model_id]
+
+    def add(self, specs: Iterable[ModelSpec]) -> None:
+        """Add models with new ids. Raises RegistryError if an id is taken (as an id or another model's name)."""
+        with self._lock:
+            self._install([*self.models.values(), *specs])
+
+    def update(self, specs: Iterable[ModelSpec]) -> None:
+        """Replace models by id (e.g. with their real file hashes filled in)."""
+        with self._lock:
+            table = dict(self.models)
+            for spec in specs:
+                if spec.id not in table:
+                    raise RegistryError(f"{self.source}: model '{spec.id}': unknown id, cannot update")
+                table[spec.id] = spec
+            self._install(list(table.values()))
+
+    def replace_scanned(self, specs: Iterable[ModelSpec]) -> list[ModelSpec]:
+        """Swap the previously scanned models for `specs`; returns those installed (ids may get a hash suffix).
+
+        models.yaml wins every conflict: a file it already serves is skipped, and a scanned id that clashes with one
+        of its names gets `-<shorthash>` appended.
+        """
+        with self._lock:
+            base = [m for m in self.models.values() if m.id not in self._scanned]
+            served = {_real(m.source) for m in base}
+            taken = {n.lower() for m in base for n in m.names()}
+            added: list[ModelSpec] = []
+            for spec in specs:
+                if _real(spec.source) in served:
+                    continue
+                if spec.id.lower() in taken:
+                    spec = spec.model_copy(update={"id": f"{spec.id}-{spec.short_hash}"})
+                    if spec.id.lower() in taken:
+                        continue  # the same file twice (e.g. a symlink): keep the first
+                served.add(_real(spec.source))
+                taken.update(n.lower() for n in spec.names())
+                added.append(spec)
+            self._install(base + added)
+            self._scanned = frozenset(m.id for m in added)
+            if self.default_model not in self.models:
+                self.default_model = next(iter(self.models))
+            return added
 
     def route_model(self, route: str) -> ModelSpec | None:
         """The model a gateway route is mapped to in models.yaml's `routes:`, or None if unmapped."""
@@ -173,12 +284,18 @@ class Registry:
         """Find a model by id, alias, A1111 title or hash (case-insensitive); None if unknown."""
         if not name:
             return None
-        key = self._names.get(name.strip().lower())
+        table, names = self._state
+        key = names.get(name.strip().lower())
         if key is None:
             # A1111 titles carry "[hash]" suffixes we may not know (another hash): match the part before it.
             base = re.sub(r"\s*\[[0-9a-fA-F]+\]\s*$", "", name.strip()).lower()
-            key = self._names.get(base)
-        return self.models.get(key) if key else None
+            key = names.get(base)
+        return table.get(key) if key else None
+
+
+def _real(source: str) -> str:
+    """A source as a canonical path (symlinks resolved), so one file reached two ways is recognised."""
+    return source if source.startswith(DEMO_PREFIX) else os.path.realpath(source)
 
 
 def _format_loc(loc: tuple) -> str:
@@ -212,8 +329,13 @@ def load_registry(path: str | Path) -> Registry:
             err = e.errors()[0]
             raise RegistryError(f"{path}: model '{model_id}': field '{_format_loc(err['loc'])}': {err['msg']}") from e
         if not spec.is_demo:
-            src = Path(spec.source)
-            if not src.is_absolute():
-                spec = spec.model_copy(update={"source": str((path.parent / src).resolve())})
+            # Paths (weights, and a single file's config folder) are relative to models.yaml.
+            update = {
+                field: str((path.parent / value).resolve())
+                for field, value in (("source", spec.source), ("config", spec.config))
+                if value is not None and not Path(value).is_absolute()
+            }
+            if update:
+                spec = spec.model_copy(update=update)
         specs.append(spec)
     return Registry(specs, top.default_model, source=path, routes=top.routes)

@@ -1,4 +1,4 @@
-"""`easel serve | make-demo-models`."""
+"""`easel serve | make-demo-models | prefetch-configs`."""
 
 from __future__ import annotations
 
@@ -57,6 +57,28 @@ def make_demo_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def prefetch_configs(args: argparse.Namespace) -> int:
+    """Download the configs/tokenizers/scheduler files single-file checkpoints need (run where there is internet)."""
+    from pipelines.prefetch import prefetch_plan, run_prefetch
+
+    try:
+        plan = prefetch_plan(args.dir, args.variant, flux_encoders=args.flux_encoders)
+    except ValueError as e:
+        print(f"easel: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for item in plan:
+            print(f"{item.variant}: {item.repo} [{', '.join(item.patterns)}] -> {item.local_dir}")
+        return 0
+    failed = run_prefetch(plan)
+    for item, why in failed:
+        print(f"easel: {item.variant} ({item.repo}) failed: {why}", file=sys.stderr)
+    if failed:
+        print("easel: gated repos (FLUX.1-dev/Fill/Kontext) need their licence accepted and HF_TOKEN", file=sys.stderr)
+    print(f"done: set EASEL_CONFIGS_DIR={Path(args.dir).resolve()} on the server")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="easel", description="Self-hosted image-generation server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("make-demo-models", help="build the tiny offline demo models into the data directory")
     _add_common(p_demo)
     p_demo.set_defaults(func=make_demo_models, host=None, port=None)
+
+    p_pre = sub.add_parser(
+        "prefetch-configs",
+        help="download the configs, tokenizers and scheduler files single-file checkpoints need into DIR",
+    )
+    p_pre.add_argument("dir", type=Path, metavar="DIR", help="destination; one folder per variant (configs_dir)")
+    p_pre.add_argument(
+        "--variant", action="append", help="only this variant (repeatable): sd15, sd2, sdxl, sdxl-refiner, flux-*"
+    )
+    p_pre.add_argument(
+        "--flux-encoders", action="store_true", help="also the FLUX.1 VAE and text encoder weights (~10 GB, once)"
+    )
+    p_pre.add_argument("--dry-run", action="store_true", help="print what would be downloaded, download nothing")
+    p_pre.set_defaults(func=prefetch_configs)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import DiffusionPipeline
@@ -13,6 +13,9 @@ from PIL import Image
 
 from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, Task
+
+if TYPE_CHECKING:
+    from pipelines.lora import LoraManager
 
 # Called after every denoising step with (step_index_done, total_steps). Returning True asks the pipeline to stop
 # (interrupt/skip/cancel): the adapter sets `pipe._interrupt = True`, diffusers skips the remaining steps and the
@@ -42,6 +45,7 @@ class LoadedModel:
     dtype: torch.dtype
     derived: dict[Task, DiffusionPipeline] = field(default_factory=dict)
     optimizations: list[str] = field(default_factory=list)  # CUDA fast-path steps applied at load time
+    loras: LoraManager | None = None  # LoRA adapters of `base` (and `derived`); None: no Lora directory configured
 
     def approx_bytes(self) -> int:
         total = 0

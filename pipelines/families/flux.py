@@ -3,6 +3,9 @@
 `req.guidance` is FLUX's distilled guidance (`guidance_scale`, an embedding input, one transformer pass per step).
 The negative prompt is ignored: FLUX.1-dev/schnell were not trained for CFG, and diffusers' optional "true CFG"
 (`true_cfg_scale` > 1 with a negative prompt) doubles the cost for little gain on these models.
+
+A1111 prompt syntax is reduced to its text (`prompts.strip_attention`): T5/CLIP get no per-token weights, BREAK is a
+space, `<lora:name:w>` tags are removed and activate LoRAs (`pipelines.lora`).
 """
 
 from __future__ import annotations
@@ -10,9 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
+from diffusers import (
+    DiffusionPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+)
 from PIL import Image
 
+from pipelines import single_file
 from pipelines.families import (
     batch_init_images,
     batch_prompts,
@@ -24,8 +34,17 @@ from pipelines.families import (
     split_outputs,
     step_callback,
 )
-from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
+from pipelines.families.base import (
+    BatchItem,
+    FamilyAdapter,
+    LoadedModel,
+    StepCallback,
+    UnsupportedTask,
+    generators,
+)
+from pipelines.lora import lora_scope
 from pipelines.optimize import place
+from pipelines.prompts import extract_loras, strip_attention
 from pipelines.registry import ModelSpec
 from pipelines.request import Task
 
@@ -39,15 +58,26 @@ class FluxAdapter(FamilyAdapter):
     flow_matching = True
 
     def load(self, spec: ModelSpec, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-        pipe = FluxPipeline.from_pretrained(path, **dtype_kwargs(dtype))
+        if spec.is_single_file:  # a BFL transformer .safetensors + VAE/text encoders from a local config folder
+            pipe = single_file.load_pipeline(spec, path, dtype)
+        else:
+            pipe = FluxPipeline.from_pretrained(path, **dtype_kwargs(dtype))
         place(pipe, spec, device)  # the device, or CPU offload hooks (models.yaml performance.offload)
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(spec=spec, base=pipe, device=device, dtype=dtype)
 
     def pipeline_for(self, loaded: LoadedModel, task: Task) -> DiffusionPipeline:
         self.check_task(task)
+        variant = loaded.spec.variant
+        if variant == "flux-fill":
+            # Fill's transformer takes the masked image and mask as extra input channels: inpainting is all it does.
+            if task != Task.INPAINT:
+                raise UnsupportedTask("a FLUX.1 Fill checkpoint only inpaints (it needs an image and a mask)")
+            return loaded.base
         if task == Task.TXT2IMG:
             return loaded.base
+        if variant == "flux-kontext" and task == Task.IMG2IMG:
+            return derive(loaded, task, FluxKontextPipeline)  # instruction editing, not SDEdit-style noising
         return derive(loaded, task, _DERIVED[task])
 
     def run_batch(
@@ -61,7 +91,7 @@ class FluxAdapter(FamilyAdapter):
         pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
         prompts, _ = batch_prompts(items)
         kwargs: dict[str, Any] = dict(
-            prompt=prompts,
+            prompt=[strip_attention(extract_loras(p)[0]) for p in prompts],
             width=req.width,
             height=req.height,
             num_inference_steps=req.steps,
@@ -70,8 +100,13 @@ class FluxAdapter(FamilyAdapter):
             callback_on_step_end=step_callback(on_step, req.steps),
             output_type="pil",
         )
-        if req.task == Task.IMG2IMG:
+        if req.task == Task.IMG2IMG and loaded.spec.variant == "flux-kontext":
+            # Kontext edits the image as given (no strength). Its defaults rescale the output to ~1 MP and the input
+            # to a preferred resolution; the request's size (the init image is already resized to it) is kept instead.
+            kwargs.update(image=batch_init_images(items), max_area=req.width * req.height, _auto_resize=False)
+        elif req.task == Task.IMG2IMG:
             kwargs.update(image=batch_init_images(items), strength=req.strength)
         elif req.task == Task.INPAINT:
             kwargs.update(image=batch_init_images(items), mask_image=mask_arg(req), strength=req.strength)
-        return split_outputs(list(pipe(**kwargs).images), items)
+        with lora_scope(loaded, items):
+            return split_outputs(list(pipe(**kwargs).images), items)

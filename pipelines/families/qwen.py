@@ -2,6 +2,9 @@
 
 `req.guidance` is Qwen's `true_cfg_scale`. Qwen runs CFG only when a negative prompt is given, so with guidance > 1
 and an empty negative prompt we pass " ", as the official examples do; guidance <= 1 runs without CFG (one pass).
+
+A1111 prompt syntax is reduced to its text (`prompts.strip_attention`): no per-token weights, BREAK is a space,
+`<lora:name:w>` tags are removed and activate LoRAs (`pipelines.lora`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from pipelines.families import (
     step_callback,
 )
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
+from pipelines.lora import lora_scope
 from pipelines.optimize import place
+from pipelines.prompts import extract_loras, strip_attention
 from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, Task
 
@@ -72,13 +77,18 @@ def load_edit_processor(path: str | Path) -> Qwen2VLProcessor:
     return ImageOnlyQwen2VLProcessor.from_pretrained(folder)
 
 
+def _plain(prompt: str) -> str:
+    """The text Qwen's VL encoder sees: LoRA tags removed, A1111 weights and BREAK stripped."""
+    return strip_attention(extract_loras(prompt)[0])
+
+
 def _negative(negative_prompt: str, guidance: float) -> str | None:
-    return negative_prompt or (" " if guidance > 1 else None)
+    return _plain(negative_prompt) or (" " if guidance > 1 else None)
 
 
 def _qwen_kwargs(req: GenerationRequest) -> dict[str, Any]:
     negative = _negative(req.negative_prompt, req.guidance)
-    return dict(prompt=req.prompt, negative_prompt=negative, true_cfg_scale=req.guidance)
+    return dict(prompt=_plain(req.prompt), negative_prompt=negative, true_cfg_scale=req.guidance)
 
 
 class _QwenBase(FamilyAdapter):
@@ -120,7 +130,7 @@ class QwenImageAdapter(_QwenBase):
         prompts, negatives = batch_prompts(items)
         negative = [_negative(n, req.guidance) for n in negatives]
         kwargs: dict[str, Any] = dict(
-            prompt=prompts,
+            prompt=[_plain(p) for p in prompts],
             negative_prompt=None if req.guidance <= 1 else negative,
             true_cfg_scale=req.guidance,
             width=req.width,
@@ -134,7 +144,8 @@ class QwenImageAdapter(_QwenBase):
             kwargs.update(image=batch_init_images(items), strength=req.strength)
         elif req.task == Task.INPAINT:
             kwargs.update(image=batch_init_images(items), mask_image=mask_arg(req), strength=req.strength)
-        return split_outputs(list(pipe(**kwargs).images), items)
+        with lora_scope(loaded, items):
+            return split_outputs(list(pipe(**kwargs).images), items)
 
 
 class QwenImageEditAdapter(_QwenBase):
@@ -191,5 +202,7 @@ class QwenImageEditAdapter(_QwenBase):
         elif req.task == Task.IMG2IMG:
             kwargs.update(mask_image=Image.new("L", (req.width, req.height), 255), strength=req.strength)
         size = (req.width, req.height)
+        with lora_scope(loaded, items):
+            images = pipe(**kwargs).images
         # The edit-inpaint pipeline ignores width/height and works at ~1 MP with the input's aspect ratio.
-        return [[im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in pipe(**kwargs).images]]
+        return [[im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in images]]

@@ -1,4 +1,8 @@
-"""Stable Diffusion 1.5 and SDXL: UNet, discrete-time schedulers, classic CFG with a negative prompt."""
+"""Stable Diffusion 1.5 and SDXL: UNet, discrete-time schedulers, classic CFG with a negative prompt.
+
+Prompts follow A1111's syntax: `(word:1.3)` emphasis, BREAK and prompts past 77 tokens are encoded in 75-token
+chunks by `pipelines.prompt_embeds` and passed as embeddings; `<lora:name:w>` tags activate LoRAs (`pipelines.lora`).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from pipelines import single_file
 from pipelines.families import (
     batch_init_images,
     batch_prompts,
@@ -27,8 +32,18 @@ from pipelines.families import (
     split_outputs,
     step_callback,
 )
-from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
+from pipelines.families.base import (
+    BatchItem,
+    FamilyAdapter,
+    LoadedModel,
+    StepCallback,
+    UnsupportedTask,
+    generators,
+)
+from pipelines.lora import lora_scope
 from pipelines.optimize import place
+from pipelines.prompt_embeds import encode_sd15, encode_sdxl
+from pipelines.prompts import extract_loras
 from pipelines.registry import ModelSpec
 from pipelines.request import Task
 
@@ -53,18 +68,27 @@ class StableDiffusionAdapter(FamilyAdapter):
     flow_matching = False
 
     def load(self, spec: ModelSpec, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-        cls = _CLASSES[spec.family][Task.TXT2IMG]
-        kwargs: dict[str, Any] = {}
-        if spec.family == "sd15":
-            # The server never runs the NSFW checker (A1111 doesn't either); don't even load its weights.
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        pipe = cls.from_pretrained(path, **dtype_kwargs(dtype), **kwargs)
+        if spec.is_single_file:  # an A1111/ldm .safetensors file + a local config folder (SD1.5/SD2/SDXL/refiner)
+            pipe = single_file.load_pipeline(spec, path, dtype)
+        else:
+            cls = _CLASSES[spec.family][Task.TXT2IMG]
+            kwargs: dict[str, Any] = {}
+            if spec.family == "sd15":
+                # The server never runs the NSFW checker (A1111 doesn't either); don't even load its weights.
+                kwargs.update(safety_checker=None, requires_safety_checker=False)
+            pipe = cls.from_pretrained(path, **dtype_kwargs(dtype), **kwargs)
         place(pipe, spec, device)  # the device, or CPU offload hooks (models.yaml performance.offload)
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(spec=spec, base=pipe, device=device, dtype=dtype)
 
     def pipeline_for(self, loaded: LoadedModel, task: Task) -> DiffusionPipeline:
         self.check_task(task)
+        if loaded.spec.variant == "sdxl-refiner":
+            # The refiner only refines: its base pipeline is img2img (no CLIP-L, aesthetic-score conditioning).
+            if task == Task.TXT2IMG:
+                raise UnsupportedTask("an SDXL refiner checkpoint cannot make images from text; use img2img")
+            if task == Task.IMG2IMG:
+                return loaded.base
         if task == Task.TXT2IMG:
             return loaded.base
         return derive(loaded, task, _CLASSES[loaded.spec.family][task])
@@ -79,12 +103,10 @@ class StableDiffusionAdapter(FamilyAdapter):
         req = items[0].request
         pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
         prompts, negatives = batch_prompts(items)
+        prompts = [extract_loras(p)[0] for p in prompts]
+        negatives = [extract_loras(n)[0] for n in negatives]
         seeds = batch_seeds(items)
         kwargs: dict[str, Any] = dict(
-            prompt=prompts,
-            # None rather than "": SDXL then uses zeros for the unconditional embedding (force_zeros_for_empty_prompt).
-            # The batcher never mixes empty and non-empty negative prompts in one call.
-            negative_prompt=negatives if any(negatives) else None,
             num_inference_steps=req.steps,
             guidance_scale=req.guidance,
             generator=generators(seeds),
@@ -104,4 +126,9 @@ class StableDiffusionAdapter(FamilyAdapter):
                 width=req.width,
                 height=req.height,
             )
-        return split_outputs(list(pipe(**kwargs).images), items)
+        with lora_scope(loaded, items):  # the text encoders may carry LoRA weights too: encode inside
+            # SDXL: all-empty negatives become zeros (force_zeros_for_empty_prompt); the batcher never mixes empty
+            # and non-empty negative prompts in one call.
+            encode = encode_sdxl if loaded.spec.family == "sdxl" else encode_sd15
+            kwargs.update(encode(pipe, prompts, negatives))
+            return split_outputs(list(pipe(**kwargs).images), items)

@@ -1,0 +1,237 @@
+"""Load a single `.safetensors` checkpoint (A1111/ldm or BFL layout) as a diffusers pipeline, fully offline.
+
+diffusers' `from_single_file` converts the original key layout; everything the file does not hold (model configs,
+tokenizers, scheduler config, and for FLUX the VAE and text encoders) comes from a *local* diffusers folder given as
+`config=`: `easel prefetch-configs` fills one per variant on a machine with internet. `local_files_only=True`
+everywhere, so a missing file is an error naming it, never a download.
+
+- SD1.5 / SD2 / SDXL / SDXL refiner: the file holds UNet, VAE and text encoders (`model.diffusion_model.*`,
+  `first_stage_model.*`, `cond_stage_model.*` / `conditioner.embedders.*`); `Pipeline.from_single_file`.
+- FLUX.1 dev / schnell / Fill / Kontext: BFL files hold the transformer only (`double_blocks.*`, `single_blocks.*`,
+  ...). It is converted here (diffusers' converter assumes the full 3072 width) and loaded with
+  `FluxTransformer2DModel.from_single_file`; VAE and text encoders come from the config folder's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+    FluxFillPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.loaders.single_file_utils import SingleFileComponentError, create_diffusers_clip_model_from_ldm
+from safetensors import safe_open
+from transformers import CLIPTextModelWithProjection
+
+from pipelines.checkpoints import UNET, VARIANTS, CheckpointError, check_suffix, detect_checkpoint, read_header
+from pipelines.families import dtype_kwargs
+from pipelines.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+# The base pipeline of each variant. Kontext's transformer has FLUX.1-dev's architecture: it makes images from text
+# with FluxPipeline, and its image editing pipeline is derived from that base (families.flux).
+PIPELINES: dict[str, type[DiffusionPipeline]] = {
+    "sd15": StableDiffusionPipeline,
+    "sd2": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+    "sdxl-refiner": StableDiffusionXLImg2ImgPipeline,  # the refiner has no text-to-image mode
+    "flux-dev": FluxPipeline,
+    "flux-schnell": FluxPipeline,
+    "flux-kontext": FluxPipeline,
+    "flux-fill": FluxFillPipeline,  # inpainting only: its transformer takes the masked image and mask as input
+}
+_FLUX_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.")
+_FLUX_ROOTS += ("final_layer.",)
+_FLUX_COMPONENTS = ("vae", "text_encoder", "text_encoder_2")
+
+
+def load_pipeline(spec: ModelSpec, path: str | Path, dtype: torch.dtype) -> DiffusionPipeline:
+    """The base pipeline of a single-file model, with `spec.config` as the local config folder.
+
+    Raises CheckpointError naming the file for anything that stops it from loading.
+    """
+    path = Path(path)
+    check_suffix(path)
+    variant = spec.variant or detect_checkpoint(path).variant
+    if not spec.config:
+        raise CheckpointError(f"{path}: no config folder (models.yaml `config:` or configs_dir) for this checkpoint")
+    config = Path(spec.config)
+    label = VARIANTS[variant].label
+    try:
+        if VARIANTS[variant].family == "flux":
+            pipe = _load_flux(PIPELINES[variant], path, config, dtype)
+        else:
+            pipe = _load_sd(PIPELINES[variant], variant, path, config, dtype)
+    except CheckpointError:
+        raise
+    except (SingleFileComponentError, OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot load as {label} with the configs in {config}: {e}") from e
+    _check_complete(pipe, path)
+    return pipe
+
+
+def _load_sd(
+    cls: type[DiffusionPipeline], variant: str, path: Path, config: Path, dtype: torch.dtype
+) -> DiffusionPipeline:
+    kwargs: dict[str, Any] = {"config": str(config), "local_files_only": True, **dtype_kwargs(dtype)}
+    if variant in ("sd15", "sd2"):
+        # The server never runs the NSFW checker (A1111 doesn't either): neither it nor its image processor is loaded.
+        kwargs.update(safety_checker=None, requires_safety_checker=False, feature_extractor=None)
+    if variant == "sdxl" and _same_width_text_encoders(path):
+        kwargs["text_encoder_2"] = _open_clip_text_encoder_2(path, config, dtype)
+    return cls.from_single_file(str(path), **kwargs)
+
+
+def _same_width_text_encoders(path: Path) -> bool:
+    # diffusers tells SDXL's CLIP-L (embedders.0) from OpenCLIP-G (embedders.1) by width when it loads text_encoder_2;
+    # with equal widths (never in real SDXL, but in small test models) it would load CLIP-L's weights into it.
+    shapes = read_header(path).shapes
+    clip_l = shapes.get("conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight")
+    open_clip = shapes.get("conditioner.embedders.1.model.positional_embedding")
+    return bool(clip_l and open_clip and clip_l[-1] == open_clip[-1])
+
+
+def _open_clip_text_encoder_2(path: Path, config: Path, dtype: torch.dtype) -> torch.nn.Module:
+    prefix = "conditioner.embedders.1.model."
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    return create_diffusers_clip_model_from_ldm(
+        CLIPTextModelWithProjection,
+        state,
+        subfolder="text_encoder_2",
+        config=str(config),
+        torch_dtype=dtype,
+        local_files_only=True,
+    )
+
+
+def _load_flux(cls: type[DiffusionPipeline], path: Path, config: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    missing = [c for c in _FLUX_COMPONENTS if not any((config / c).glob("*.safetensors"))]
+    if missing:
+        raise CheckpointError(
+            f"{path}: FLUX.1 checkpoint files hold only the transformer; the {', '.join(missing)} weights come from "
+            f"the config folder {config}, which has none. Run `easel prefetch-configs DIR --flux-encoders` (FLUX.1-"
+            "schnell's Apache-2.0 VAE and text encoders, shared by every FLUX.1 variant) or set the model's "
+            "`config:` to a full FLUX.1 diffusers folder"
+        )
+    transformer = FluxTransformer2DModel.from_single_file(
+        convert_flux_to_diffusers(_read_flux_transformer(path)),
+        config=str(config),
+        subfolder="transformer",
+        local_files_only=True,
+        **dtype_kwargs(dtype),
+    )
+    return cls.from_pretrained(
+        str(config), transformer=transformer, local_files_only=True, use_safetensors=True, **dtype_kwargs(dtype)
+    )
+
+
+def _read_flux_transformer(path: Path) -> dict[str, torch.Tensor]:
+    """The transformer tensors of a BFL file, without the `model.diffusion_model.` prefix some tools add."""
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            name = key.removeprefix(UNET)
+            if name.startswith(_FLUX_ROOTS):
+                state[name] = f.get_tensor(key)
+    return state
+
+
+def _block_count(state: dict[str, torch.Tensor], root: str) -> int:
+    found = [int(m.group(1)) for k in state if (m := re.match(rf"{root}\.(\d+)\.", k))]
+    return max(found) + 1 if found else 0
+
+
+def _swap_scale_shift(weight: torch.Tensor) -> torch.Tensor:
+    # BFL's final AdaLayerNorm projects to (shift, scale); diffusers' to (scale, shift).
+    shift, scale = weight.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def convert_flux_to_diffusers(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BFL FLUX.1 transformer keys -> diffusers `FluxTransformer2DModel` keys, for any width.
+
+    The same mapping as diffusers' `convert_flux_transformer_checkpoint_to_diffusers`, except that the hidden size is
+    read from the weights (that function assumes 3072, so it cannot load anything but full-size FLUX.1).
+    """
+    sd = dict(bfl)
+    out: dict[str, torch.Tensor] = {}
+
+    def move(src: str, dst: str) -> None:
+        for kind in ("weight", "bias"):
+            out[f"{dst}.{kind}"] = sd.pop(f"{src}.{kind}")
+
+    def split(src: str, dsts: tuple[str, ...], sizes: list[int] | None = None) -> None:
+        for kind in ("weight", "bias"):
+            tensor = sd.pop(f"{src}.{kind}")
+            parts = tensor.split(sizes, dim=0) if sizes else tensor.chunk(len(dsts), dim=0)
+            for dst, part in zip(dsts, parts, strict=True):
+                out[f"{dst}.{kind}"] = part.contiguous()
+
+    inner = sd["img_in.weight"].shape[0]
+    move("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
+    move("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
+    move("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")
+    move("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")
+    if "guidance_in.in_layer.weight" in sd:  # dev/Fill/Kontext are guidance-distilled; schnell is not
+        move("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1")
+        move("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")
+    move("txt_in", "context_embedder")
+    move("img_in", "x_embedder")
+
+    for i in range(_block_count(sd, "double_blocks")):
+        src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        move(src + "img_mod.lin", dst + "norm1.linear")
+        move(src + "txt_mod.lin", dst + "norm1_context.linear")
+        split(src + "img_attn.qkv", tuple(dst + f"attn.to_{c}" for c in "qkv"))
+        split(src + "txt_attn.qkv", tuple(dst + f"attn.add_{c}_proj" for c in "qkv"))
+        for stream, suffix in (("img", ""), ("txt", "added_")):
+            out[dst + f"attn.norm_{suffix}q.weight"] = sd.pop(src + f"{stream}_attn.norm.query_norm.scale")
+            out[dst + f"attn.norm_{suffix}k.weight"] = sd.pop(src + f"{stream}_attn.norm.key_norm.scale")
+        move(src + "img_mlp.0", dst + "ff.net.0.proj")
+        move(src + "img_mlp.2", dst + "ff.net.2")
+        move(src + "txt_mlp.0", dst + "ff_context.net.0.proj")
+        move(src + "txt_mlp.2", dst + "ff_context.net.2")
+        move(src + "img_attn.proj", dst + "attn.to_out.0")
+        move(src + "txt_attn.proj", dst + "attn.to_add_out")
+
+    for i in range(_block_count(sd, "single_blocks")):
+        src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        move(src + "modulation.lin", dst + "norm.linear")
+        mlp = sd[src + "linear1.weight"].shape[0] - 3 * inner
+        names = (dst + "attn.to_q", dst + "attn.to_k", dst + "attn.to_v", dst + "proj_mlp")
+        split(src + "linear1", names, [inner, inner, inner, mlp])
+        out[dst + "attn.norm_q.weight"] = sd.pop(src + "norm.query_norm.scale")
+        out[dst + "attn.norm_k.weight"] = sd.pop(src + "norm.key_norm.scale")
+        move(src + "linear2", dst + "proj_out")
+
+    move("final_layer.linear", "proj_out")
+    for kind in ("weight", "bias"):
+        out[f"norm_out.linear.{kind}"] = _swap_scale_shift(sd.pop(f"final_layer.adaLN_modulation.1.{kind}"))
+    if sd:
+        log.warning("FLUX checkpoint: %d unused tensors (e.g. %s)", len(sd), next(iter(sd)))
+    return out
+
+
+def _check_complete(pipe: DiffusionPipeline, path: Path) -> None:
+    """Refuse a pipeline with weights the file did not provide (diffusers leaves them on the meta device)."""
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        missing = [n for n, t in [*component.named_parameters(), *component.named_buffers()] if t.is_meta]
+        if missing:
+            raise CheckpointError(
+                f"{path}: the file has no weights for {len(missing)} tensors of the {name} "
+                f"(e.g. {', '.join(missing[:3])}); it does not match the configs in its config folder"
+            )
