@@ -20,7 +20,7 @@ BATCHABLE_TASKS = frozenset({Task.TXT2IMG, Task.IMG2IMG})
 
 def batch_key(job_id: str, req: GenerationRequest, choice: SamplerChoice) -> Hashable:
     """Equal keys may share a pipeline call; a unique key runs alone."""
-    if req.task not in BATCHABLE_TASKS:
+    if req.task not in BATCHABLE_TASKS or req.hires is not None:  # hires: two passes of their own
         return ("alone", job_id)
     return (
         req.model,

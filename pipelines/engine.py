@@ -36,6 +36,7 @@ from pipelines.errors import (
 )
 from pipelines.families import adapter_for
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, UnsupportedTask
+from pipelines.hires import HIRES_UPSCALERS
 from pipelines.imageprep import flatten, prepare_inpaint, resize_image
 from pipelines.lora import LoraManager, registry_for
 from pipelines.optimize import apply_optimizations, prepare_call
@@ -373,6 +374,13 @@ class Engine:
             raise InvalidRequest("init_images", f"task {req.task.value} needs an input image")
         if req.task == Task.INPAINT and req.mask is None:
             raise InvalidRequest("mask", "inpainting needs a mask")
+        if req.hires is not None:
+            if req.task != Task.TXT2IMG:
+                raise InvalidRequest("enable_hr", "hires fix applies to txt2img only")
+            if req.hires.upscaler not in HIRES_UPSCALERS:
+                raise InvalidRequest("hr_upscaler", f"unknown upscaler; one of: {', '.join(HIRES_UPSCALERS)}")
+            if not 0.0 <= req.hires.denoising_strength <= 1.0:
+                raise InvalidRequest("denoising_strength", "must be between 0 and 1")
 
     def _load_model(self, spec: ModelSpec) -> LoadedModel:
         if spec.is_demo:
@@ -568,9 +576,12 @@ class Engine:
     def _call(self, adapter: FamilyAdapter, loaded: LoadedModel, spec: ModelSpec, units: list[Unit]):
         """One pipeline call for `units`; on out-of-memory, split the batch in two and retry each half."""
         job0 = units[0][0]
-        scheduler = build_scheduler(
-            job0.choice, loaded.base.scheduler.config, adapter.flow_matching, sdxl=spec.family == "sdxl"
-        )
+
+        def make_scheduler() -> Any:
+            return build_scheduler(
+                job0.choice, loaded.base.scheduler.config, adapter.flow_matching, sdxl=spec.family == "sdxl"
+            )
+
         items = [BatchItem(job.prepared, job.seeds_for(it)) for job, it in units]
 
         def on_step(step: int, total: int) -> bool:
@@ -584,7 +595,9 @@ class Engine:
         try:
             self.calls += 1
             with torch.inference_mode():
-                return adapter.run_batch(loaded, items, scheduler, on_step)
+                if job0.request.hires is not None:  # hires jobs run alone (batching.batch_key)
+                    return [adapter.run_hires(loaded, items[0].request, items[0].seeds, make_scheduler, on_step)]
+                return adapter.run_batch(loaded, items, make_scheduler(), on_step)
         except torch.cuda.OutOfMemoryError:
             if len(units) == 1:
                 raise

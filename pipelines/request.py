@@ -12,6 +12,8 @@ from typing import Any
 
 from PIL import Image
 
+from pipelines.hires import HiresOptions
+
 
 class Task(str, enum.Enum):
     TXT2IMG = "txt2img"
@@ -75,6 +77,7 @@ class GenerationRequest:
     # LoRAs from structured fields. `<lora:name:w>` tags in the prompt stay in `prompt` (the infotext shows it as
     # sent) and are added to these by the family adapter (`pipelines.prompts.request_loras`).
     loras: list[LoraRef] = field(default_factory=list)
+    hires: HiresOptions | None = None  # A1111 hires fix (txt2img): upscale, then a second img2img pass
     # Free-form tags the dialect wants echoed back (never read by the GPU side).
     tags: dict[str, Any] = field(default_factory=dict)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from pipelines.hires import HiresPlan, crop_box, plan_hires
 from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, Task
 
@@ -100,9 +102,58 @@ class FamilyAdapter(abc.ABC):
         """One request alone: `len(seeds)` images, image i from its own generator seeded `seeds[i]`."""
         return self.run_batch(loaded, [BatchItem(req, seeds)], scheduler, on_step)[0]
 
+    def run_hires(
+        self,
+        loaded: LoadedModel,
+        req: GenerationRequest,
+        seeds: list[int],
+        make_scheduler: Callable[[], Any],
+        on_step: StepCallback,
+    ) -> list[Image.Image]:
+        """A1111 hires fix: txt2img at the first-pass size, upscale, then img2img at the target size with the hires
+        denoising strength. This generic path upscales pixels (Lanczos/Nearest); adapters that can keep latents
+        (SD/SDXL) override it for the Latent modes. An interrupt during the first pass skips the second, as A1111."""
+        assert req.hires is not None
+        plan = plan_hires(req.width, req.height, req.hires, self.size_multiple)
+        second, second_estimate = hires_second_pass(req, plan)
+        stopped, first_total = False, req.steps
+
+        def first_step(step: int, total: int) -> bool:
+            # Progress spans both passes; the second pass's real step count is known once it runs.
+            nonlocal stopped, first_total
+            first_total = total
+            stopped = on_step(step, total + second_estimate)
+            return stopped
+
+        first = self.run(loaded, dataclasses.replace(req, hires=None), seeds, make_scheduler(), first_step)
+        if stopped:
+            return first
+        resample = Image.Resampling.NEAREST if req.hires.upscaler == "Nearest" else Image.Resampling.LANCZOS
+        box = crop_box(plan.upscale_to, plan.final)
+        second = dataclasses.replace(
+            second, init_images=[im.resize(plan.upscale_to, resample).crop(box) for im in first]
+        )
+        return self.run(loaded, second, seeds, make_scheduler(), lambda s, t: on_step(first_total + s, first_total + t))
+
     def check_task(self, task: Task) -> None:
         if task not in self.tasks:
             raise UnsupportedTask(f"model family {'/'.join(self.families)} does not support task '{task.value}'")
+
+
+def hires_second_pass(req: GenerationRequest, plan: HiresPlan) -> tuple[GenerationRequest, int]:
+    """The hires pass as an img2img request (no init images yet), and an estimate of the steps it will run."""
+    assert req.hires is not None
+    steps = req.hires.second_pass_steps or req.steps
+    second = dataclasses.replace(
+        req,
+        task=Task.IMG2IMG,
+        width=plan.final[0],
+        height=plan.final[1],
+        steps=steps,
+        strength=req.hires.denoising_strength,
+        hires=None,
+    )
+    return second, max(1, int(steps * req.hires.denoising_strength))
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:

@@ -6,6 +6,8 @@ chunks by `pipelines.prompt_embeds` and passed as embeddings; `<lora:name:w>` ta
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,13 +41,15 @@ from pipelines.families.base import (
     StepCallback,
     UnsupportedTask,
     generators,
+    hires_second_pass,
 )
+from pipelines.hires import LATENT_UPSCALE_MODES, crop_box, plan_hires
 from pipelines.lora import lora_scope
 from pipelines.optimize import place
 from pipelines.prompt_embeds import encode_sd15, encode_sdxl
 from pipelines.prompts import extract_loras
 from pipelines.registry import ModelSpec
-from pipelines.request import Task
+from pipelines.request import GenerationRequest, Task
 
 _CLASSES: dict[str, dict[Task, type[DiffusionPipeline]]] = {
     "sd15": {
@@ -100,6 +104,19 @@ class StableDiffusionAdapter(FamilyAdapter):
         scheduler: Any,
         on_step: StepCallback,
     ) -> list[list[Image.Image]]:
+        return split_outputs(list(self._call(loaded, items, scheduler, on_step)), items)
+
+    def _call(
+        self,
+        loaded: LoadedModel,
+        items: list[BatchItem],
+        scheduler: Any,
+        on_step: StepCallback,
+        output_type: str = "pil",
+        init_latents: torch.Tensor | None = None,
+    ) -> Any:
+        """One pipeline call: PIL images, or the final latents (`output_type="latent"`, for a latent hires pass).
+        `init_latents` replaces the init images of an img2img call (diffusers treats 4-channel input as latents)."""
         req = items[0].request
         pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
         prompts, negatives = batch_prompts(items)
@@ -111,13 +128,14 @@ class StableDiffusionAdapter(FamilyAdapter):
             guidance_scale=req.guidance,
             generator=generators(seeds),
             callback_on_step_end=step_callback(on_step, req.steps),
-            output_type="pil",
+            output_type=output_type,
         )
         if req.task == Task.TXT2IMG:
             kwargs.update(width=req.width, height=req.height)
         elif req.task == Task.IMG2IMG:
             # img2img takes its size from the (already resized) init images.
-            kwargs.update(image=batch_init_images(items), strength=req.strength)
+            image = init_latents if init_latents is not None else batch_init_images(items)
+            kwargs.update(image=image, strength=req.strength)
         elif req.task == Task.INPAINT:
             kwargs.update(
                 image=batch_init_images(items),
@@ -131,4 +149,54 @@ class StableDiffusionAdapter(FamilyAdapter):
             # and non-empty negative prompts in one call.
             encode = encode_sdxl if loaded.spec.family == "sdxl" else encode_sd15
             kwargs.update(encode(pipe, prompts, negatives))
-            return split_outputs(list(pipe(**kwargs).images), items)
+            return pipe(**kwargs).images
+
+    @staticmethod
+    def _decode(loaded: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
+        vae = loaded.base.vae
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return loaded.base.image_processor.postprocess(image, output_type="pil")
+
+    def run_hires(
+        self,
+        loaded: LoadedModel,
+        req: GenerationRequest,
+        seeds: list[int],
+        make_scheduler: Callable[[], Any],
+        on_step: StepCallback,
+    ) -> list[Image.Image]:
+        """The Latent modes as A1111: interpolate the first pass's latents, crop to the target, denoise again."""
+        assert req.hires is not None
+        if not req.hires.is_latent:
+            return super().run_hires(loaded, req, seeds, make_scheduler, on_step)
+        plan = plan_hires(req.width, req.height, req.hires, self.size_multiple)
+        second, second_estimate = hires_second_pass(req, plan)
+        stopped, first_total = False, req.steps
+
+        def first_step(step: int, total: int) -> bool:
+            # Progress spans both passes; the second pass's real step count is known once it runs.
+            nonlocal stopped, first_total
+            first_total = total
+            stopped = on_step(step, total + second_estimate)
+            return stopped
+
+        first = dataclasses.replace(req, hires=None)
+        latents = self._call(loaded, [BatchItem(first, seeds)], make_scheduler(), first_step, "latent")
+        if stopped:  # an interrupted A1111 job returns the first pass as it is
+            return self._decode(loaded, latents)
+        mode, antialias = LATENT_UPSCALE_MODES[req.hires.upscaler]
+        f = self.size_multiple
+        size = (plan.upscale_to[1] // f, plan.upscale_to[0] // f)
+        latents = torch.nn.functional.interpolate(
+            latents, size=size, mode=mode, antialias=antialias and mode in ("bilinear", "bicubic")
+        )
+        left, top, right, bottom = (v // f for v in crop_box(plan.upscale_to, plan.final))
+        latents = latents[:, :, top:bottom, left:right]
+        images = self._call(
+            loaded,
+            [BatchItem(second, seeds)],
+            make_scheduler(),
+            lambda s, t: on_step(first_total + s, first_total + t),
+            init_latents=latents,
+        )
+        return list(images)
