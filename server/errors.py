@@ -158,7 +158,21 @@ def render_a1111(info: ErrorInfo) -> dict[str, Any]:
     return {"error": info.error_type, "detail": detail, "body": "", "errors": info.message}
 
 
+_GATEWAY_DEFAULT_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+def render_gateway(info: ErrorInfo) -> dict[str, Any]:
+    """The /v2 gateway's `{"error": {"code", "message", "field"}}`; a 422 adds FastAPI's `detail` list, so every
+    invalid field is named in both places clients look."""
+    code = info.code or _GATEWAY_DEFAULT_CODES.get(info.status, "server_error" if info.status >= 500 else "error")
+    body: dict[str, Any] = {"error": {"code": code, "message": info.message, "field": info.field}}
+    if info.status == 422 and info.field_errors:
+        body["detail"] = _detail_list(info)
+    return body
+
+
 A1111_PREFIXES = ("/sdapi/", "/v2/automatic1111/")
+GATEWAY_PREFIXES = ("/v2/image/", "/v2/tasks", "/v2/results/")
 DEFAULT_RENDERERS: dict[str, Renderer] = {prefix: render_a1111 for prefix in A1111_PREFIXES}
 
 

@@ -6,6 +6,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Apps built without an explicit data_dir must not write into the checkout's ./data.
+os.environ.setdefault("EASEL_DATA_DIR", __import__("tempfile").mkdtemp(prefix="easel-test-data-"))
 
 from pathlib import Path  # noqa: E402
 

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
@@ -19,12 +20,15 @@ from server.api.a1111.schemas import GenerationBase, Img2ImgRequest
 from server.api.a1111.state import A1111State
 from server.errors import ApiError
 from server.images import b64, decode_image, encode_image
+from server.jobs import JobSpec, StoredImage, get_job_service
+from server.jobs.http import accepted
 from server.settings import Settings
 
 log = logging.getLogger("easel.a1111")
 
 # The gateway's documented default checkpoint for /v2/automatic1111/sdapi/v1/txt2img (any models.yaml alias).
 GATEWAY_DEFAULT_MODEL = "Realistic_Vision_V5.1.safetensors"
+ASYNC_ROUTE = "txt2img"  # the job record's route (and result_ttl_s_by_route key) of async gateway txt2img
 
 
 def require_engine(request: Request) -> EngineClient:
@@ -124,12 +128,46 @@ async def run(request: Request, body: GenerationBase, state: A1111State) -> dict
             code="timeout",
         ) from None
 
+    keep_overrides(body, state, prep, model_field)
+    return await run_in_threadpool(render, prep, result, dict(state.options), settings.a1111_version)
+
+
+def keep_overrides(body: GenerationBase, state: A1111State, prep: Prepared, model_field: str | None) -> None:
     if not body.override_settings_restore_afterwards and body.override_settings:
         # A1111 keeps the overrides as the new options when asked not to restore them.
         if model_field == "override_settings.sd_model_checkpoint":
             state.current_model_id = prep.spec.id
         state.store_options(body.override_settings)
-    return await run_in_threadpool(render, prep, result, dict(state.options), settings.a1111_version)
+
+
+async def run_async(request: Request, body: GenerationBase, state: A1111State) -> JSONResponse:
+    """`"async": true` (gateway copy): a recorded job, answered 202 with its task address at once.
+
+    GET /v2/tasks/{task_address} then returns, as `result`, the body the synchronous call would have returned.
+    """
+    settings: Settings = request.app.state.settings
+    engine = require_engine(request)
+    prep, model_field = await prepare(request, body, state)
+    options, version = dict(state.options), settings.a1111_version
+
+    def render_body(result: GenerationResult, _images: list[StoredImage]) -> dict[str, Any]:
+        return render(prep, result, options, version)
+
+    spec = JobSpec(
+        request=prep.request,
+        dialect="a1111",
+        route=ASYNC_ROUTE,
+        request_json=adapter.echo_parameters(body),
+        render=render_body,
+        store_images=False,  # A1111 answers base64 with infotext; the body carries them
+        ttl_s=settings.result_ttl_for(ASYNC_ROUTE),
+    )
+    try:
+        ticket = await run_in_threadpool(get_job_service(request).submit, engine, spec)
+    except InvalidRequest as e:
+        raise _engine_field(e, model_field) from None
+    keep_overrides(body, state, prep, model_field)
+    return accepted(request, ticket)
 
 
 def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], version: str | None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from server.api.a1111.schemas import (
 from server.api.a1111.state import A1111State, get_state
 from server.errors import ApiError
 from server.images import decode_image, read_png_info
+from server.jobs.http import TaskAccepted
 
 # Keys Pillow puts in `img.info` that are not text chunks (A1111 drops the same ones from png-info `items`).
 IGNORED_INFO_KEYS = {
@@ -68,11 +69,14 @@ def build_router(*, gateway: bool = False) -> APIRouter:
 def _add_generation_routes(router: APIRouter, gateway: bool) -> None:
     if gateway:
 
-        @router.post("/txt2img", response_model=GenerationResponse)
+        @router.post("/txt2img", response_model=GenerationResponse, responses={202: {"model": TaskAccepted}})
         async def txt2img_gateway(
             request: Request, body: GatewayTxt2ImgRequest, state: A1111State = Depends(get_state)
-        ) -> dict[str, Any]:
-            """Gateway txt2img: `model` picks any models.yaml id/alias/title; defaults steps 20, 512x512, cfg 7."""
+        ) -> Any:
+            """Gateway txt2img: `model` picks any models.yaml id/alias/title; defaults steps 20, 512x512, cfg 7.
+            `"async": true` answers 202 with a task address (GET /v2/tasks/{task_address})."""
+            if body.async_:
+                return await generation.run_async(request, body, state)
             return await generation.run(request, body, state)
 
     else:

@@ -90,6 +90,10 @@ class GatewayTxt2ImgRequest(Txt2ImgRequest):
     prompt: str
     model: str | None = Field(None, description="models.yaml id, alias or A1111 title")
     steps: int = 20
+    # Not echoed in `parameters` (exclude): it is about the call, not the generation.
+    async_: bool = Field(
+        False, alias="async", exclude=True, description="Answer 202 with a task address; poll GET /v2/tasks/{address}"
+    )
 
 
 class Img2ImgRequest(GenerationBase):
