@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pipelines.engine_api import EngineClient
 from pipelines.registry import Registry, load_registry
 from server.errors import register_error_handlers
+from server.jobs import create_job_service
 from server.middleware import BodySizeLimit
 from server.settings import Settings
 
@@ -36,6 +37,12 @@ def _start_real_engine(app: FastAPI, settings: Settings, registry: Registry) -> 
                     queue_size=settings.queue_size,
                     cache_max_models=settings.cache_max_models,
                     cache_memory_budget_gb=settings.cache_memory_budget_gb,
+                    max_batch=settings.max_batch,
+                    max_batch_by_family=settings.max_batch_by_family,
+                    max_wait_ms=settings.max_wait_ms,
+                    configs_dir=settings.configs_dir,
+                    allow_pickle=settings.allow_pickle,
+                    lora_dir=settings.lora_dir,
                 ),
             )
             engine.start()
@@ -58,14 +65,20 @@ def create_app(
     settings = settings or Settings()
     registry = registry or load_registry(settings.models)
 
+    jobs = create_job_service(settings)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        # Before serving: tables exist, and jobs a previous process left unfinished are marked failed.
+        await loop.run_in_executor(None, jobs.start_background)
         if app.state.engine is None:
             _start_real_engine(app, settings, registry)
         yield
         eng = app.state.engine
         if eng is not None and hasattr(eng, "stop"):
-            await asyncio.get_running_loop().run_in_executor(None, eng.stop)
+            await loop.run_in_executor(None, eng.stop)
+        await loop.run_in_executor(None, jobs.close)  # after the engine: its last done-callbacks get stored
 
     app = FastAPI(
         title="Easel",
@@ -77,6 +90,7 @@ def create_app(
     app.state.registry = registry
     app.state.engine = engine
     app.state.engine_error = None
+    app.state.jobs = jobs
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
@@ -92,8 +106,9 @@ def create_app(
         reason = app.state.engine_error or "starting: loading the registry and starting the engine"
         return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
-    from server.api import a1111
+    from server.api import a1111, gateway
 
     a1111.install(app)
+    gateway.install(app)
     register_error_handlers(app)
     return app
