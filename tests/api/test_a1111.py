@@ -697,3 +697,42 @@ def test_http_side_never_imports_torch():
         "bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_hires_fix_fields_reach_the_engine_and_the_infotext(client: TestClient, engine: FakeEngine):
+    body = {
+        "prompt": "a castle",
+        "steps": 4,
+        "width": 256,
+        "height": 256,
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_upscaler": "Latent (bicubic)",
+        "hr_second_pass_steps": 3,
+        "denoising_strength": 0.55,
+    }
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    hires = engine.requests[-1].hires
+    assert hires is not None and (hires.scale, hires.upscaler, hires.second_pass_steps) == (1.5, "Latent (bicubic)", 3)
+    assert hires.denoising_strength == 0.55
+    info = json.loads(r.json()["info"])
+    assert (info["width"], info["height"]) == (256, 256)  # A1111 reports the first-pass size
+    assert info["extra_generation_params"]["Hires upscale"] == 1.5
+    assert "Hires upscaler: Latent (bicubic)" in info["infotexts"][0]
+    client.post("/sdapi/v1/txt2img", json={"prompt": "no hires", "steps": 2})
+    assert engine.requests[-1].hires is None
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ({"hr_upscaler": "R-ESRGAN 4x+"}, "hr_upscaler"),
+        ({"hr_scale": 0.5}, "hr_scale"),
+        ({"hr_scale": 8.0, "width": 512}, "hr_scale"),  # 4096 px is above max_width
+        ({"hr_second_pass_steps": -1}, "hr_second_pass_steps"),
+    ],
+)
+def test_hires_fix_bad_values_are_422_naming_the_field(client: TestClient, extra: dict, field: str):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "enable_hr": True, **extra})
+    assert r.status_code == 422 and field in r.text

@@ -179,3 +179,20 @@ def test_bad_input_is_a_4xx_naming_the_field(live_server):
         err = r.json()
         assert set(err) >= {"error", "detail", "body", "errors"}
         assert field in r.text, (route, body, r.text)
+
+
+def test_hires_fix_output_size(api):
+    r = api.txt2img(
+        prompt="a castle",
+        width=64,
+        height=64,
+        steps=3,
+        seed=4,
+        enable_hr=True,
+        hr_scale=2,
+        hr_upscaler=webuiapi.HiResUpscaler.Latent,
+        hr_second_pass_steps=2,
+        denoising_strength=0.5,
+    )
+    assert r.image.size == (128, 128)
+    assert r.info["width"] == 64 and "Hires upscale: 2" in r.info["infotexts"][0]

@@ -13,10 +13,11 @@ from typing import Any
 
 from PIL import Image
 
+from pipelines.hires import HIRES_UPSCALERS, HiresOptions, plan_hires
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, InpaintOptions, Task
 from server.api.a1111.infotext import create_infotext, format_number
-from server.api.a1111.schemas import GatewayTxt2ImgRequest, GenerationBase, Img2ImgRequest
+from server.api.a1111.schemas import GatewayTxt2ImgRequest, GenerationBase, Img2ImgRequest, Txt2ImgRequest
 from server.errors import ApiError, FieldError
 from server.settings import Settings
 
@@ -142,7 +143,72 @@ def check_request(body: GenerationBase, settings: Settings, spec: ModelSpec) -> 
         bad(f"alwayson_scripts.{script}", f"always-on script '{script}' not found")
     if isinstance(body, Img2ImgRequest):
         errors.extend(_check_img2img(body))
+    if isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        errors.extend(_check_hires(body, settings, spec))
     return errors
+
+
+def reported_size(prep: Prepared, result: GenerationResult) -> tuple[int, int]:
+    """A1111 reports the first-pass size for a hires job ("Size" plus "Hires upscale"), the image size otherwise."""
+    if prep.request.hires is not None:
+        return prep.request.width, prep.request.height
+    return result.width, result.height
+
+
+def hires_options(body: Txt2ImgRequest) -> HiresOptions:
+    return HiresOptions(
+        scale=body.hr_scale,
+        resize_x=body.hr_resize_x,
+        resize_y=body.hr_resize_y,
+        upscaler=body.hr_upscaler or "Latent",  # A1111's latent_upscale_default_mode
+        second_pass_steps=body.hr_second_pass_steps,
+        denoising_strength=body.denoising_strength,
+    )
+
+
+def _check_hires(body: Txt2ImgRequest, settings: Settings, spec: ModelSpec) -> list[FieldError]:
+    errors = []
+    opts = hires_options(body)
+    if opts.upscaler not in HIRES_UPSCALERS:
+        errors.append(
+            FieldError(
+                "hr_upscaler", f"could not find upscaler named {opts.upscaler!r}; one of: " + ", ".join(HIRES_UPSCALERS)
+            )
+        )
+    if not (math.isfinite(opts.scale) and 1.0 <= opts.scale <= 8.0):
+        errors.append(FieldError("hr_scale", "must be between 1 and 8"))
+    for name, value in (("hr_resize_x", opts.resize_x), ("hr_resize_y", opts.resize_y)):
+        if value < 0:
+            errors.append(FieldError(name, "must be 0 (use hr_scale) or a positive size"))
+    if not 0 <= opts.second_pass_steps <= settings.max_steps:
+        errors.append(FieldError("hr_second_pass_steps", f"must be between 0 and max_steps={settings.max_steps}"))
+    if errors or body.width < spec.size_multiple or body.height < spec.size_multiple:
+        return errors
+    plan = plan_hires(body.width, body.height, opts, spec.size_multiple)
+    if plan.upscale_to[0] > settings.max_width or plan.upscale_to[1] > settings.max_height:
+        errors.append(
+            FieldError(
+                "hr_scale" if not (opts.resize_x or opts.resize_y) else "hr_resize_x",
+                f"the hires size {plan.upscale_to[0]}x{plan.upscale_to[1]} exceeds "
+                f"max_width={settings.max_width} / max_height={settings.max_height}",
+            )
+        )
+    return errors
+
+
+def txt2img_extra_params(body: Txt2ImgRequest, spec: ModelSpec) -> dict[str, Any]:
+    """What A1111's hires fix adds to `extra_generation_params`."""
+    if not body.enable_hr:
+        return {}
+    opts = hires_options(body)
+    plan = plan_hires(
+        floor_to(body.width, spec.size_multiple), floor_to(body.height, spec.size_multiple), opts, spec.size_multiple
+    )
+    extra: dict[str, Any] = {"Denoising strength": opts.denoising_strength, **plan.extra_params}
+    extra["Hires upscaler"] = opts.upscaler
+    if opts.second_pass_steps:
+        extra["Hires steps"] = opts.second_pass_steps
+    return extra
 
 
 def _check_img2img(body: Img2ImgRequest) -> list[FieldError]:
@@ -253,6 +319,7 @@ def to_generation_request(
         mask=mask,
         inpaint=inpaint,
         resize_mode=resize_mode,
+        hires=hires_options(body) if isinstance(body, Txt2ImgRequest) and body.enable_hr else None,
         tags={"dialect": "a1111", **({"task_id": body.force_task_id} if body.force_task_id else {})},
     )
 
@@ -298,7 +365,7 @@ def image_infotext(
         "Schedule type": result.schedule,
         "CFG scale": format_number(body.cfg_scale),
         "Seed": seed,
-        "Size": f"{result.width}x{result.height}",
+        "Size": "{}x{}".format(*reported_size(prep, result)),
         "Model hash": model_hash if options.add_model_hash else None,
         "Model": prep.spec.id if options.add_model_name else None,
         "Denoising strength": prep.extra_generation_params.get("Denoising strength"),
@@ -345,8 +412,8 @@ def build_info(
         "subseed": prep.subseed,
         "all_subseeds": [prep.subseed + i for i in range(total)],
         "subseed_strength": 0.0,  # variation seeds are not applied; report what ran
-        "width": result.width,
-        "height": result.height,
+        "width": reported_size(prep, result)[0],
+        "height": reported_size(prep, result)[1],
         "sampler_name": result.sampler,
         "cfg_scale": body.cfg_scale,
         "steps": result.steps,

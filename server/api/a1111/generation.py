@@ -16,7 +16,7 @@ from pipelines.errors import EngineNotReady, InvalidRequest
 from pipelines.request import GenerationResult
 from server.api.a1111 import adapter
 from server.api.a1111.adapter import InputImages, Prepared
-from server.api.a1111.schemas import GenerationBase, Img2ImgRequest
+from server.api.a1111.schemas import GenerationBase, Img2ImgRequest, Txt2ImgRequest
 from server.api.a1111.state import A1111State
 from server.errors import ApiError
 from server.images import b64, decode_image, encode_image
@@ -43,7 +43,6 @@ def require_engine(request: Request) -> EngineClient:
 def ignored_features(body: GenerationBase) -> list[str]:
     """A1111 features accepted for compatibility but not applied (yet); logged so a surprised user can find out."""
     checks = {
-        "enable_hr (hires fix)": getattr(body, "enable_hr", False),
         "restore_faces": body.restore_faces,
         "tiling": body.tiling,
         "subseed_strength (variation seeds)": body.subseed_strength,
@@ -98,6 +97,8 @@ async def prepare(request: Request, body: GenerationBase, state: A1111State) -> 
         background = str(state.options.get("img2img_background_color") or "#ffffff")
         images = await run_in_threadpool(decode_inputs, body, settings, background)
         extra = adapter.img2img_extra_params(body, images.mask is not None)
+    elif isinstance(body, Txt2ImgRequest):
+        extra = adapter.txt2img_extra_params(body, choice.spec)
 
     prep = Prepared(
         body=body,
