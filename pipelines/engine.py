@@ -24,6 +24,7 @@ from PIL import Image
 from pipelines import checkpoints, demo
 from pipelines.batching import batch_key
 from pipelines.cache import PipelineCache, free_device_memory
+from pipelines.checkpoints import NO_TXT2IMG_VARIANTS
 from pipelines.engine_api import JobStatus
 from pipelines.errors import (
     EngineNotReady,
@@ -360,6 +361,8 @@ class Engine:
             adapter.check_task(req.task)
         except UnsupportedTask as e:
             raise InvalidRequest("model", f"model '{spec.id}': {e}") from None
+        if req.task == Task.TXT2IMG and spec.variant in NO_TXT2IMG_VARIANTS:
+            raise InvalidRequest("model", f"model '{spec.id}' ({spec.variant}) cannot make images from text")
         m = spec.size_multiple
         for name, value in (("width", req.width), ("height", req.height)):
             if value < m or value % m:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pipelines.engine_api import EngineClient
 from pipelines.registry import Registry, load_registry
+from server.checkpoint_scan import checkpoint_rescanner
 from server.errors import register_error_handlers
 from server.jobs import create_job_service
 from server.middleware import BodySizeLimit
@@ -26,6 +27,7 @@ def _start_real_engine(app: FastAPI, settings: Settings, registry: Registry) -> 
 
     def build() -> None:
         try:
+            app.state.rescan_checkpoints()  # hashing new checkpoint files can take a while: not on the event loop
             # Imported here: the HTTP package itself never imports torch; only the composition root does.
             from pipelines.engine import Engine, EngineConfig
 
@@ -74,6 +76,8 @@ def create_app(
         await loop.run_in_executor(None, jobs.start_background)
         if app.state.engine is None:
             _start_real_engine(app, settings, registry)
+        else:
+            await loop.run_in_executor(None, app.state.rescan_checkpoints)
         yield
         eng = app.state.engine
         if eng is not None and hasattr(eng, "stop"):
@@ -91,6 +95,7 @@ def create_app(
     app.state.engine = engine
     app.state.engine_error = None
     app.state.jobs = jobs
+    app.state.rescan_checkpoints = checkpoint_rescanner(settings, registry)
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 

@@ -39,7 +39,9 @@ SECRET_SETTING = re.compile(r"(key|token|secret|pass(word|wd)?|auth|credential)"
 
 def sd_models(registry: Registry) -> list[SDModelItem]:
     return [
-        SDModelItem(title=m.title, model_name=m.id, hash=m.short_hash, sha256=m.sha256, filename=m.source, config=None)
+        SDModelItem(
+            title=m.title, model_name=m.model_name, hash=m.short_hash, sha256=m.sha256, filename=m.source, config=None
+        )
         for m in registry
     ]
 

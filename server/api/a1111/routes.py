@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from pipelines.lora import registry_for
 from server.api.a1111 import catalog, generation
 from server.api.a1111.adapter import unknown_model
 from server.api.a1111.infotext import parse_generation_parameters
@@ -138,8 +139,12 @@ def _add_model_routes(router: APIRouter) -> None:
         return None
 
     @router.post("/refresh-checkpoints")
-    async def refresh_checkpoints() -> None:
-        return None  # models.yaml is read at start-up
+    async def refresh_checkpoints(request: Request, state: A1111State = Depends(get_state)) -> None:
+        """Rescan the checkpoints folder (models.yaml entries stay as they are)."""
+        await run_in_threadpool(request.app.state.rescan_checkpoints)
+        if state.current_model_id not in state.registry.models:  # its file went away
+            state.current_model_id = state.registry.default_model
+        return None
 
     @router.post("/unload-checkpoint")
     async def unload_checkpoint(request: Request) -> dict[str, Any]:
@@ -210,7 +215,6 @@ def _add_listing_routes(router: APIRouter) -> None:
     # Features this server does not have yet answer with empty lists / null, like an A1111 without them.
     for path in (
         "/script-info",
-        "/loras",
         "/sd-vae",
         "/hypernetworks",
         "/face-restorers",
@@ -218,7 +222,20 @@ def _add_listing_routes(router: APIRouter) -> None:
         "/extensions",
     ):
         router.add_api_route(path, _empty_list, methods=["GET"], name=f"list{path.replace('-', '_').replace('/', '_')}")
-    for path in ("/refresh-loras", "/refresh-vae", "/refresh-embeddings"):
+
+    @router.get("/loras")
+    async def loras(request: Request) -> list[dict[str, Any]]:
+        lora_dir = request.app.state.settings.lora_dir
+        return await run_in_threadpool(lambda: registry_for(lora_dir).list()) if lora_dir else []
+
+    @router.post("/refresh-loras")
+    async def refresh_loras(request: Request) -> None:
+        lora_dir = request.app.state.settings.lora_dir
+        if lora_dir:
+            await run_in_threadpool(registry_for(lora_dir).scan)
+        return None
+
+    for path in ("/refresh-vae", "/refresh-embeddings"):
         router.add_api_route(path, _null, methods=["POST"], name=f"post{path.replace('-', '_').replace('/', '_')}")
 
 
