@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines.registry import RegistryError, load_registry
+from pipelines.registry import Registry, RegistryError, load_registry
 from server.settings import Settings
 
 
@@ -23,16 +23,23 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="data directory (EASEL_DATA_DIR; default ./data)")
 
 
+def _registry_or_none(settings: Settings) -> Registry | None:
+    """models.yaml, or None after printing what is wrong with it (file, model id, field)."""
+    try:
+        return load_registry(settings.models)
+    except RegistryError as e:
+        print(f"easel: {e}", file=sys.stderr)
+        return None
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
 
     settings = _settings_from_args(args)
-    try:
-        registry = load_registry(settings.models)
-    except RegistryError as e:
-        print(f"easel: {e}", file=sys.stderr)
+    registry = _registry_or_none(settings)
+    if registry is None:
         return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, registry=registry)
@@ -44,10 +51,8 @@ def make_demo_models(args: argparse.Namespace) -> int:
     from pipelines import demo  # torch-side; only this command needs it
 
     settings = _settings_from_args(args)
-    try:
-        registry = load_registry(settings.models)
-    except RegistryError as e:
-        print(f"easel: {e}", file=sys.stderr)
+    registry = _registry_or_none(settings)
+    if registry is None:
         return 2
     root = settings.data_dir / "demo-models"
     kinds = sorted({m.demo_kind for m in registry if m.is_demo}) or list(demo.DEMO_KINDS)

@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline
 from diffusers import utils as _diffusers_utils
 from PIL import Image
 
-from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback
+from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
 from pipelines.request import GenerationRequest, Task
 
 # family -> (module, class); imported on first use.
@@ -140,3 +140,13 @@ def split_outputs(images: list[Image.Image], items: list[BatchItem]) -> list[lis
         out.append(images[start : start + len(it.seeds)])
         start += len(it.seeds)
     return out
+
+
+def loop_kwargs(req: GenerationRequest, seeds: list[int], on_step: StepCallback, output_type: str = "pil") -> dict:
+    """The pipeline arguments every family's call shares: steps, one generator per image, progress, output."""
+    return dict(
+        num_inference_steps=req.steps,
+        generator=generators(seeds),
+        callback_on_step_end=step_callback(on_step, req.steps),
+        output_type=output_type,
+    )

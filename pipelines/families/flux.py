@@ -30,9 +30,9 @@ from pipelines.families import (
     call_view,
     derive,
     dtype_kwargs,
+    loop_kwargs,
     mask_arg,
     split_outputs,
-    step_callback,
 )
 from pipelines.families.base import (
     BatchItem,
@@ -40,7 +40,6 @@ from pipelines.families.base import (
     LoadedModel,
     StepCallback,
     UnsupportedTask,
-    generators,
 )
 from pipelines.lora import lora_scope
 from pipelines.optimize import place
@@ -94,11 +93,8 @@ class FluxAdapter(FamilyAdapter):
             prompt=[strip_attention(extract_loras(p)[0]) for p in prompts],
             width=req.width,
             height=req.height,
-            num_inference_steps=req.steps,
             guidance_scale=req.guidance,
-            generator=generators(batch_seeds(items)),
-            callback_on_step_end=step_callback(on_step, req.steps),
-            output_type="pil",
+            **loop_kwargs(req, batch_seeds(items), on_step),
         )
         if req.task == Task.IMG2IMG and loaded.spec.variant == "flux-kontext":
             # Kontext edits the image as given (no strength). Its defaults rescale the output to ~1 MP and the input

@@ -34,11 +34,11 @@ from pipelines.families import (
     derive,
     dtype_kwargs,
     first_init_image,
+    loop_kwargs,
     mask_arg,
     split_outputs,
-    step_callback,
 )
-from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
+from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback
 from pipelines.lora import lora_scope
 from pipelines.optimize import place
 from pipelines.prompts import extract_loras, strip_attention
@@ -135,10 +135,7 @@ class QwenImageAdapter(_QwenBase):
             true_cfg_scale=req.guidance,
             width=req.width,
             height=req.height,
-            num_inference_steps=req.steps,
-            generator=generators(batch_seeds(items)),
-            callback_on_step_end=step_callback(on_step, req.steps),
-            output_type="pil",
+            **loop_kwargs(req, batch_seeds(items), on_step),
         )
         if req.task == Task.IMG2IMG:
             kwargs.update(image=batch_init_images(items), strength=req.strength)
@@ -191,11 +188,8 @@ class QwenImageEditAdapter(_QwenBase):
             image=first_init_image(req),  # the prompt template has one image slot
             width=req.width,
             height=req.height,
-            num_inference_steps=req.steps,
             num_images_per_prompt=len(seeds),
-            generator=generators(seeds),
-            callback_on_step_end=step_callback(on_step, req.steps),
-            output_type="pil",
+            **loop_kwargs(req, seeds, on_step),
         )
         if req.task == Task.INPAINT:
             kwargs.update(mask_image=mask_arg(req), strength=req.strength)

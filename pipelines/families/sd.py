@@ -30,9 +30,9 @@ from pipelines.families import (
     call_view,
     derive,
     dtype_kwargs,
+    loop_kwargs,
     mask_arg,
     split_outputs,
-    step_callback,
 )
 from pipelines.families.base import (
     BatchItem,
@@ -40,7 +40,6 @@ from pipelines.families.base import (
     LoadedModel,
     StepCallback,
     UnsupportedTask,
-    generators,
     hires_second_pass,
 )
 from pipelines.hires import LATENT_UPSCALE_MODES, crop_box, plan_hires
@@ -124,11 +123,8 @@ class StableDiffusionAdapter(FamilyAdapter):
         negatives = [extract_loras(n)[0] for n in negatives]
         seeds = batch_seeds(items)
         kwargs: dict[str, Any] = dict(
-            num_inference_steps=req.steps,
             guidance_scale=req.guidance,
-            generator=generators(seeds),
-            callback_on_step_end=step_callback(on_step, req.steps),
-            output_type=output_type,
+            **loop_kwargs(req, seeds, on_step, output_type),
         )
         if req.task == Task.TXT2IMG:
             kwargs.update(width=req.width, height=req.height)

@@ -509,14 +509,16 @@ def test_result_urls_404_when_unknown_or_wrong_extension(gw: Gateway) -> None:
 
 
 def test_result_urls_expire_and_the_sweep_deletes_them(make_gateway: Callable[..., Gateway]) -> None:
-    gw = make_gateway(result_ttl_s_by_route={"qwen": 0.5})
+    ttl = 3.0  # long enough that a loaded CI machine still serves the URL before it expires
+    gw = make_gateway(result_ttl_s_by_route={"qwen": ttl})
+    posted = time.monotonic()
     url = gw.post("qwen", SMALL["qwen"]).json()["urls"][0]
+    assert gw.client.get(url).status_code == 200
     keep = gw.post("flux", SMALL["flux"])  # other routes keep the 7-day default
     assert keep.status_code == 200
-    assert gw.client.get(url).status_code == 200
     (record,) = gw.app.state.jobs.list_jobs(status="completed", limit=1, offset=1)
     assert record.route == "qwen"
-    time.sleep(0.6)
+    time.sleep(max(0.0, ttl + 0.2 - (time.monotonic() - posted)))
     assert gw.client.get(url).status_code == 404  # expired: gone at once, before the sweep
     assert gw.app.state.jobs.sweep() == 1
     assert gw.client.get(f"/v2/tasks/{record.task_address}").status_code == 404
