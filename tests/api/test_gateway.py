@@ -518,8 +518,12 @@ def test_result_urls_expire_and_the_sweep_deletes_them(make_gateway: Callable[..
     assert keep.status_code == 200
     (record,) = gw.app.state.jobs.list_jobs(status="completed", limit=1, offset=1)
     assert record.route == "qwen"
-    time.sleep(max(0.0, ttl + 0.2 - (time.monotonic() - posted)))
-    assert gw.client.get(url).status_code == 404  # expired: gone at once, before the sweep
+    # Expired: gone at once, before the sweep runs (TTL counted from when the job finished).
+    deadline = posted + ttl + 10
+    while gw.client.get(url).status_code == 200:
+        assert time.monotonic() < deadline, "the URL never expired"
+        time.sleep(0.1)
+    assert gw.client.get(url).status_code == 404
     assert gw.app.state.jobs.sweep() == 1
     assert gw.client.get(f"/v2/tasks/{record.task_address}").status_code == 404
     files = [p for p in (gw.settings.data_dir / "results").rglob("*") if p.is_file()]
