@@ -114,35 +114,46 @@ class FamilyAdapter(abc.ABC):
         denoising strength. This generic path upscales pixels (Lanczos/Nearest); adapters that can keep latents
         (SD/SDXL) override it for the Latent modes. An interrupt during the first pass skips the second, as A1111."""
         assert req.hires is not None
-        plan = plan_hires(req.width, req.height, req.hires, self.size_multiple)
-        second, second_estimate = hires_second_pass(req, plan)
-        stopped, first_total = False, req.steps
-
-        def first_step(step: int, total: int) -> bool:
-            # Progress spans both passes; the second pass's real step count is known once it runs.
-            nonlocal stopped, first_total
-            first_total = total
-            stopped = on_step(step, total + second_estimate)
-            return stopped
-
-        first = self.run(loaded, dataclasses.replace(req, hires=None), seeds, make_scheduler(), first_step)
-        if stopped:
+        plan, second, progress = start_hires(req, self.size_multiple, on_step)
+        first = self.run(loaded, dataclasses.replace(req, hires=None), seeds, make_scheduler(), progress.first)
+        if progress.stopped:
             return first
         resample = Image.Resampling.NEAREST if req.hires.upscaler == "Nearest" else Image.Resampling.LANCZOS
         box = crop_box(plan.upscale_to, plan.final)
         second = dataclasses.replace(
             second, init_images=[im.resize(plan.upscale_to, resample).crop(box) for im in first]
         )
-        return self.run(loaded, second, seeds, make_scheduler(), lambda s, t: on_step(first_total + s, first_total + t))
+        return self.run(loaded, second, seeds, make_scheduler(), progress.second)
 
     def check_task(self, task: Task) -> None:
         if task not in self.tasks:
             raise UnsupportedTask(f"model family {'/'.join(self.families)} does not support task '{task.value}'")
 
 
-def hires_second_pass(req: GenerationRequest, plan: HiresPlan) -> tuple[GenerationRequest, int]:
-    """The hires pass as an img2img request (no init images yet), and an estimate of the steps it will run."""
+class HiresProgress:
+    """One progress across both hires passes; the second pass's real step count is known once it runs."""
+
+    def __init__(self, on_step: StepCallback, first_steps: int, second_estimate: int):
+        self.on_step = on_step
+        self.first_total = first_steps
+        self.second_estimate = second_estimate
+        self.stopped = False  # an interrupt during the first pass skips the second
+
+    def first(self, step: int, total: int) -> bool:
+        self.first_total = total
+        self.stopped = self.on_step(step, total + self.second_estimate)
+        return self.stopped
+
+    def second(self, step: int, total: int) -> bool:
+        return self.on_step(self.first_total + step, self.first_total + total)
+
+
+def start_hires(
+    req: GenerationRequest, multiple: int, on_step: StepCallback
+) -> tuple[HiresPlan, GenerationRequest, HiresProgress]:
+    """The sizes, the second pass as an img2img request (no init images yet) and the shared progress."""
     assert req.hires is not None
+    plan = plan_hires(req.width, req.height, req.hires, multiple)
     steps = req.hires.second_pass_steps or req.steps
     second = dataclasses.replace(
         req,
@@ -153,7 +164,8 @@ def hires_second_pass(req: GenerationRequest, plan: HiresPlan) -> tuple[Generati
         strength=req.hires.denoising_strength,
         hires=None,
     )
-    return second, max(1, int(steps * req.hires.denoising_strength))
+    estimate = max(1, int(steps * req.hires.denoising_strength))
+    return plan, second, HiresProgress(on_step, req.steps, estimate)
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:

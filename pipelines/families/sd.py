@@ -40,9 +40,9 @@ from pipelines.families.base import (
     LoadedModel,
     StepCallback,
     UnsupportedTask,
-    hires_second_pass,
+    start_hires,
 )
-from pipelines.hires import LATENT_UPSCALE_MODES, crop_box, plan_hires
+from pipelines.hires import LATENT_UPSCALE_MODES, crop_box
 from pipelines.lora import lora_scope
 from pipelines.optimize import place
 from pipelines.prompt_embeds import encode_sd15, encode_sdxl
@@ -165,20 +165,10 @@ class StableDiffusionAdapter(FamilyAdapter):
         assert req.hires is not None
         if not req.hires.is_latent:
             return super().run_hires(loaded, req, seeds, make_scheduler, on_step)
-        plan = plan_hires(req.width, req.height, req.hires, self.size_multiple)
-        second, second_estimate = hires_second_pass(req, plan)
-        stopped, first_total = False, req.steps
-
-        def first_step(step: int, total: int) -> bool:
-            # Progress spans both passes; the second pass's real step count is known once it runs.
-            nonlocal stopped, first_total
-            first_total = total
-            stopped = on_step(step, total + second_estimate)
-            return stopped
-
+        plan, second, progress = start_hires(req, self.size_multiple, on_step)
         first = dataclasses.replace(req, hires=None)
-        latents = self._call(loaded, [BatchItem(first, seeds)], make_scheduler(), first_step, "latent")
-        if stopped:  # an interrupted A1111 job returns the first pass as it is
+        latents = self._call(loaded, [BatchItem(first, seeds)], make_scheduler(), progress.first, "latent")
+        if progress.stopped:  # an interrupted A1111 job returns the first pass as it is
             return self._decode(loaded, latents)
         mode, antialias = LATENT_UPSCALE_MODES[req.hires.upscaler]
         f = self.size_multiple
@@ -192,7 +182,7 @@ class StableDiffusionAdapter(FamilyAdapter):
             loaded,
             [BatchItem(second, seeds)],
             make_scheduler(),
-            lambda s, t: on_step(first_total + s, first_total + t),
+            progress.second,
             init_latents=latents,
         )
         return list(images)
