@@ -26,8 +26,19 @@ SINGLE_FILE_SUFFIX = ".safetensors"
 # Pixel multiple each family needs (VAE factor x patch size).
 SIZE_MULTIPLE: dict[str, int] = {"sd15": 8, "sdxl": 8, "flux": 16, "qwen-image": 16, "qwen-image-edit": 16}
 DEMO_PREFIX = "demo:"
-# Gateway routes (/v2/image/*) that models.yaml's `routes:` section maps to model ids.
-ROUTE_NAMES = ("flux", "qwen", "qwen-edit", "gpt-image", "gpt-image-edit", "gemini-3")
+# Routes that models.yaml's `routes:` section maps to model ids: the /v2/image/* gateway routes, the default models
+# of the OpenAI, IndoxHub and GenPicz dialects, and the Genrex model tiers.
+GATEWAY_ROUTES = ("flux", "qwen", "qwen-edit", "gpt-image", "gpt-image-edit", "gemini-3")
+DIALECT_ROUTES = (
+    "openai",
+    "openai-edit",
+    "indoxhub",
+    "genpicz",
+    "genrex-basic",
+    "genrex-standard",
+    "genrex-advanced",
+)
+ROUTE_NAMES = GATEWAY_ROUTES + DIALECT_ROUTES
 
 
 class RegistryError(ValueError):

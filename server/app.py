@@ -18,6 +18,7 @@ from server.errors import register_error_handlers
 from server.jobs import create_job_service
 from server.middleware import BodySizeLimit
 from server.settings import Settings
+from server.styles import load_styles
 
 log = logging.getLogger("easel")
 
@@ -96,6 +97,7 @@ def create_app(
     app.state.engine_error = None
     app.state.jobs = jobs
     app.state.rescan_checkpoints = checkpoint_rescanner(settings, registry)
+    app.state.styles = load_styles(settings.styles)  # an invalid styles.yaml stops start-up with the field named
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
@@ -111,9 +113,13 @@ def create_app(
         reason = app.state.engine_error or "starting: loading the registry and starting the engine"
         return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
 
-    from server.api import a1111, gateway
+    from server.api import a1111, gateway, genpicz, genrex, indoxhub, openai_images
 
     a1111.install(app)
     gateway.install(app)
+    openai_images.install(app)
+    indoxhub.install(app)
+    genpicz.install(app)
+    genrex.install(app)
     register_error_handlers(app)
     return app

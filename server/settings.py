@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=1, le=65535)
     models: Path = REPO_ROOT / "models.yaml"
+    styles: Path = REPO_ROOT / "styles.yaml"  # style presets (GenPicz/Genrex `style`, A1111 `styles`)
     data_dir: Path = Path("data")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # A1111 layout: <checkpoints_dir>/Stable-diffusion/*.safetensors are served next to models.yaml entries, and

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from PIL import Image
+
 from pipelines.engine_api import EngineClient, JobHandle, JobStatus
 from pipelines.errors import JobCancelled
 from pipelines.request import GenerationRequest, GenerationResult
@@ -85,6 +87,8 @@ class JobSpec:
     ttl_s: float | None = None  # None: the service's default
     owner: str | None = None  # who submitted it (API key id, user), for per-owner listings
     webhook_url: str | None = None  # stored on the record for the dialects that deliver webhooks
+    # Applied to each image before it is stored (e.g. GenPicz `upscale`); runs on a service thread, not the GPU's.
+    postprocess: Callable[[Image.Image], Image.Image] | None = None
 
 
 @dataclass
@@ -227,7 +231,14 @@ class JobService:
 
     def task(self, task_address: str) -> TaskView | None:
         self.ensure_started()
-        record = self.store.get_by_address(task_address)
+        return self._view(self.store.get_by_address(task_address))
+
+    def task_by_id(self, job_id: str) -> TaskView | None:
+        """As `task`, by the job's id (dialects whose public id is the job id, e.g. Genrex's UUIDs)."""
+        self.ensure_started()
+        return self._view(self.store.get(job_id))
+
+    def _view(self, record: JobRecord | None) -> TaskView | None:
         if record is None:
             return None
         ticket = self._live.get(record.id)
@@ -247,10 +258,30 @@ class JobService:
         status: str | None = None,
         limit: int = 50,
         offset: int = 0,
+        after_id: str | None = None,
     ) -> list[JobRecord]:
-        """Records newest first, filtered (e.g. a user's history in one dialect)."""
+        """Records newest first, filtered (e.g. a user's history in one dialect); `after_id`: keyset pagination."""
         self.ensure_started()
-        return self.store.list_jobs(dialect=dialect, owner=owner, status=status, limit=limit, offset=offset)
+        return self.store.list_jobs(
+            dialect=dialect, owner=owner, status=status, limit=limit, offset=offset, after_id=after_id
+        )
+
+    def count_jobs(self, *, dialect: str | None = None, owner: str | None = None, status: str | None = None) -> int:
+        self.ensure_started()
+        return self.store.count_jobs(dialect=dialect, owner=owner, status=status)
+
+    def delete(self, job_id: str) -> bool:
+        """Remove a job's record and its result files (their URLs then answer 404); an unfinished job is cancelled
+        first. False if there is no such job."""
+        self.ensure_started()
+        ticket = self._live.get(job_id)
+        if ticket is not None:
+            ticket.cancel_requested = True
+            ticket.handle.cancel()
+        if self.store.get(job_id) is None:
+            return False
+        self.files.remove(self.store.delete(job_id))
+        return True
 
     def result_body(self, record: JobRecord, base_url: str) -> dict[str, Any] | None:
         """The stored body with its file references resolved: absolute URLs under `base_url`, or base64."""
@@ -349,6 +380,8 @@ class JobService:
             if spec.store_images:
                 content_type = CONTENT_TYPES[spec.output_format]
                 for i, image in enumerate(result.images):
+                    if spec.postprocess is not None:
+                        image = spec.postprocess(image)
                     w = self.files.write(encode_image(image, spec.output_format, spec.quality), content_type)
                     written.append(w)
                     seed = result.seeds[i] if i < len(result.seeds) else None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from server.jobs.db import JobRecord, ResultFile, create_tables, make_engine, make_session_factory
@@ -209,14 +209,37 @@ class JobStore:
         status: str | None = None,
         limit: int = 50,
         offset: int = 0,
+        after_id: str | None = None,
     ) -> list[JobRecord]:
-        """Newest first; the filters the next dialects need (GenPicz history per owner, Genrex task lists)."""
+        """Newest first, filtered (GenPicz history per owner, Genrex task lists). `after_id`: keyset pagination, the
+        records that come after that job in this order (a cursor that new jobs cannot shift)."""
         query = select(JobRecord).order_by(JobRecord.created_at.desc(), JobRecord.id).limit(limit).offset(offset)
-        if dialect is not None:
-            query = query.where(JobRecord.dialect == dialect)
-        if owner is not None:
-            query = query.where(JobRecord.owner == owner)
-        if status is not None:
-            query = query.where(JobRecord.status == status)
+        query = query.where(*_filters(dialect, owner, status))
         with self._session() as session:
+            if after_id is not None:
+                anchor = session.get(JobRecord, after_id)
+                if anchor is None:
+                    return []
+                query = query.where(
+                    or_(
+                        JobRecord.created_at < anchor.created_at,
+                        and_(JobRecord.created_at == anchor.created_at, JobRecord.id > anchor.id),
+                    )
+                )
             return list(session.scalars(query))
+
+    def count_jobs(self, *, dialect: str | None = None, owner: str | None = None, status: str | None = None) -> int:
+        query = select(func.count()).select_from(JobRecord).where(*_filters(dialect, owner, status))
+        with self._session() as session:
+            return int(session.scalar(query) or 0)
+
+
+def _filters(dialect: str | None, owner: str | None, status: str | None) -> list[Any]:
+    conditions: list[Any] = []
+    if dialect is not None:
+        conditions.append(JobRecord.dialect == dialect)
+    if owner is not None:
+        conditions.append(JobRecord.owner == owner)
+    if status is not None:
+        conditions.append(JobRecord.status == status)
+    return conditions
