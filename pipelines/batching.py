@@ -4,7 +4,8 @@ Requests batch together when everything that shapes the denoising loop is equal:
 sampler and schedule, guidance, strength, and the LoRAs (structured or `<lora:...>` tags, which are active for a
 whole call). Prompts, negative prompts and seeds may differ (each image keeps its own
 generator). Inpainting and instruction edits carry per-request masks / reference images that the pipelines take
-once per call, so they never share a call with another request.
+once per call, so they never share a call with another request. Deadlines may differ too: a request past its deadline
+leaves a shared call on its own (the engine fails it at the next step and drops its images).
 """
 
 from __future__ import annotations

@@ -37,6 +37,10 @@ PICKLE_REFUSAL = (
     "convert the file to .safetensors (most models are published in that format too)"
 )
 HASH_CACHE_NAME = "hashes.json"
+OUTSIDE_ROOT = (
+    "a symlink to a file outside the checkpoints folder; not followed (point checkpoints_dir at the real folder, "
+    "or add the file to models.yaml)"
+)
 
 
 class CheckpointError(ValueError):
@@ -372,6 +376,11 @@ def spec_for_checkpoint(
     )
 
 
+def is_inside(path: str | Path, root: str | Path) -> bool:
+    """Whether `path`, every symlink resolved, lies under `root` (resolved too): a link cannot lead out of it."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
 def _walk(root: Path) -> list[Path]:
     files = [
         p
@@ -398,6 +407,9 @@ def scan_checkpoints(
         return result
     for path in _walk(root):
         suffix = path.suffix.lower()
+        if not is_inside(path, root):
+            result.skipped.append(Skipped(path, OUTSIDE_ROOT))
+            continue
         if suffix in PICKLE_SUFFIXES:
             result.skipped.append(Skipped(path, PICKLE_REFUSAL))
             continue

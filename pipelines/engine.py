@@ -1,5 +1,11 @@
 """Engine: bounded admission, one worker thread per device, dynamic batching of compatible requests into one
-pipeline call (`pipelines.batching`), per-step progress, interrupt / skip / cancel, per-job status."""
+pipeline call (`pipelines.batching`), per-step progress, interrupt / skip / cancel, per-job status.
+
+Reliability (docs/reliability.md): admission is bounded (`queue_size`, QueueFull); every request has a deadline
+(dropped before it runs, or stopped at the next step, once passed); `drain()` stops admitting and lets work finish
+for a while before cancelling the rest; an out-of-memory error fails only the request that caused it (after one
+retry of a batch as single requests); a device fault, or repeated out-of-memory errors, mark the engine dead.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,6 @@ import queue
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +32,12 @@ from pipelines.cache import PipelineCache, free_device_memory
 from pipelines.checkpoints import NO_TXT2IMG_VARIANTS
 from pipelines.engine_api import JobStatus
 from pipelines.errors import (
+    DeadlineExceeded,
+    EngineDead,
+    EngineError,
     EngineNotReady,
     GenerationFailed,
+    InsufficientMemory,
     InvalidRequest,
     JobCancelled,
     ModelLoadError,
@@ -39,10 +48,11 @@ from pipelines.families import adapter_for
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, UnsupportedTask
 from pipelines.hires import HIRES_UPSCALERS
 from pipelines.imageprep import flatten, prepare_inpaint, resize_image
+from pipelines.job_state import CompletableJob
 from pipelines.lora import LoraManager, registry_for
 from pipelines.optimize import apply_optimizations, prepare_call
 from pipelines.registry import ModelSpec, Registry
-from pipelines.request import GenerationRequest, GenerationResult, Progress, Task
+from pipelines.request import GenerationRequest, GenerationResult, Task
 from pipelines.sampler_names import SamplerChoice
 from pipelines.samplers import build_scheduler, resolve_sampler, scheduler_label_for_info
 
@@ -65,6 +75,10 @@ class EngineConfig:
     lora_dir: Path | None = None  # A1111-style Lora folder (*.safetensors); None = LoRAs are not available
     configs_dir: Path | None = None  # per-variant config folders for single-file checkpoints (prefetch-configs)
     allow_pickle: bool = False  # load diffusers folders with pickle weights (.bin) for every model
+    request_timeout_s: float = 600.0  # deadline of a request that brings none (queue wait + run)
+    # Requests failing with out-of-memory in a row (each alone, after freeing memory) that mark the engine dead:
+    # the memory is not coming back without a restart. 0 = never.
+    max_consecutive_ooms: int = 3
 
     @property
     def demo_root(self) -> Path:
@@ -87,35 +101,24 @@ def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     return torch.float16 if spec.family in ("sd15", "sdxl") else torch.bfloat16
 
 
-class Job:
+class Job(CompletableJob):
     """A submitted request: status, progress, result. Thread-safe; awaited from any event loop."""
 
     def __init__(self, request: GenerationRequest, seed: int, choice: SamplerChoice):
-        self.id = uuid.uuid4().hex
-        self.request = request
+        super().__init__(request)
         self.seed = seed
         self.choice = choice
         self.batch_key = batch_key(self.id, request, choice)
-        self.created_at = time.time()
-        self._status = JobStatus.QUEUED
-        self._progress = Progress(job_count=request.n_iter, sampling_steps=request.steps)
-        self._error: BaseException | None = None
-        self._result: GenerationResult | None = None
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
-        self._callbacks: list[Callable[[Job], None]] = []
-        # Flags polled by the worker at every denoising step.
-        self.cancel_requested = False
-        self.interrupt_requested = False
-        self.skip_requested = False
         # Worker-side state, touched only by the worker thread.
         self.prepared: GenerationRequest | None = None  # inputs resized / mask prepared, set when the job starts
         self.finish_images: Callable[[list[Image.Image]], list[Image.Image]] = list
         self.images: list[Image.Image] = []
         self.timings: dict[str, float] = {"queued_s": 0.0, "load_s": 0.0, "run_s": 0.0}
         self.degraded: list[str] = []  # what was done differently to make it run (e.g. an OOM batch split)
-        self.admitted = True  # counts against the admission limit until it starts or ends
+        self.deadline = request.deadline  # time.time() seconds; set by Engine.submit
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
     def seeds_for(self, iteration: int) -> list[int]:
         n = self.request.batch_size
@@ -123,23 +126,8 @@ class Job:
 
     @property
     def stop_requested(self) -> bool:
-        return self.cancel_requested or self.interrupt_requested or self.skip_requested
-
-    @property
-    def status(self) -> JobStatus:
-        return self._status
-
-    @property
-    def progress(self) -> Progress:
-        return dataclasses.replace(self._progress)
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
+        # A job that is already done was aborted by the engine (deadline, shutdown): its call may stop.
+        return self.cancel_requested or self.interrupt_requested or self.skip_requested or self._done.is_set()
 
     def cancel(self) -> None:
         self.cancel_requested = True
@@ -147,38 +135,6 @@ class Job:
             queued = self._status == JobStatus.QUEUED
         if queued:  # never reaches the GPU; the worker drops it when it comes off the queue
             self._finish(JobStatus.CANCELLED, error=JobCancelled(f"job {self.id} was cancelled"))
-
-    def add_done_callback(self, fn: Callable[[Job], None]) -> None:
-        with self._lock:
-            if not self._done.is_set():
-                self._callbacks.append(fn)
-                return
-        _call_safely(fn, self)
-
-    async def wait(self, timeout: float | None = None) -> GenerationResult:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future = loop.create_future()
-        with self._lock:
-            if not self._done.is_set():
-                self._waiters.append((loop, fut))
-            else:
-                fut.set_result(None)
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"job {self.id} did not finish within {timeout} s; it keeps running") from None
-        return self.result_or_raise()
-
-    def wait_sync(self, timeout: float | None = None) -> GenerationResult:
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"job {self.id} did not finish within {timeout} s; it keeps running")
-        return self.result_or_raise()
-
-    def result_or_raise(self) -> GenerationResult:
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
 
     # Worker side -----------------------------------------------------------------------------------------------
 
@@ -190,40 +146,59 @@ class Job:
             self._progress.started_at = time.time()
             return True
 
+    def _abort(self, error: EngineError) -> None:
+        """End the job now with `error`, queued or running (a running call stops at its next step and its images
+        are dropped). No-op if it already ended."""
+        self._finish(JobStatus.CANCELLED if isinstance(error, JobCancelled) else JobStatus.FAILED, error=error)
+
     def _set_progress(self, job_no: int, step: int, steps: int) -> None:
         p = self._progress
         p.job_no, p.sampling_step, p.sampling_steps = job_no, step, steps
 
-    def _finish(
-        self, status: JobStatus, result: GenerationResult | None = None, error: BaseException | None = None
-    ) -> None:
-        with self._lock:
-            if self._done.is_set():
-                return
-            self._status, self._result, self._error = status, result, error
-            self._done.set()
-            waiters, self._waiters = self._waiters, []
-            callbacks, self._callbacks = self._callbacks, []
-        for loop, fut in waiters:
-            loop.call_soon_threadsafe(_set_if_pending, fut)
-        for fn in callbacks:
-            _call_safely(fn, self)
-
-
-def _call_safely(fn: Callable[[Job], None], job: Job) -> None:
-    try:
-        fn(job)
-    except Exception:  # a broken listener must not take the worker down
-        log.exception("done-callback of job %s failed", job.id)
-
-
-def _set_if_pending(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
 
 _STOP = object()
 Unit = tuple[Job, int]  # a job and which of its n_iter pipeline calls is due
+CallOutput = list[Image.Image] | Exception  # one unit's images, or why it failed (out of memory, ...)
+
+SHUTDOWN_REASON = "the server shut down before the job finished"
+_DEVICE_FAULT_MARKERS = (
+    "CUDA error",
+    "CUBLAS_STATUS",
+    "CUDNN_STATUS",
+    "cuDNN error",
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "HIP error",
+)
+_EXPIRY_SWEEP_S = 0.25  # how often the worker looks for queued jobs past their deadline while it runs a call
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError, or a CUDA/cuBLAS error that says "out of memory" (recoverable the same way)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    )
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """A device error the process cannot recover from (illegal memory access, device-side assert, ...). Checked
+    after `is_out_of_memory`: OutOfMemoryError is a RuntimeError too, and must not kill the engine."""
+    if is_out_of_memory(error):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8 raises it for CUDA errors
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _DEVICE_FAULT_MARKERS)
+
+
+@dataclass
+class DrainReport:
+    """What `Engine.drain` did: whether everything finished in time, and how many jobs it cancelled."""
+
+    finished: bool
+    cancelled: int
+    waited_s: float
 
 
 class Engine:
@@ -239,16 +214,22 @@ class Engine:
             max_models=self.config.cache_max_models,
             memory_budget_bytes=int(budget * 2**30) if budget and self.device.type == "cuda" else None,
         )
-        # Unbounded hand-off to the worker; admission is bounded by `_admitted` (jobs not started yet), which also
-        # counts jobs the worker has already drained into its pending list while looking for batch companions.
+        # Unbounded hand-off to the worker; admission is bounded by `_waiting` (jobs not started yet), which also
+        # holds jobs the worker has already drained into its pending list while looking for batch companions.
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._admission = threading.Lock()
-        self._admitted = 0
+        self._changed = threading.Condition(self._admission)  # notified when a job ends (drain waits on it)
+        self._waiting: dict[str, Job] = {}  # admitted, not started: bounded by queue_size
+        self._unfinished: dict[str, Job] = {}  # admitted, not ended (queued or running)
         self._pending: collections.deque[Unit] = collections.deque()  # worker thread only
         self._current_batch: list[Job] = []
         self._worker: threading.Thread | None = None
         self._running = False
         self._stopping = False
+        self._draining = False
+        self._failure: str | None = None  # why the engine is dead (device fault, repeated OOM); None while alive
+        self._consecutive_ooms = 0
+        self._next_sweep = 0.0
         self.calls = 0  # pipeline calls made (tests and metrics: batching shows as fewer calls than jobs)
 
     # Lifecycle ---------------------------------------------------------------------------------------------------
@@ -264,41 +245,113 @@ class Engine:
         """Stop admitting, cancel what is waiting, let the running batch stop at its next step."""
         self._running = False
         for job in list(self._current_batch):
-            job.cancel_requested = True
+            job._abort(JobCancelled(f"job {job.id} was cancelled: {SHUTDOWN_REASON}"))
         self._queue.put(_STOP)
         if self._worker is not None:
             self._worker.join(timeout)
 
+    def drain(self, timeout_s: float, cancel_grace_s: float = 10.0) -> DrainReport:
+        """Graceful shutdown: stop admitting (submit raises EngineNotReady), let queued and running work finish
+        for up to `timeout_s`, then cancel the rest: queued jobs end without running, running ones stop at their
+        next step; each ends with JobCancelled saying the server shut down. Waits up to `cancel_grace_s` more for
+        the running call to stop (VAE decode is not interruptible). Call `stop()` afterwards to end the worker."""
+        started = time.monotonic()
+        self._draining = True
+        with self._changed:
+            finished = self._changed.wait_for(lambda: not self._unfinished, timeout=max(0.0, timeout_s))
+            left = list(self._unfinished.values())
+        for job in left:
+            job._abort(JobCancelled(f"job {job.id} was cancelled: {SHUTDOWN_REASON}"))
+        grace_end = time.monotonic() + cancel_grace_s
+        while self._current_batch and time.monotonic() < grace_end:
+            time.sleep(0.01)
+        if left:
+            log.warning("drain: %d job(s) cancelled after %.1f s", len(left), timeout_s)
+        return DrainReport(finished=finished, cancelled=len(left), waited_s=time.monotonic() - started)
+
     @property
     def ready(self) -> bool:
-        return self._running and self._worker is not None and self._worker.is_alive()
+        """Takes new work: started, not draining, not dead (readiness probe)."""
+        return self._running and not self._draining and self.alive and self._worker is not None
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine is dead: a device fault, repeated OOMs, or a worker thread that died (liveness)."""
+        return self.failure is None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine is dead, or None."""
+        if self._failure is not None:
+            return self._failure
+        if self._running and self._worker is not None and not self._worker.is_alive():
+            return "the worker thread stopped unexpectedly"
+        return None
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def free_slots(self) -> int:
+        """Admission slots left before submit raises QueueFull (a cheap check for the HTTP gate)."""
+        return max(0, self.config.queue_size - len(self._waiting))
+
+    @property
+    def admission_full(self) -> bool:
+        return self.free_slots == 0
+
+    def admission_error(self) -> EngineError | None:
+        """The error submit would raise now for any request, without looking at one (None: it would admit)."""
+        failure = self.failure
+        if failure is not None:
+            return EngineDead(f"the engine stopped: {failure}; the server must be restarted")
+        if self._draining:
+            return EngineNotReady("the server is shutting down: not accepting new work")
+        if not self._running:
+            return EngineNotReady("the engine is not running")
+        if self.free_slots == 0:
+            return QueueFull()
+        return None
 
     # EngineClient ------------------------------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> Job:
-        if not self._running:
-            raise EngineNotReady("the engine is not running")
+        refusal = self.admission_error()
+        if refusal is not None and not isinstance(refusal, QueueFull):  # a full queue is checked atomically below
+            raise refusal
         spec = self.registry.resolve(request.model)
         if spec is None:
             raise ModelNotFound(request.model)
-        request = dataclasses.replace(request, model=spec.id)
+        now = time.time()
+        deadline = request.deadline if request.deadline is not None else now + self.config.request_timeout_s
+        if deadline <= now:
+            raise DeadlineExceeded("the request's deadline had already passed when it was submitted")
+        request = dataclasses.replace(request, model=spec.id, deadline=deadline)
         self._validate(spec, request)
         seed = request.seed if request.seed is not None and request.seed >= 0 else random.randrange(MAX_SEED)
         job = Job(request, seed, resolve_sampler(request.sampler or spec.defaults.sampler, "Euler", request.schedule))
         with self._admission:
-            if self._admitted >= self.config.queue_size:
-                raise QueueFull()
-            self._admitted += 1
-        job.add_done_callback(self._release)
+            refusal = self.admission_error()  # again under the lock: a drain or a full queue may have begun
+            if refusal is not None:
+                raise refusal
+            self._waiting[job.id] = job
+            self._unfinished[job.id] = job
+        job.add_done_callback(self._forget)
         self._queue.put(job)
         return job
 
-    def _release(self, job: Job) -> None:
-        """The job no longer waits: it started, or ended before it could."""
+    def _mark_started(self, job: Job) -> None:
+        """The job no longer waits: its admission slot is free again."""
         with self._admission:
-            if job.admitted:
-                job.admitted = False
-                self._admitted -= 1
+            self._waiting.pop(job.id, None)
+
+    def _forget(self, job: Job) -> None:
+        """The job ended (completed, failed or cancelled; started or not)."""
+        with self._changed:
+            self._waiting.pop(job.id, None)
+            self._unfinished.pop(job.id, None)
+            self._changed.notify_all()
 
     def current_job(self) -> Job | None:
         batch = self._current_batch
@@ -308,7 +361,7 @@ class Engine:
         return list(self._current_batch)
 
     def queued_count(self) -> int:
-        return self._admitted
+        return len(self._waiting)
 
     def interrupt(self) -> None:
         for job in list(self._current_batch):
@@ -438,22 +491,62 @@ class Engine:
     # Worker: pick a unit, gather compatible companions, run them as one pipeline call ---------------------------
 
     def _work(self) -> None:
-        while True:
-            first, was_idle = self._take_unit()
-            if first is None:
-                self._cancel_waiting("the server is shutting down")
-                return
-            batch = self._gather(first, was_idle)
-            try:
-                self._run_batch(batch)
-            finally:
-                self._current_batch = []
+        try:
+            while self._failure is None:
+                first, was_idle = self._take_unit()
+                if first is None:
+                    self._cancel_waiting("the server is shutting down")
+                    return
+                batch = self._gather(first, was_idle)
+                try:
+                    self._run_batch(batch)
+                finally:
+                    self._current_batch = []
+        except BaseException as e:  # a bug in the worker itself: say so, instead of hanging every request
+            log.critical("the engine worker crashed", exc_info=e)
+            self._die(f"the worker crashed ({type(e).__name__})")
+
+    def _die(self, reason: str) -> None:
+        """Mark the engine dead: not ready, not alive, new work refused, every unfinished job failed. The process
+        should exit so its supervisor restarts it (vLLM's EngineDeadError model)."""
+        if self._failure is None:
+            self._failure = reason
+            log.critical("engine dead: %s", reason)
+        error = EngineDead(f"the engine stopped: {self._failure}; the server must be restarted")
+        with self._admission:
+            jobs = list(self._unfinished.values())
+        for job in jobs:
+            job._abort(error)
 
     def _alive(self, unit: Unit) -> bool:
         job = unit[0]
         if job.cancel_requested:
             job._finish(JobStatus.CANCELLED, error=JobCancelled(f"job {job.id} was cancelled"))
+        elif job.expired(time.time()):
+            self._expire(job)
         return not job.done
+
+    def _expire(self, job: Job) -> None:
+        waited = time.time() - job.created_at
+        if job.status == JobStatus.QUEUED:
+            message = f"the request passed its deadline after {waited:.1f} s in the queue; it never ran"
+        else:
+            p = job.progress
+            message = (
+                f"the request passed its deadline after {waited:.1f} s; it was stopped at step "
+                f"{p.sampling_step} of {p.sampling_steps}"
+            )
+        job._abort(DeadlineExceeded(message))
+
+    def _expire_waiting(self, now: float) -> None:
+        """Fail queued jobs past their deadline now, so their clients hear it without waiting for the device."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _EXPIRY_SWEEP_S
+        with self._admission:
+            expired = [job for job in self._waiting.values() if job.expired(now)]
+        for job in expired:
+            self._expire(job)
 
     def _receive(self, block: bool, timeout: float | None = None) -> Unit | None:
         """The next job from the hand-off queue as its first unit; None if nothing came (or we are stopping)."""
@@ -520,7 +613,7 @@ class Engine:
         started = [u for u in batch if u[1] > 0 or u[0]._start()]
         for job, it in started:
             if it == 0:
-                self._release(job)
+                self._mark_started(job)
                 job.timings["queued_s"] = time.time() - job.created_at
         if not started:
             return
@@ -537,7 +630,12 @@ class Engine:
                 self._fail(job, e)
             return
         ready: list[Unit] = []
+        now = time.time()
         for job, it in started:
+            if job.expired(now):  # it may have waited for a model load: it never reaches the device
+                self._expire(job)
+            if job.done:
+                continue
             if it == 0:
                 job.timings["load_s"] = load_s
                 try:
@@ -554,6 +652,9 @@ class Engine:
         try:
             outputs = self._call(adapter, loaded, spec, ready)
         except Exception as e:
+            if is_device_fault(e):
+                self._die(f"device fault: {type(e).__name__}: {e}")
+                return
             for job, _ in ready:
                 self._fail(job, e)
             return
@@ -561,6 +662,14 @@ class Engine:
         follow_ups: list[Unit] = []
         for (job, it), images in zip(ready, outputs, strict=True):
             job.timings["run_s"] += run_s
+            if isinstance(images, Exception):
+                if isinstance(images, InsufficientMemory):
+                    self._consecutive_ooms += 1
+                self._fail(job, images)
+                continue
+            self._consecutive_ooms = 0
+            if job.done:  # aborted during the call (deadline, shutdown): its images are dropped
+                continue
             if job.cancel_requested:  # its images are dropped; the others in the batch keep theirs
                 job._finish(JobStatus.CANCELLED, error=JobCancelled(f"job {job.id} was cancelled"))
                 continue
@@ -575,9 +684,65 @@ class Engine:
                 follow_ups.append((job, it + 1))
         # A job's next call goes ahead of newer work, so its n_iter calls run back to back.
         self._pending.extendleft(reversed(follow_ups))
+        limit = self.config.max_consecutive_ooms
+        if limit > 0 and self._consecutive_ooms >= limit:
+            self._die(f"{self._consecutive_ooms} requests in a row ran out of device memory after it was freed")
 
-    def _call(self, adapter: FamilyAdapter, loaded: LoadedModel, spec: ModelSpec, units: list[Unit]):
-        """One pipeline call for `units`; on out-of-memory, split the batch in two and retry each half."""
+    def _call(
+        self, adapter: FamilyAdapter, loaded: LoadedModel, spec: ModelSpec, units: list[Unit]
+    ) -> list[CallOutput]:
+        """One pipeline call for `units`: each unit's images, or the error it failed with. A batch that runs out of
+        memory is retried once, each request alone; a request that runs out of memory alone gets
+        InsufficientMemory. Other errors of the first call (and device faults of a retry) raise."""
+        try:
+            return self._call_once(adapter, loaded, spec, units)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+        # Past the `except` block, so the traceback's frames (and the tensors they hold) are released first.
+        self._recover_memory(spec)
+        if len(units) == 1:
+            return [self._out_of_memory(units[0])]
+        log.warning("out of memory with a batch of %d requests: retrying each alone", len(units))
+        outputs: list[CallOutput] = []
+        for unit in units:
+            unit[0].degraded.append(f"batch of {len(units)} requests split after out-of-memory: ran alone")
+            if unit[0].done:  # aborted meanwhile (deadline, shutdown)
+                outputs.append([])
+                continue
+            oom = False
+            try:
+                outputs.extend(self._call_once(adapter, loaded, spec, [unit]))
+            except Exception as e:
+                if is_device_fault(e):
+                    raise
+                oom = is_out_of_memory(e)
+                if not oom:  # fails this request only; the others keep what they made
+                    outputs.append(e.with_traceback(None))
+            if oom:
+                self._recover_memory(spec)
+                outputs.append(self._out_of_memory(unit))
+        return outputs
+
+    def _out_of_memory(self, unit: Unit) -> InsufficientMemory:
+        req = unit[0].request
+        log.warning(
+            "job %s ran out of memory alone: %d image(s) at %dx%d", unit[0].id, req.batch_size, req.width, req.height
+        )
+        return InsufficientMemory(
+            f"out of GPU memory for this request ({req.batch_size} image(s) at {req.width}x{req.height}): "
+            "try a smaller size or batch, or retry later"
+        )
+
+    def _recover_memory(self, spec: ModelSpec) -> None:
+        """After an out-of-memory error: drop the other cached models and return freed memory to the device."""
+        for model_id in self.cache.loaded_ids():
+            if model_id != spec.id:
+                self.cache.unload(model_id)
+        free_device_memory()
+
+    def _call_once(self, adapter: FamilyAdapter, loaded: LoadedModel, spec: ModelSpec, units: list[Unit]):
+        """One pipeline call for `units`; returns each unit's images."""
         job0 = units[0][0]
 
         def make_scheduler() -> Any:
@@ -588,34 +753,28 @@ class Engine:
         items = [BatchItem(job.prepared, job.seeds_for(it)) for job, it in units]
 
         def on_step(step: int, total: int) -> bool:
+            now = time.time()
             for job, it in units:
                 job._set_progress(it, step, total)
+                if job.expired(now) and not job.done:
+                    self._expire(job)  # its client hears now; its images are dropped
+            self._expire_waiting(now)
             # The call stops only when every request in it wants to stop; a cancelled one's images are dropped.
             return all(job.stop_requested for job, _ in units)
 
         n_images = sum(len(it.seeds) for it in items)
         prepare_call(loaded.base, spec, self.device, job0.request.width, job0.request.height, n_images)
-        try:
-            self.calls += 1
-            with torch.inference_mode():
-                if job0.request.hires is not None:  # hires jobs run alone (batching.batch_key)
-                    return [adapter.run_hires(loaded, items[0].request, items[0].seeds, make_scheduler, on_step)]
-                return adapter.run_batch(loaded, items, make_scheduler(), on_step)
-        except torch.cuda.OutOfMemoryError:
-            if len(units) == 1:
-                raise
-            free_device_memory()
-            mid = len(units) // 2
-            log.warning("out of memory with a batch of %d requests: retrying in two halves", len(units))
-            for job, _ in units:
-                job.degraded.append(f"batch of {len(units)} split after out-of-memory")
-            return self._call(adapter, loaded, spec, units[:mid]) + self._call(adapter, loaded, spec, units[mid:])
+        self.calls += 1
+        with torch.inference_mode():
+            if job0.request.hires is not None:  # hires jobs run alone (batching.batch_key)
+                return [adapter.run_hires(loaded, items[0].request, items[0].seeds, make_scheduler, on_step)]
+            return adapter.run_batch(loaded, items, make_scheduler(), on_step)
 
     def _fail(self, job: Job, error: BaseException) -> None:
-        if isinstance(error, torch.cuda.OutOfMemoryError):
+        if is_out_of_memory(error):
             free_device_memory()
-            error = GenerationFailed("out of GPU memory for this request: try a smaller size or batch")
-        elif isinstance(error, (InvalidRequest, ModelLoadError, ModelNotFound, JobCancelled, GenerationFailed)):
+            error = InsufficientMemory("out of GPU memory for this request: try a smaller size or batch")
+        elif isinstance(error, EngineError):
             pass
         else:
             log.error("job %s failed: %s: %s", job.id, type(error).__name__, error, exc_info=error)

@@ -9,6 +9,7 @@ import enum
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from pipelines.errors import EngineError
 from pipelines.request import GenerationRequest, GenerationResult, Progress
 
 
@@ -51,10 +52,33 @@ class JobHandle(Protocol):
 
 class EngineClient(Protocol):
     @property
-    def ready(self) -> bool: ...
+    def ready(self) -> bool:
+        """Takes new work (readiness): started, not draining, not dead."""
+        ...
+
+    @property
+    def alive(self) -> bool:
+        """False once the engine is dead (device fault, repeated out-of-memory): only a restart helps (liveness)."""
+        ...
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine is dead; None while it is alive."""
+        ...
+
+    @property
+    def free_slots(self) -> int:
+        """Admission slots left before submit raises QueueFull; cheap, for refusing work before reading a body."""
+        ...
+
+    def admission_error(self) -> EngineError | None:
+        """The error submit would raise now whatever the request (QueueFull, EngineNotReady, EngineDead), or None.
+        Cheap: the HTTP side calls it before reading a request body (server.middleware.AdmissionGate)."""
+        ...
 
     def submit(self, request: GenerationRequest) -> JobHandle:
-        """Validate and enqueue at once. Raises InvalidRequest, ModelNotFound, QueueFull, EngineNotReady."""
+        """Validate and enqueue at once. Raises InvalidRequest, ModelNotFound, QueueFull, EngineNotReady (EngineDead
+        when dead), DeadlineExceeded (deadline already passed). A request without a deadline gets one."""
         ...
 
     def current_job(self) -> JobHandle | None:

@@ -42,3 +42,18 @@ class JobCancelled(EngineError):
 
 class GenerationFailed(EngineError):
     """The pipeline raised while running the job."""
+
+
+class DeadlineExceeded(EngineError):
+    """The request passed its deadline (`GenerationRequest.deadline`) while queued or running; it was dropped before
+    it reached the device, or stopped at the next denoising step."""
+
+
+class InsufficientMemory(GenerationFailed):
+    """The device ran out of memory for this request even when it ran alone; only this request fails (retryable:
+    the memory may be free later, or a smaller size or batch fits)."""
+
+
+class EngineDead(EngineNotReady):
+    """The engine stopped for good after a device fault (or repeated out-of-memory errors that freeing memory did
+    not fix): every request fails with this until the process is restarted."""

@@ -103,18 +103,26 @@ def addnet_hash(path: Path) -> str:
 
 
 def _walk(root: Path) -> Iterator[Path]:
-    """Files under root, sorted, following symlinked folders once (no loops), skipping hidden entries."""
+    """Files under root, sorted, following symlinked folders once (no loops), skipping hidden entries. Symlinks that
+    lead out of root (folders or files) are not followed: a LoRA name can only ever open a file inside it."""
+    top = os.path.realpath(root)
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:
+        if real in seen or not Path(real).is_relative_to(top):
+            if real not in seen:
+                log.warning("not following %s: a symlink out of the Lora folder", dirpath)
             dirnames[:] = []
             continue
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith(".") and name.lower().endswith(EXTENSIONS):
-                yield Path(dirpath) / name
+                path = Path(dirpath) / name
+                if Path(os.path.realpath(path)).is_relative_to(top):
+                    yield path
+                else:
+                    log.warning("not following %s: a symlink out of the Lora folder", path)
 
 
 class LoraRegistry:

@@ -80,6 +80,11 @@ class GenerationRequest:
     hires: HiresOptions | None = None  # A1111 hires fix (txt2img): upscale, then a second img2img pass
     # Free-form tags the dialect wants echoed back (never read by the GPU side).
     tags: dict[str, Any] = field(default_factory=dict)
+    # When the request stops being worth running: absolute wall-clock time, `time.time()` seconds since the epoch
+    # (a dialect with a client timeout sets `time.time() + timeout`). None: the engine sets submit time +
+    # `request_timeout_s`, so every request has one. Past it, queued work is dropped before it reaches the device
+    # and running work stops at the next denoising step; either fails with `DeadlineExceeded` (HTTP 504).
+    deadline: float | None = None
 
     @property
     def total_images(self) -> int:

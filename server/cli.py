@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import math
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import uvicorn
 
 from pipelines.registry import Registry, RegistryError, load_registry
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+log = logging.getLogger("easel")
+
+DRAIN_GRACE_S = 15  # beyond drain_timeout_s: a running step (or VAE decode) stopping, answers going out
 
 
 def _settings_from_args(args: argparse.Namespace) -> Settings:
@@ -33,18 +47,130 @@ def _registry_or_none(settings: Settings) -> Registry | None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import create_app
 
     settings = _settings_from_args(args)
     registry = _registry_or_none(settings)
     if registry is None:
         return 2
+    if args.insecure_no_auth:
+        settings.insecure_no_auth = True
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    refusal = open_server_refusal(settings)
+    if refusal:
+        print(f"easel: {refusal}", file=sys.stderr)
+        return 2
+    if getattr(args, "ray", False):
+        return serve_ray(args, settings)
     app = create_app(settings, registry=registry)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=30)
-    return 0
+    # On SIGTERM uvicorn stops accepting, waits for open requests (their jobs drain meanwhile), then runs the app's
+    # shutdown (the rest of the drain): the wait covers the drain and the grace for a running step to stop.
+    graceful_s = math.ceil(settings.drain_timeout_s) + DRAIN_GRACE_S
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=graceful_s
+    )
+    server = DrainingServer(config, app)
+    # uvicorn re-raises the signal it shut down on once it is done; a drained shutdown is a clean exit (0) instead.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return server.exit_code if server.started else 3  # 3: start-up failed (uvicorn's STARTUP_FAILURE)
+
+
+def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on Ray Serve: ingress replicas over GPU worker replicas (pip install -e '.[ray]'; README "
+        "'Scaling out')",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="with --ray: join this Ray cluster ('auto', or ray://head:10001; EASEL_RAY_ADDRESS) instead of starting "
+        "a local Ray instance",
+    )
+
+
+def serve_ray(args: argparse.Namespace, settings: Settings) -> int:
+    """`easel serve --ray`: deploy the Ray Serve application and serve until SIGINT/SIGTERM."""
+    try:
+        from server.ray_serve import app as ray_app
+    except ImportError as e:
+        print(f"easel: --ray needs Ray Serve: pip install -e '.[ray]' ({e})", file=sys.stderr)
+        return 2
+    if args.ray_address:
+        settings.ray_address = args.ray_address
+    return ray_app.run(settings)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, draining from the moment the signal arrives: /readyz turns 503 and the engine starts to
+    finish (or, at the deadline, cancel) its jobs while uvicorn still waits for open requests."""
+
+    exit_code = 0  # 1 once the engine has died
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
+        super().__init__(config)
+        self.app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        from server.app import begin_draining
+
+        begin_draining(self.app)
+        super().handle_exit(sig, frame)
+
+    def engine_dead(self) -> bool:
+        """The engine died (device fault, repeated OOM, worker crash) and no shutdown is under way."""
+        state = self.app.state
+        return not state.draining and state.engine is not None and not getattr(state.engine, "alive", True)
+
+    async def on_tick(self, counter: int) -> bool:
+        should_exit = await super().on_tick(counter)
+        if not should_exit and counter % 10 == 0 and self.engine_dead():
+            # vLLM's model: a dead engine cannot recover in-process; exit non-zero so the supervisor restarts us.
+            log.critical(
+                "the engine is dead (%s): exiting to be restarted", getattr(self.app.state.engine, "failure", None)
+            )
+            self.exit_code = 1
+            return True
+        return should_exit
+
+
+def open_server_refusal(settings: Settings) -> str | None:
+    """Why the server must not start: bound beyond loopback with no way to authenticate anyone."""
+    from server.access.keys import KeyStore
+    from server.jobs.db import create_tables, make_engine
+
+    if settings.insecure_no_auth or is_loopback(settings.host) or settings.api_auth is not None:
+        return None
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        create_tables(engine)
+        if KeyStore(engine).any_keys():
+            return None
+    finally:
+        engine.dispose()
+    return (
+        f"refusing to serve {settings.host} without authentication: create an API key first "
+        "(`easel keys create --name NAME`), set EASEL_API_AUTH, or pass --insecure-no-auth to serve it open"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def keys(args: argparse.Namespace) -> int:
+    from server.access import cli as keys_cli
+
+    return keys_cli.run(args, _settings_from_args(args))
 
 
 def make_demo_models(args: argparse.Namespace) -> int:
@@ -93,7 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--port", type=int, help="port (EASEL_PORT; default 7860)")
     _add_common(p_serve)
     p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p_serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve a non-loopback address without API keys (anyone who can reach it can use it)",
+    )
+    _add_ray_arguments(p_serve)
     p_serve.set_defaults(func=serve)
+
+    from server.access import cli as keys_cli
+
+    keys_cli.add_parser(sub, _add_common)
+    sub.choices["keys"].set_defaults(func=keys, host=None, port=None)
 
     p_demo = sub.add_parser("make-demo-models", help="build the tiny offline demo models into the data directory")
     _add_common(p_demo)

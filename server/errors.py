@@ -9,6 +9,7 @@ nothing about the server's internals (no traceback, no paths); the details go to
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -20,9 +21,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.errors import (
+    DeadlineExceeded,
+    EngineDead,
     EngineError,
     EngineNotReady,
     GenerationFailed,
+    InsufficientMemory,
     InvalidRequest,
     JobCancelled,
     ModelLoadError,
@@ -33,6 +37,15 @@ from pipelines.errors import (
 log = logging.getLogger("easel.errors")
 
 ENGINE_NOT_READY_RETRY_AFTER_S = 5
+
+# Absolute filesystem paths in a message meant for clients (probes are often public): the last part is kept.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(?:/[^\s'\"/:,;()]+)+/?")
+
+
+def client_safe(message: str) -> str:
+    """`message` with absolute paths cut to their last part: clients learn which file, not where the server keeps
+    it (the log has the full path)."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
 
 
 @dataclass
@@ -99,7 +112,15 @@ def _validation_field_errors(exc: RequestValidationError) -> list[FieldError]:
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
-    """The one mapping from an exception to a status code and a client-safe message."""
+    """The one mapping from an exception to a status code and a client-safe message. Messages the server did not
+    write for clients (engine and library errors) lose any absolute filesystem paths."""
+    info = _error_info(exc)
+    if not isinstance(exc, ApiError | RequestValidationError | StarletteHTTPException):
+        info.message = client_safe(info.message)
+    return info
+
+
+def _error_info(exc: BaseException) -> ErrorInfo:
     name = type(exc).__name__
     if isinstance(exc, ApiError):
         # "HTTPException" is what A1111 reports for the errors it raises on purpose (e.g. "Init image not found").
@@ -114,6 +135,11 @@ def error_info(exc: BaseException) -> ErrorInfo:
         return ErrorInfo(404, str(exc), name, "model_not_found")
     if isinstance(exc, QueueFull):
         return ErrorInfo(429, str(exc), name, "queue_full", headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, EngineDead):  # for good: the supervisor restarts the process (docs/reliability.md R6)
+        headers = {"Retry-After": str(ENGINE_NOT_READY_RETRY_AFTER_S)}
+        return ErrorInfo(
+            503, str(exc) or "the engine stopped after a device fault", name, "engine_dead", headers=headers
+        )
     if isinstance(exc, EngineNotReady):
         message = str(exc) or "the engine is not ready"
         headers = {"Retry-After": str(ENGINE_NOT_READY_RETRY_AFTER_S)}
@@ -123,6 +149,11 @@ def error_info(exc: BaseException) -> ErrorInfo:
         return ErrorInfo(500, f"model load failed: {exc}", name, "model_load_failed")
     if isinstance(exc, JobCancelled):
         return ErrorInfo(409, str(exc) or "the job was cancelled before it produced a result", name, "job_cancelled")
+    if isinstance(exc, DeadlineExceeded):  # 504 as LitServe/BentoML; async jobs record it as failed
+        return ErrorInfo(504, str(exc) or "the request passed its deadline", name, "deadline_exceeded")
+    if isinstance(exc, InsufficientMemory):  # 503 + Retry-After: only this request failed, the server stays ready
+        headers = {"Retry-After": str(ENGINE_NOT_READY_RETRY_AFTER_S)}
+        return ErrorInfo(503, str(exc), name, "insufficient_gpu_memory", headers=headers)
     if isinstance(exc, GenerationFailed):
         return ErrorInfo(500, str(exc) or "generation failed", name, "generation_failed")
     if isinstance(exc, EngineError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -144,9 +145,22 @@ def split_outputs(images: list[Image.Image], items: list[BatchItem]) -> list[lis
 
 def loop_kwargs(req: GenerationRequest, seeds: list[int], on_step: StepCallback, output_type: str = "pil") -> dict:
     """The pipeline arguments every family's call shares: steps, one generator per image, progress, output."""
+    steps = schedule_steps(req)
     return dict(
-        num_inference_steps=req.steps,
+        num_inference_steps=steps,
         generator=generators(seeds),
-        callback_on_step_end=step_callback(on_step, req.steps),
+        callback_on_step_end=step_callback(on_step, steps),
         output_type=output_type,
     )
+
+
+def schedule_steps(req: GenerationRequest) -> int:
+    """`num_inference_steps` for the pipeline. Image-to-image and inpainting denoise only the last `steps * strength`
+    steps of the schedule; below one step diffusers has no timestep left and fails, so the schedule is lengthened
+    until one denoising step remains (A1111 also always runs at least one)."""
+    if req.task in (Task.IMG2IMG, Task.INPAINT) and 0 < req.strength < 1 and int(req.steps * req.strength) < 1:
+        steps = math.ceil(1 / req.strength)
+        while int(steps * req.strength) < 1:  # float rounding
+            steps += 1
+        return steps
+    return req.steps

@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from pipelines.engine_api import JobStatus
-from pipelines.errors import InvalidRequest, ModelNotFound
+from pipelines.errors import EngineError, InvalidRequest, ModelNotFound, QueueFull
 from pipelines.registry import Registry
 from pipelines.request import GenerationRequest, GenerationResult, Progress, Task
 from pipelines.sampler_names import resolve_sampler, scheduler_label_for_info
@@ -155,6 +155,8 @@ class FakeEngine:
         self.fail_with: BaseException | None = None  # raised by the next jobs' run
         self.submit_error: BaseException | None = None  # raised by submit()
         self.load_error: BaseException | None = None  # raised by load_model()
+        self.queue_size: int | None = None  # admission bound on waiting jobs (None: unbounded), as the real engine
+        self.failure: str | None = None  # set to make the engine dead (alive False)
         self._current: FakeJob | None = None
         self._queued = 0
         self._gpu = threading.Lock()
@@ -183,9 +185,22 @@ class FakeEngine:
     def ready(self) -> bool:
         return True
 
+    @property
+    def alive(self) -> bool:
+        return self.failure is None
+
+    @property
+    def free_slots(self) -> int:
+        return 1_000_000 if self.queue_size is None else max(0, self.queue_size - self._queued)
+
+    def admission_error(self) -> EngineError | None:
+        return QueueFull() if self.free_slots == 0 else None
+
     def submit(self, request: GenerationRequest) -> FakeJob:
         if self.submit_error is not None:
             raise self.submit_error
+        if self.free_slots == 0:
+            raise QueueFull()
         if self.registry is not None:
             spec = self.registry.resolve(request.model)
             if spec is None:

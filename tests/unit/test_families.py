@@ -356,3 +356,22 @@ def test_sd_scheduler_swap_runs_euler(load) -> None:
     scheduler = EulerDiscreteScheduler.from_config(loaded.base.scheduler.config)
     _, steps = _run("sd15", loaded, _req("sd15", steps=4), [1], scheduler=scheduler)
     assert len(steps) == 4  # Euler: exactly `steps` timesteps (PNDM's PLMS adds one)
+
+
+@pytest.mark.parametrize(
+    ("task", "steps", "strength", "expected"),
+    [
+        (Task.IMG2IMG, 1, 0.75, 2),  # 1 x 0.75 would leave no denoising step
+        (Task.INPAINT, 2, 0.3, 4),
+        (Task.IMG2IMG, 10, 0.75, 10),  # enough already
+        (Task.IMG2IMG, 1, 1.0, 1),
+        (Task.TXT2IMG, 1, 0.5, 1),
+    ],
+)
+def test_schedule_keeps_at_least_one_denoising_step(task: Task, steps: int, strength: float, expected: int) -> None:
+    from pipelines.families import schedule_steps
+
+    image = Image.new("RGB", (64, 64))
+    req = GenerationRequest(model="m", prompt="x", task=task, steps=steps, strength=strength, init_images=[image])
+    assert schedule_steps(req) == expected
+    assert task == Task.TXT2IMG or strength == 1.0 or int(schedule_steps(req) * strength) >= 1
