@@ -14,12 +14,19 @@ __all__ = ["JobService", "JobSpec", "StoredImage", "TaskView", "Ticket", "create
 
 
 def create_job_service(settings: Settings) -> JobService:
-    """A service on the settings' database and `<data_dir>/results`. Opens nothing yet (see ensure_started)."""
+    """A service on the settings' database and `<data_dir>/results`, charging API keys' credits. Opens nothing yet
+    (see ensure_started)."""
+    from server.access.accounting import Accounting
+    from server.access.keys import KeyStore
+
+    store = JobStore(settings.resolved_database_url)
     return JobService(
-        JobStore(settings.resolved_database_url),
+        store,
         ResultFiles(settings.data_dir / "results"),
         default_ttl_s=settings.result_ttl_s,
         sweep_interval_s=settings.sweep_interval_s,
+        accounting=Accounting(KeyStore(store.engine), settings.credits_per_image),
+        shared_database=settings.shared_database,
     )
 
 

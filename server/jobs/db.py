@@ -80,7 +80,12 @@ class JobRecord(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     result_json: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    webhook_url: Mapped[str | None] = mapped_column(Text)  # stored for the dialects that deliver webhooks
+    webhook_url: Mapped[str | None] = mapped_column(Text)  # delivered by server.webhooks when the job finishes
+    base_url: Mapped[str | None] = mapped_column(Text)  # the base URL the client used: for URLs in webhooks
+    # The server process running the job and when it last said so: with a database shared by several processes,
+    # only jobs whose runner stopped beating are failed as interrupted (server.jobs.service, shared_database).
+    runner: Mapped[str | None] = mapped_column(String(32))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ttl_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -138,6 +143,9 @@ def make_session_factory(engine: Engine) -> sessionmaker:
 def create_tables(engine: Engine) -> None:
     """Create missing tables, and add missing nullable columns to existing ones (additive schema changes need no
     migration tool; anything else would, e.g. Alembic)."""
+    import server.access.db  # noqa: F401  (registers the access tables on Base; imported here to avoid a cycle)
+    import server.webhooks.db  # noqa: F401  (registers the webhook_deliveries table)
+
     Base.metadata.create_all(engine)
     existing_tables = set(inspect(engine).get_table_names())
     with engine.begin() as conn:

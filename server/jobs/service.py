@@ -26,8 +26,8 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -72,6 +72,16 @@ Renderer = Callable[[GenerationResult, list[StoredImage]], dict[str, Any]]
 Listener = Callable[[JobRecord], None]
 
 
+class Accounting(Protocol):
+    """Credits for the owner of a job (server.access.accounting): charged before the engine sees the job."""
+
+    def charge(self, owner: str | None, images: int) -> int: ...
+
+    def refund(self, owner: str | None, credits: int) -> None: ...
+
+    def count_images(self, owner: str | None, images: int) -> None: ...
+
+
 @dataclass
 class JobSpec:
     """What a dialect submits. `route` names the endpoint (`flux`, `txt2img`, ...) and picks the result TTL."""
@@ -86,7 +96,8 @@ class JobSpec:
     quality: int = 90  # jpeg / webp
     ttl_s: float | None = None  # None: the service's default
     owner: str | None = None  # who submitted it (API key id, user), for per-owner listings
-    webhook_url: str | None = None  # stored on the record for the dialects that deliver webhooks
+    webhook_url: str | None = None  # POSTed to when the job finishes (server.webhooks)
+    base_url: str | None = None  # the base URL the client used (server.jobs.http.submit fills it in)
     # Applied to each image before it is stored (e.g. GenPicz `upscale`); runs on a service thread, not the GPU's.
     postprocess: Callable[[Image.Image], Image.Image] | None = None
 
@@ -103,6 +114,7 @@ class Ticket:
     cancel_requested: bool = False
     persisted_running: bool = False
     persisted_progress: float = 0.0
+    credits: int = 0  # charged to the owner's quota at submission
 
 
 @dataclass(frozen=True)
@@ -138,8 +150,19 @@ class JobService:
         default_ttl_s: float,
         sweep_interval_s: float = 300.0,
         progress_interval_s: float = 0.5,
+        accounting: Accounting | None = None,
+        shared_database: bool = False,
+        heartbeat_interval_s: float = 5.0,
+        stale_after_s: float = 60.0,
     ):
         self.store = store
+        self.accounting = accounting
+        # Several server processes (Ray ingress replicas) on one database: a process starting must not fail the
+        # others' jobs, and a cancel answered by one must stop the job another runs.
+        self.shared_database = shared_database
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.stale_after_s = stale_after_s
+        self.runner_id = uuid.uuid4().hex
         self.files = files
         self.default_ttl_s = default_ttl_s
         self.sweep_interval_s = sweep_interval_s
@@ -163,7 +186,7 @@ class JobService:
                 return
             self.files.root.mkdir(parents=True, exist_ok=True)
             self.store.create_tables()
-            recovered = self.store.recover_interrupted(utcnow(), RESTART_ERROR)
+            recovered = self._recover()
             if recovered:
                 log.warning("marked %d job(s) failed: %s", recovered, RESTART_ERROR)
             self._started = True
@@ -198,8 +221,15 @@ class JobService:
     def submit(self, engine: EngineClient, spec: JobSpec) -> Ticket:
         """Submit and record a job. Blocking (database): call from a thread. Engine refusals propagate, unrecorded."""
         self.ensure_started()
-        handle = engine.submit(spec.request)
-        ticket = Ticket(uuid.uuid4().hex, secrets.token_urlsafe(ADDRESS_BYTES), spec, handle)
+        spec.request.tags["owner"] = spec.owner  # the engine-side views (A1111 progress, interrupt) scope by it
+        images = spec.request.batch_size * spec.request.n_iter
+        credits = self.accounting.charge(spec.owner, images) if self.accounting else 0
+        try:
+            handle = engine.submit(spec.request)
+        except BaseException:
+            self._refund(spec.owner, credits)
+            raise
+        ticket = Ticket(uuid.uuid4().hex, secrets.token_urlsafe(ADDRESS_BYTES), spec, handle, credits=credits)
         new = NewJob(
             id=ticket.job_id,
             task_address=ticket.task_address,
@@ -210,11 +240,14 @@ class JobService:
             ttl_s=spec.ttl_s if spec.ttl_s is not None else self.default_ttl_s,
             owner=spec.owner,
             webhook_url=spec.webhook_url,
+            base_url=spec.base_url,
+            runner=self.runner_id,
         )
         try:
             self.store.add(new, utcnow())
         except BaseException:
             handle.cancel()  # an unrecorded job must not run
+            self._refund(spec.owner, credits)
             raise
         self._live[ticket.job_id] = ticket
         handle.add_done_callback(lambda _: self._on_done(ticket))
@@ -258,12 +291,13 @@ class JobService:
         status: str | None = None,
         limit: int = 50,
         offset: int = 0,
-        after_id: str | None = None,
+        after: tuple[datetime, str] | None = None,
     ) -> list[JobRecord]:
-        """Records newest first, filtered (e.g. a user's history in one dialect); `after_id`: keyset pagination."""
+        """Records newest first, filtered (e.g. a user's history in one dialect); `after`: keyset pagination from
+        a (created_at, id) pair."""
         self.ensure_started()
         return self.store.list_jobs(
-            dialect=dialect, owner=owner, status=status, limit=limit, offset=offset, after_id=after_id
+            dialect=dialect, owner=owner, status=status, limit=limit, offset=offset, after=after
         )
 
     def count_jobs(self, *, dialect: str | None = None, owner: str | None = None, status: str | None = None) -> int:
@@ -364,12 +398,29 @@ class JobService:
             )
         finally:
             record = self._settle(ticket)
+        self._account(ticket, record)
         if record is not None:
             for fn in self._listeners:
                 try:
                     fn(record)
                 except Exception:
                     log.exception("job listener failed for %s", ticket.task_address)
+
+    def _refund(self, owner: str | None, credits: int) -> None:
+        if self.accounting is not None and credits:
+            self.accounting.refund(owner, credits)
+
+    def _account(self, ticket: Ticket, record: JobRecord | None) -> None:
+        """Completed: count the images. Anything else produced nothing: give the credits back."""
+        if self.accounting is None:
+            return
+        try:
+            if record is not None and record.status == "completed":
+                self.accounting.count_images(ticket.spec.owner, len(record.seeds or []))
+            else:
+                self._refund(ticket.spec.owner, ticket.credits)
+        except Exception:
+            log.exception("accounting failed for job %s", ticket.task_address)
 
     def _store_result(self, ticket: Ticket) -> None:
         spec = ticket.spec
@@ -438,16 +489,42 @@ class JobService:
 
     # Housekeeping ------------------------------------------------------------------------------------------------
 
+    def _recover(self) -> int:
+        now = utcnow()
+        if not self.shared_database:
+            return self.store.recover_interrupted(now, RESTART_ERROR)
+        stale_before = now - timedelta(seconds=self.stale_after_s)
+        return self.store.recover_interrupted(now, RESTART_ERROR, stale_before=stale_before)
+
     def _housekeeping(self) -> None:
-        next_sweep = time.monotonic()
+        next_sweep = next_beat = time.monotonic()
         while not self._stop.wait(self.progress_interval_s):
             try:
                 self._persist_progress()
+                if self.shared_database:
+                    self._stop_jobs_finished_elsewhere()
+                    if time.monotonic() >= next_beat:
+                        next_beat = time.monotonic() + self.heartbeat_interval_s
+                        self.store.heartbeat(self.runner_id, utcnow())
+                        recovered = self._recover()
+                        if recovered:
+                            log.warning("marked %d job(s) of stopped server processes failed", recovered)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + self.sweep_interval_s
                     self.sweep()
             except Exception:
                 log.exception("job housekeeping failed; retrying")
+
+    def _stop_jobs_finished_elsewhere(self) -> None:
+        """A job this process runs that the database records as finished was cancelled through another process."""
+        live = list(self._live.values())
+        if not live:
+            return
+        for job_id in self.store.finished_ids([t.job_id for t in live]):
+            ticket = self._live.get(job_id)
+            if ticket is not None and not ticket.cancel_requested:
+                ticket.cancel_requested = True
+                ticket.handle.cancel()
 
     def _persist_progress(self) -> None:
         """Write `running` and progress of live jobs, so other readers (and a crash) see where they were."""

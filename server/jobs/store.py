@@ -33,6 +33,8 @@ class NewJob:
     ttl_s: float
     owner: str | None = None
     webhook_url: str | None = None
+    base_url: str | None = None
+    runner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class JobStore:
             request_json=new.request_json,
             progress=0.0,
             webhook_url=new.webhook_url,
+            base_url=new.base_url,
+            runner=new.runner,
+            heartbeat_at=now,
             ttl_s=new.ttl_s,
             created_at=now,
         )
@@ -150,10 +155,32 @@ class JobStore:
             record.expires_at = now + timedelta(seconds=record.ttl_s)
         return True
 
-    def recover_interrupted(self, now: datetime, message: str = RESTART_ERROR) -> int:
-        """At start-up: jobs still queued or running belonged to a process that is gone. Mark them failed."""
+    def heartbeat(self, runner: str, now: datetime) -> None:
+        """This process still runs its unfinished jobs."""
         with self._begin() as session:
-            ids = list(session.scalars(select(JobRecord.id).where(JobRecord.status.in_(UNFINISHED))))
+            session.execute(
+                update(JobRecord)
+                .where(JobRecord.runner == runner, JobRecord.status.in_(UNFINISHED))
+                .values(heartbeat_at=now)
+            )
+
+    def finished_ids(self, job_ids: Sequence[str]) -> list[str]:
+        """Which of these jobs the database already records as finished (e.g. cancelled through another process)."""
+        with self._session() as session:
+            query = select(JobRecord.id).where(JobRecord.id.in_(list(job_ids)), JobRecord.status.in_(FINISHED))
+            return list(session.scalars(query))
+
+    def recover_interrupted(
+        self, now: datetime, message: str = RESTART_ERROR, stale_before: datetime | None = None
+    ) -> int:
+        """Jobs still queued or running whose process is gone: mark them failed. At start-up of the only process
+        using the database, that is all of them; with a shared database (`stale_before`), those whose runner has
+        not beaten since then."""
+        query = select(JobRecord.id).where(JobRecord.status.in_(UNFINISHED))
+        if stale_before is not None:
+            query = query.where(or_(JobRecord.heartbeat_at.is_(None), JobRecord.heartbeat_at < stale_before))
+        with self._begin() as session:
+            ids = list(session.scalars(query))
         for job_id in ids:
             self.finish_failed(job_id, status="failed", error_code="interrupted", error=message, now=now)
         return len(ids)
@@ -209,23 +236,22 @@ class JobStore:
         status: str | None = None,
         limit: int = 50,
         offset: int = 0,
-        after_id: str | None = None,
+        after: tuple[datetime, str] | None = None,
     ) -> list[JobRecord]:
-        """Newest first, filtered (GenPicz history per owner, Genrex task lists). `after_id`: keyset pagination, the
-        records that come after that job in this order (a cursor that new jobs cannot shift)."""
+        """Newest first, filtered (GenPicz history per owner, Genrex task lists). `after`: keyset pagination, the
+        records that come after the job with this (created_at, id) in this order (a cursor that new jobs cannot
+        shift, and that still works when that job has been deleted)."""
         query = select(JobRecord).order_by(JobRecord.created_at.desc(), JobRecord.id).limit(limit).offset(offset)
         query = query.where(*_filters(dialect, owner, status))
-        with self._session() as session:
-            if after_id is not None:
-                anchor = session.get(JobRecord, after_id)
-                if anchor is None:
-                    return []
-                query = query.where(
-                    or_(
-                        JobRecord.created_at < anchor.created_at,
-                        and_(JobRecord.created_at == anchor.created_at, JobRecord.id > anchor.id),
-                    )
+        if after is not None:
+            created_at, job_id = after
+            query = query.where(
+                or_(
+                    JobRecord.created_at < created_at,
+                    and_(JobRecord.created_at == created_at, JobRecord.id > job_id),
                 )
+            )
+        with self._session() as session:
             return list(session.scalars(query))
 
     def count_jobs(self, *, dialect: str | None = None, owner: str | None = None, status: str | None = None) -> int:

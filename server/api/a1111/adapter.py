@@ -20,6 +20,7 @@ from server.api.a1111.infotext import create_infotext, format_number
 from server.api.a1111.schemas import GatewayTxt2ImgRequest, GenerationBase, Img2ImgRequest, Txt2ImgRequest
 from server.errors import ApiError, FieldError
 from server.settings import Settings
+from server.styles import StyleBook
 
 MAX_SEED = 2**63 - 1
 A1111_RANDOM_SEED_RANGE = 4294967294  # processing.get_fixed_seed: randrange(4294967294)
@@ -45,6 +46,15 @@ class InputImages:
 
     init_images: list[Image.Image]
     mask: Image.Image | None = None
+
+
+@dataclass
+class StyledPrompts:
+    """The prompts after `styles` (A1111 `apply_styles_to_prompt`), and the style names no preset answers to."""
+
+    prompt: str
+    negative_prompt: str
+    unknown: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -239,6 +249,20 @@ def _check_img2img(body: Img2ImgRequest) -> list[FieldError]:
 # Request -------------------------------------------------------------------------------------------------------------
 
 
+def apply_styles(body: GenerationBase, styles: StyleBook) -> StyledPrompts:
+    """Each named style in order, to the prompt and to the negative prompt (A1111 `apply_styles_to_prompt` and
+    `apply_negative_styles_to_prompt`). Names are style names or ids; unknown ones are skipped, as A1111 does."""
+    prompt, negative = body.prompt, body.negative_prompt
+    unknown = []
+    for name in body.styles:
+        style = styles.by_name(name)
+        if style is None:
+            unknown.append(name)
+            continue
+        prompt, negative = style.apply(prompt, negative)
+    return StyledPrompts(prompt, negative, unknown)
+
+
 def binary_mask(mask: Image.Image, round_mask: bool = True) -> Image.Image:
     """A1111 `create_binary_mask`: a transparent RGBA mask uses its alpha, anything else its luminance."""
     if mask.mode == "RGBA" and mask.getextrema()[-1] != (255, 255):
@@ -283,9 +307,11 @@ def img2img_extra_params(body: Img2ImgRequest, has_mask: bool) -> dict[str, Any]
 
 
 def to_generation_request(
-    body: GenerationBase, spec: ModelSpec, images: InputImages | None = None
+    body: GenerationBase, spec: ModelSpec, images: InputImages | None = None, prompts: StyledPrompts | None = None
 ) -> GenerationRequest:
-    """The internal request; width/height floored to what the model family needs (A1111 floors to /8)."""
+    """The internal request; width/height floored to what the model family needs (A1111 floors to /8). `prompts`:
+    the prompts with the request's styles applied (default: as sent)."""
+    prompts = prompts or StyledPrompts(body.prompt, body.negative_prompt)
     batch_size = body.batch_size
     task = Task.TXT2IMG
     init_images: list[Image.Image] = []
@@ -302,9 +328,9 @@ def to_generation_request(
         resize_mode = body.resize_mode
     return GenerationRequest(
         model=spec.id,
-        prompt=body.prompt,
+        prompt=prompts.prompt,
         task=task,
-        negative_prompt=body.negative_prompt,
+        negative_prompt=prompts.negative_prompt,
         width=floor_to(body.width, spec.size_multiple),
         height=floor_to(body.height, spec.size_multiple),
         steps=body.steps,
@@ -372,7 +398,8 @@ def image_infotext(
         **prep.extra_generation_params,
         "Version": version if options.add_version else None,
     }
-    return create_infotext(body.prompt, body.negative_prompt, params)
+    # The prompts the model got, styles applied (A1111 writes `all_prompts[i]`).
+    return create_infotext(prep.request.prompt, prep.request.negative_prompt, params)
 
 
 def image_grid(images: list[Image.Image], batch_size: int, n_rows: int = -1) -> Image.Image:
@@ -403,10 +430,11 @@ def build_info(
     seeds = all_seeds(result, req.seed, total)
     first_seed = seeds[0] if seeds else req.seed
     obj = {
-        "prompt": body.prompt,
-        "all_prompts": [body.prompt] * total,
-        "negative_prompt": body.negative_prompt,
-        "all_negative_prompts": [body.negative_prompt] * total,
+        # A1111 `Processed.js`: all_prompts[0], i.e. with the styles applied; `parameters` keeps the prompt as sent.
+        "prompt": req.prompt,
+        "all_prompts": [req.prompt] * total,
+        "negative_prompt": req.negative_prompt,
+        "all_negative_prompts": [req.negative_prompt] * total,
         "seed": first_seed,
         "all_seeds": seeds,
         "subseed": prep.subseed,

@@ -79,7 +79,7 @@ def cmd_flags(settings: Settings) -> dict[str, Any]:
         "data_dir": str(settings.data_dir),
         "device_id": None,
         "api_log": False,
-        "cors_allow_origins": None,
+        "cors_allow_origins": ",".join(settings.cors_allow_origins) or None,
         "api_server_stop": False,
     }
     return {**ours, **a1111_style}

@@ -14,14 +14,15 @@ from starlette.concurrency import run_in_threadpool
 from pipelines.engine_api import EngineClient
 from pipelines.errors import EngineNotReady, InvalidRequest
 from pipelines.request import GenerationResult
+from server.access.principal import job_owner
 from server.api.a1111 import adapter
 from server.api.a1111.adapter import InputImages, Prepared
 from server.api.a1111.schemas import GenerationBase, Img2ImgRequest, Txt2ImgRequest
 from server.api.a1111.state import A1111State
 from server.errors import ApiError
 from server.images import b64, decode_image, encode_image
-from server.jobs import JobSpec, StoredImage, get_job_service
-from server.jobs.http import accepted
+from server.jobs import JobSpec, StoredImage
+from server.jobs.http import accepted, cancel_on_disconnect, submit
 from server.settings import Settings
 
 log = logging.getLogger("easel.a1111")
@@ -47,7 +48,6 @@ def ignored_features(body: GenerationBase) -> list[str]:
         "tiling": body.tiling,
         "subseed_strength (variation seeds)": body.subseed_strength,
         "refiner_checkpoint": body.refiner_checkpoint,
-        "styles (no presets defined)": body.styles,
     }
     return [name for name, value in checks.items() if value]
 
@@ -88,6 +88,9 @@ async def prepare(request: Request, body: GenerationBase, state: A1111State) -> 
         raise ApiError.invalid(errors)
     if ignored := ignored_features(body):
         log.info("%s: not applied: %s", request.url.path, ", ".join(ignored))
+    prompts = adapter.apply_styles(body, request.app.state.styles)
+    if prompts.unknown:  # A1111 skips unknown style names silently; the log at least says so
+        log.warning("%s: unknown styles ignored: %s", request.url.path, ", ".join(prompts.unknown))
 
     images = None
     extra: dict[str, Any] = {}
@@ -103,7 +106,7 @@ async def prepare(request: Request, body: GenerationBase, state: A1111State) -> 
     prep = Prepared(
         body=body,
         spec=choice.spec,
-        request=adapter.to_generation_request(body, choice.spec, images),
+        request=adapter.to_generation_request(body, choice.spec, images, prompts),
         job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
         extra_generation_params=extra,
         subseed=adapter.resolve_subseed(body.subseed),
@@ -116,10 +119,16 @@ async def run(request: Request, body: GenerationBase, state: A1111State) -> dict
     settings: Settings = request.app.state.settings
     engine = require_engine(request)
     prep, model_field = await prepare(request, body, state)
+    owner = job_owner(request)
+    prep.request.tags["owner"] = owner
+    accounting = request.app.state.jobs.accounting
+    credits = await run_in_threadpool(accounting.charge, owner, prep.request.total_images) if accounting else 0
     try:
         job = engine.submit(prep.request)
-        result = await job.wait(timeout=settings.sync_timeout_s)
+        async with cancel_on_disconnect(request, job.cancel):  # a client that hung up wants no images
+            result = await job.wait(timeout=settings.sync_timeout_s)
     except InvalidRequest as e:
+        await run_in_threadpool(refund, accounting, owner, credits)
         raise _engine_field(e, model_field) from None
     except TimeoutError:
         raise ApiError(
@@ -128,9 +137,19 @@ async def run(request: Request, body: GenerationBase, state: A1111State) -> dict
             "(watch /sdapi/v1/progress, stop it with /sdapi/v1/interrupt)",
             code="timeout",
         ) from None
+    except BaseException:
+        await run_in_threadpool(refund, accounting, owner, credits)
+        raise
+    if accounting:
+        await run_in_threadpool(accounting.count_images, owner, len(result.images))
 
     keep_overrides(body, state, prep, model_field)
     return await run_in_threadpool(render, prep, result, dict(state.options), settings.a1111_version)
+
+
+def refund(accounting: Any, owner: str | None, credits: int) -> None:
+    if accounting is not None:
+        accounting.refund(owner, credits)
 
 
 def keep_overrides(body: GenerationBase, state: A1111State, prep: Prepared, model_field: str | None) -> None:
@@ -147,7 +166,7 @@ async def run_async(request: Request, body: GenerationBase, state: A1111State) -
     GET /v2/tasks/{task_address} then returns, as `result`, the body the synchronous call would have returned.
     """
     settings: Settings = request.app.state.settings
-    engine = require_engine(request)
+    require_engine(request)
     prep, model_field = await prepare(request, body, state)
     options, version = dict(state.options), settings.a1111_version
 
@@ -164,7 +183,7 @@ async def run_async(request: Request, body: GenerationBase, state: A1111State) -
         ttl_s=settings.result_ttl_for(ASYNC_ROUTE),
     )
     try:
-        ticket = await run_in_threadpool(get_job_service(request).submit, engine, spec)
+        ticket = await submit(request, spec)
     except InvalidRequest as e:
         raise _engine_field(e, model_field) from None
     keep_overrides(body, state, prep, model_field)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.lora import registry_for
+from server.access.principal import can_see, owner_filter
 from server.api.a1111 import catalog, generation
 from server.api.a1111.adapter import unknown_model
 from server.api.a1111.infotext import parse_generation_parameters
@@ -162,15 +163,17 @@ def _add_control_routes(router: APIRouter) -> None:
     async def progress(
         request: Request, skip_current_image: bool = False, state: A1111State = Depends(get_state)
     ) -> ProgressResponse:
-        return catalog.progress(request.app.state.engine, state)
+        engine = request.app.state.engine
+        if engine is not None and owner_filter(request) is not None:
+            engine = OwnJobsView(engine, request)  # another key's job (and its preview) is not shown
+        return catalog.progress(engine, state)
 
     @router.post("/interrupt")
     async def interrupt(request: Request, state: A1111State = Depends(get_state)) -> dict[str, Any]:
         """Stop the running job at its next step; its request returns the images finished so far."""
         engine = request.app.state.engine
         if engine is not None:
-            job = engine.current_job()
-            engine.interrupt()
+            job = _stop_own_jobs(request, engine, "interrupt")
             state.interrupted_job_id = job.id if job is not None else None
         return {}
 
@@ -178,8 +181,7 @@ def _add_control_routes(router: APIRouter) -> None:
     async def skip(request: Request, state: A1111State = Depends(get_state)) -> None:
         engine = request.app.state.engine
         if engine is not None:
-            job = engine.current_job()
-            engine.skip()
+            job = _stop_own_jobs(request, engine, "skip")
             state.skipped_job_id = job.id if job is not None else None
         return None
 
@@ -205,8 +207,10 @@ def _add_listing_routes(router: APIRouter) -> None:
         return {"txt2img": [], "img2img": []}
 
     @router.get("/prompt-styles", response_model=list[PromptStyleItem])
-    async def prompt_styles() -> list[PromptStyleItem]:
-        return []  # no style presets yet; styles sent with a request are accepted and ignored
+    async def prompt_styles(request: Request) -> list[PromptStyleItem]:
+        """The presets of styles.yaml; `styles` in txt2img/img2img takes these names (or the preset ids)."""
+        book = request.app.state.styles
+        return [PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt) for s in book]
 
     @router.get("/embeddings")
     async def embeddings() -> dict[str, dict]:
@@ -245,3 +249,36 @@ async def _empty_list() -> list:
 
 async def _null() -> None:
     return None
+
+
+class OwnJobsView:
+    """The engine as a caller with an API key sees it: only its own running job."""
+
+    def __init__(self, engine: Any, request: Request):
+        self._engine = engine
+        self._request = request
+
+    def current_job(self) -> Any:
+        own = _own_running(self._request, self._engine)
+        return own[0] if own else None
+
+    def queued_count(self) -> int:
+        return self._engine.queued_count()
+
+
+def _own_running(request: Request, engine: Any) -> list[Any]:
+    running = engine.running_jobs() if hasattr(engine, "running_jobs") else [engine.current_job()]
+    return [job for job in running if job is not None and can_see(request, job.request.tags.get("owner"))]
+
+
+def _stop_own_jobs(request: Request, engine: Any, how: str) -> Any:
+    """A1111's interrupt/skip stop whatever runs; with keys, a caller stops only its own jobs (a batch can hold
+    several keys' requests). Returns the first job stopped."""
+    if owner_filter(request) is None:
+        job = engine.current_job()
+        getattr(engine, how)()
+        return job
+    own = _own_running(request, engine)
+    for job in own:
+        setattr(job, f"{how}_requested", True)
+    return own[0] if own else None

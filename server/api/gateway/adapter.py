@@ -32,6 +32,7 @@ from server.images import decode_image
 from server.jobs import JobSpec, StoredImage
 from server.jobs.service import Renderer
 from server.settings import Settings
+from server.webhooks.policy import check_webhook_url
 
 DIALECT = "gateway"
 # Families whose adapter runs Task.EDIT: instruction / reference editing, and no text-to-image. (pipelines/families
@@ -155,7 +156,7 @@ def binary_mask(mask: Image.Image) -> Image.Image:
 
 def redacted(body: GatewayRequest, image_fields: tuple[str, ...]) -> dict[str, Any]:
     """The wire request for the job record: image bytes replaced by their size, URLs stripped of query strings."""
-    data = body.model_dump(by_alias=True)
+    data = body.model_dump(by_alias=True, exclude={"webhook_url"})  # a webhook URL may carry a secret token
     for name in image_fields:
         value = data.get(name)
         if not value:
@@ -184,6 +185,7 @@ def _spec(
         route=route,
         request_json=redacted(body, image_fields),
         render=render,
+        webhook_url=check_webhook_url(body.webhook_url, settings),
         output_format=output_format,
         ttl_s=settings.result_ttl_for(route),
     )

@@ -31,6 +31,9 @@ class GatewayRequest(BaseModel):
     async_: bool = Field(
         False, alias="async", description="Answer 202 at once with a task address; poll GET /v2/tasks/{address}"
     )
+    webhook_url: str | None = Field(
+        None, description="Easel extension: POSTed a signed generation.completed/failed event when the job ends"
+    )
 
 
 class FluxRequest(GatewayRequest):

@@ -2,7 +2,7 @@
 
 The synchronous answer is read back from the job record, exactly as `GET /v2/tasks/{task_address}` reads it, so the
 two can never differ. A synchronous call that outlives `sync_timeout_s` answers 504 with the task address; the job
-goes on and its result stays retrievable.
+goes on and its result stays retrievable; a client that hangs up before the answer cancels it.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.errors import InvalidRequest
-from server.api.a1111.generation import require_engine
 from server.api.gateway.adapter import Plan
 from server.errors import ApiError, ErrorInfo, render_gateway
 from server.jobs import JobService, get_job_service
-from server.jobs.http import accepted, base_url, task_url
+from server.jobs.http import accepted, base_url, submit, task_url, wait_watching
 from server.settings import Settings
 
 
@@ -47,15 +46,14 @@ def timeout_response(request: Request, task_address: str, timeout_s: float) -> J
 async def run_job(request: Request, plan: Plan, run_async: bool) -> Response:
     settings: Settings = request.app.state.settings
     jobs: JobService = get_job_service(request)
-    engine = require_engine(request)
     try:
-        ticket = await run_in_threadpool(jobs.submit, engine, plan.spec)
+        ticket = await submit(request, plan.spec)
     except InvalidRequest as e:
         raise _wire_field(e, plan) from None
     if run_async:
         return accepted(request, ticket)
     try:
-        record = await jobs.wait(ticket, settings.sync_timeout_s)
+        record = await wait_watching(request, ticket, settings.sync_timeout_s)
     except TimeoutError:
         return timeout_response(request, ticket.task_address, settings.sync_timeout_s)
     if record.status != "completed":

@@ -16,12 +16,14 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from server.access.principal import can_see, owner_filter
 from server.errors import ApiError
 from server.jobs import JobService, TaskView, Ticket, get_job_service
 from server.jobs.db import utcnow
 from server.jobs.files import EXTENSIONS
 from server.jobs.http import TASKS_PATH, base_url, task_url
 from server.jobs.service import RESULTS_PATH
+from server.webhooks import get_webhook_service
 
 CANCEL_WAIT_S = 5.0  # how long a cancel request waits for the job to stop before answering 202
 
@@ -47,6 +49,7 @@ class TaskStatus(BaseModel):
     error: TaskError | None  # failed / cancelled
     cancel_requested: bool = False
     poll_url: str
+    webhook: list[dict[str, Any]] | None = None  # the job's webhook deliveries (server.webhooks), if it has a URL
 
 
 def _not_found(task_address: str) -> ApiError:
@@ -57,7 +60,9 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
 
-def task_body(request: Request, view: TaskView, result: dict[str, Any] | None) -> dict[str, Any]:
+def task_body(
+    request: Request, view: TaskView, result: dict[str, Any] | None, webhook: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     record = view.record
     error = {"code": record.error_code, "message": record.error} if view.status in ("failed", "cancelled") else None
     return {
@@ -76,21 +81,29 @@ def task_body(request: Request, view: TaskView, result: dict[str, Any] | None) -
         "error": error,
         "cancel_requested": view.cancel_requested,
         "poll_url": task_url(request, record.task_address),
+        "webhook": webhook,
     }
 
 
 async def _task_response(request: Request, jobs: JobService, task_address: str, status_code: int = 200) -> Response:
     view = await run_in_threadpool(jobs.task, task_address)
-    if view is None:
+    if view is None or not can_see(request, view.record.owner):
         raise _not_found(task_address)
     result = None
     if view.status == "completed":
         result = await run_in_threadpool(jobs.result_body, view.record, base_url(request))
-    return JSONResponse(task_body(request, view, result), status_code=status_code)
+    webhooks = get_webhook_service(request.app)
+    webhook = None
+    if webhooks is not None and view.record.webhook_url:
+        webhook = await run_in_threadpool(webhooks.deliveries_for, view.record.id)
+    return JSONResponse(task_body(request, view, result, webhook), status_code=status_code)
 
 
 async def _cancel(request: Request, task_address: str) -> Response:
     jobs = get_job_service(request)
+    view = await run_in_threadpool(jobs.task, task_address)
+    if view is None or not can_see(request, view.record.owner):
+        raise _not_found(task_address)
     outcome = await run_in_threadpool(jobs.cancel, task_address)
     if outcome is None:
         raise _not_found(task_address)
@@ -134,7 +147,12 @@ def build_router() -> APIRouter:
     async def result_file(request: Request, filename: str) -> Response:
         """A result image, until its URL expires."""
         token, _, ext = filename.rpartition(".")
-        found = await run_in_threadpool(get_job_service(request).file, token) if token else None
+        jobs = get_job_service(request)
+        found = await run_in_threadpool(jobs.file, token) if token else None
+        if found is not None and owner_filter(request) is not None:
+            record = await run_in_threadpool(jobs.store.get, found[0].job_id)
+            if record is None or not can_see(request, record.owner):
+                found = None
         if found is None or EXTENSIONS.get(found[0].content_type) != ext:
             raise ApiError(404, "result not found (unknown, or expired)", code="result_not_found")
         stored, data = found

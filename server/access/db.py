@@ -1,0 +1,42 @@
+"""Tables of the access layer, in the job database: `api_keys` and `rate_windows`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Boolean, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from server.jobs.db import Base, UTCDateTime
+
+
+class ApiKey(Base):
+    """An API key. Only the SHA-256 of the secret is stored: the secret is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # public: owner of jobs, shown by `keys list`
+    name: Mapped[str] = mapped_column(String(128))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # the first characters of the secret, to recognise a key
+    plan: Mapped[str] = mapped_column(String(16))
+    rate_limit: Mapped[int] = mapped_column(Integer)  # requests per UTC minute
+    quota: Mapped[int | None] = mapped_column(Integer)  # credits; None: unlimited
+    credits_used: Mapped[int] = mapped_column(Integer, default=0)
+    images_generated: Mapped[int] = mapped_column(Integer, default=0)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Signs webhook deliveries of this key's jobs (HMAC-SHA256). A shared secret, so it is stored as is.
+    webhook_secret: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RateWindow(Base):
+    """Requests a key made in one UTC minute. Counted in the database, so every server process sharing it (several
+    ingress replicas) enforces one limit per key."""
+
+    __tablename__ = "rate_windows"
+
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    window_start: Mapped[int] = mapped_column(Integer, primary_key=True)  # unix minute (epoch seconds // 60)
+    count: Mapped[int] = mapped_column(Integer, default=0)
