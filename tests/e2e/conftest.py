@@ -34,7 +34,14 @@ def live_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "easel.log"
     easel = Path(sys.executable).parent / "easel"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EASEL_MAX_STEPS": "400"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "EASEL_MAX_STEPS": "400",
+        "EASEL_DRAIN_TIMEOUT_S": "5",  # teardown: leftover jobs get 5 s, not the default 30
+        # Genrex sizes are 1024 px and up: one step at `low` keeps its end-to-end test fast on CPU.
+        "EASEL_GENREX_QUALITY_STEPS": '{"low": 0.05, "medium": 0.5, "high": 1.0}',
+    }
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [str(easel), "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)],
