@@ -20,6 +20,11 @@ log = logging.getLogger("easel.cache")
 
 Loader = Callable[[ModelSpec], LoadedModel]
 
+# Loading is not thread-safe: diffusers/transformers build modules under accelerate's `init_empty_weights`, which
+# patches torch.nn.Module for the whole process, so two loads at once (two devices' caches, or a request and an A1111
+# /options preload) can leave "meta" tensors behind. Loads in one process run one at a time, whichever cache asks.
+_LOAD_LOCK = threading.Lock()
+
 
 def free_device_memory() -> None:
     gc.collect()
@@ -73,7 +78,8 @@ class PipelineCache:
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
         try:
-            return self._loader(spec)
+            with _LOAD_LOCK:
+                return self._loader(spec)
         except ModelLoadError:
             raise
         except Exception as e:
