@@ -165,6 +165,8 @@ def _error_info(exc: BaseException) -> ErrorInfo:
 
 # Renderers ---------------------------------------------------------------------------------------------------------
 
+# ErrorInfo -> the dialect's body. A renderer may also adjust `info.status` (OpenAI answers invalid input with 400,
+# not 422): every caller reads the status after rendering.
 Renderer = Callable[[ErrorInfo], dict[str, Any]]
 
 

@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.errors import QueueFull
-from server.errors import error_info, renderer_for
+from server.errors import ErrorInfo, error_info, renderer_for
 
 
 class _BodyTooLarge(Exception):
@@ -30,7 +30,7 @@ class BodySizeLimit:
             return
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            await self._refuse(send, int(length))
+            await self._refuse(scope, send, int(length))
             return
 
         seen = 0
@@ -45,7 +45,7 @@ class BodySizeLimit:
                     # Answer now: the app may swallow the exception below (FastAPI turns body errors into 400).
                     refused = True
                     if not started:
-                        await self._refuse(send, seen)
+                        await self._refuse(scope, send, seen)
                     raise _BodyTooLarge
             return message
 
@@ -61,17 +61,16 @@ class BodySizeLimit:
         except _BodyTooLarge:
             pass
 
-    async def _refuse(self, send: Send, size: int) -> None:
-        body = json.dumps(
-            {
-                "error": "PayloadTooLarge",
-                "detail": f"request body of {size}+ bytes exceeds max_body_bytes={self.max_bytes}",
-            }
-        ).encode()
+    async def _refuse(self, scope: Scope, send: Send, size: int) -> None:
+        """413 in the error shape of the path's dialect."""
+        message = f"request body of {size}+ bytes exceeds max_body_bytes={self.max_bytes}"
+        info = ErrorInfo(413, message, "PayloadTooLarge", "payload_too_large")
+        app = scope.get("app")
+        body = json.dumps(renderer_for(app, scope["path"])(info) if app is not None else {"detail": message}).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": info.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
             }
         )

@@ -59,3 +59,17 @@ def test_chunked_oversized_body_is_refused_too():
 
     r = client.post("/sdapi/v1/txt2img", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413
+
+
+def test_oversized_body_answers_in_each_dialects_error_shape():
+    registry = load_registry(REPO_ROOT / "models.yaml")
+    client = TestClient(create_app(Settings(max_body_bytes=2048), engine=FakeEngine(registry), registry=registry))
+    big = {"content": b"{" + b" " * 4096 + b"}", "headers": {"content-type": "application/json"}}
+    a1111 = client.post("/sdapi/v1/txt2img", **big)
+    assert a1111.status_code == 413 and a1111.json()["error"] == "PayloadTooLarge"
+    openai = client.post("/v1/images/generations", **big)
+    assert openai.status_code == 413 and "max_body_bytes" in openai.json()["error"]["message"]
+    genpicz = client.post("/v1/generate", **big)
+    assert genpicz.status_code == 413 and genpicz.json()["error"]["status"] == 413
+    gateway = client.post("/v2/image/flux/generate", **big)
+    assert gateway.json()["error"]["code"] == "payload_too_large"
