@@ -13,6 +13,7 @@ from typing import Any
 
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult
+from server.api.background import check_transparent_background
 from server.api.gateway import sizes
 from server.api.gateway.adapter import RANDOM_SEED, require_text_to_image, route_model
 from server.api.genrex.schemas import CreateImageRequest
@@ -50,19 +51,6 @@ def quality_steps(quality: str, spec: ModelSpec, settings: Settings) -> int:
     return max(1, min(round(spec.defaults.steps * factor), settings.max_steps))
 
 
-def _check_background(body: CreateImageRequest, spec: ModelSpec, settings: Settings) -> None:
-    if body.background != "transparent":
-        return
-    if spec.id not in settings.alpha_model_ids:
-        raise _invalid(
-            "background",
-            f"transparent backgrounds need a model that produces alpha; the {body.model} tier runs '{spec.id}', which "
-            "does not (use auto or opaque, or list such a model in alpha_model_ids)",
-        )
-    if body.format == "jpeg":
-        raise _invalid("format", "jpeg has no alpha channel; use png or webp with a transparent background")
-
-
 def _recorded(body: CreateImageRequest, prompt: str, negative: str) -> dict[str, Any]:
     """The wire request and the final prompts the style made. The webhook URL is on the record
     (JobSpec.webhook_url), not copied here: it may carry a secret."""
@@ -87,7 +75,7 @@ def plan(body: CreateImageRequest, ctx: Context) -> JobSpec:
     require_text_to_image(spec, route)
     width, height = SIZES[body.size]
     sizes.check_size(width, height, spec, settings)
-    _check_background(body, spec, settings)
+    check_transparent_background(body.background, body.format, spec, settings, format_field="format")
     webhook_url = check_webhook_url(body.webhook_url or None, settings)
     prompt, negative = style.apply(body.prompt)
     request = GenerationRequest(

@@ -15,6 +15,7 @@ from typing import Any
 
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult
+from server.api.background import check_transparent_background
 from server.api.gateway import sizes
 from server.api.gateway.adapter import EDIT_FAMILIES, require_text_to_image, route_model, seed_of
 from server.api.indoxhub.schemas import IndoxHubRequest, parse_aspect_ratio
@@ -149,20 +150,6 @@ def _check_plain_fields(body: IndoxHubRequest, settings: Settings) -> None:
         raise _invalid("n", f"{body.n} is above this server's max_images_per_request={settings.max_images_per_request}")
 
 
-def _check_background(body: IndoxHubRequest, spec: ModelSpec, settings: Settings) -> None:
-    params = body.additional_params
-    if params.background != "transparent":
-        return
-    if spec.id not in settings.alpha_model_ids:
-        raise _invalid(
-            "additional_params.background",
-            f"transparent backgrounds need a model that produces alpha; '{spec.id}' does not (use auto or opaque, "
-            "or list such a model in alpha_model_ids)",
-        )
-    if params.output_format == "jpeg":
-        raise _invalid("additional_params.output_format", "jpeg has no alpha channel; use png or webp")
-
-
 def _styled_prompt(body: IndoxHubRequest, styles: StyleBook, ignored: list[str]) -> tuple[str, str]:
     negative = body.additional_params.negative_prompt or ""
     if body.style is None:
@@ -191,7 +178,15 @@ def plan(body: IndoxHubRequest, ctx: Context) -> Plan:
     _check_plain_fields(body, settings)
     spec, shown_model, prefix = resolve_model(body.model, ctx.registry)
     width, height = output_size(body, spec, settings)
-    _check_background(body, spec, settings)
+    params = body.additional_params
+    check_transparent_background(
+        params.background,
+        params.output_format,
+        spec,
+        settings,
+        background_field="additional_params.background",
+        format_field="additional_params.output_format",
+    )
     ignored = body.ignored()
     prompt, negative = _styled_prompt(body, ctx.styles, ignored)
     params = body.additional_params
