@@ -52,7 +52,7 @@ from pipelines.job_state import CompletableJob
 from pipelines.lora import LoraManager, registry_for
 from pipelines.optimize import apply_optimizations, prepare_call
 from pipelines.registry import ModelSpec, Registry
-from pipelines.request import GenerationRequest, GenerationResult, Task
+from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task
 from pipelines.sampler_names import SamplerChoice
 from pipelines.samplers import build_scheduler, resolve_sampler, scheduler_label_for_info
 
@@ -329,6 +329,8 @@ class Engine:
             raise DeadlineExceeded("the request's deadline had already passed when it was submitted")
         request = dataclasses.replace(request, model=spec.id, deadline=deadline)
         self._validate(spec, request)
+        if request.task in (Task.IMG2IMG, Task.INPAINT) and request.strength < MIN_DENOISING_STRENGTH:
+            request = dataclasses.replace(request, strength=MIN_DENOISING_STRENGTH)
         seed = request.seed if request.seed is not None and request.seed >= 0 else random.randrange(MAX_SEED)
         job = Job(request, seed, resolve_sampler(request.sampler or spec.defaults.sampler, "Euler", request.schedule))
         with self._admission:

@@ -47,6 +47,13 @@ class LoraRef:
     te_weight: float | None = None
 
 
+# The smallest img2img / inpaint denoising strength that runs. families.schedule_steps lengthens the schedule to
+# ceil(1 / strength) steps so that one denoising step remains, and 1000 (the training timesteps) is the longest
+# schedule every scheduler accepts (DDIM refuses more). A lower strength, 0 included (diffusers then has no step to
+# run), is raised to this: one step at the lowest noise, the input nearly unchanged, as A1111 gives for 0.
+MIN_DENOISING_STRENGTH = 1e-3
+
+
 @dataclass
 class GenerationRequest:
     """One unit of work, dialect-agnostic.

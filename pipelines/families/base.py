@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipelines.hires import HiresPlan, crop_box, plan_hires
 from pipelines.registry import ModelSpec
-from pipelines.request import GenerationRequest, Task
+from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, Task
 
 if TYPE_CHECKING:
     from pipelines.lora import LoraManager
@@ -161,7 +161,7 @@ def start_hires(
         width=plan.final[0],
         height=plan.final[1],
         steps=steps,
-        strength=req.hires.denoising_strength,
+        strength=max(req.hires.denoising_strength, MIN_DENOISING_STRENGTH),  # 0 leaves no step to run
         hires=None,
     )
     estimate = max(1, int(steps * req.hires.denoising_strength))

@@ -1,9 +1,11 @@
 """Schemathesis fuzz of the whole OpenAPI schema (every dialect) against a real `easel serve`: no request gets a 5xx.
 
-scripts/fuzz.py does the work (it documents what counts as a finding: any 5xx, a dropped or hung request, a server
-that is not live and ready afterwards). This test runs it with a few examples per operation, positive and negative
-data, a fixed seed, against its own server with tight limits (at most 2 steps, 128x128, 2 images), so in-range
-requests are cheap on CPU and out-of-range ones are refused with 4xx. `python scripts/fuzz.py` runs more examples.
+scripts/fuzz.py does the work and documents it: what counts as a finding (a 5xx other than the documented 501s of
+unimplemented A1111 extras, a dropped or hung request, a server not live and ready afterwards) and the three modes
+(positive, cheap: positive with cost fields pinned small and real input images, negative). This test runs it with a
+few examples per operation and mode and a fixed seed, against its own server with tight limits (2 steps, 512x512,
+2 images), so valid requests are cheap on CPU and out-of-range ones are refused with 4xx. `python scripts/fuzz.py`
+runs more examples.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.e2e
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-MAX_EXAMPLES = 3  # per operation and mode: about 500 requests, 1-2 minutes on 2 CPU cores
+MAX_EXAMPLES = 5  # per operation and mode: about 420 requests, 35-50 s on 2 CPU cores
 
 
 def load_fuzz() -> ModuleType:
@@ -37,23 +41,44 @@ def fuzz() -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(fuzz: ModuleType, demo_root: Path) -> Iterator[object]:
+def fuzz_server(fuzz: ModuleType, demo_root: Path) -> Iterator[Any]:
     with fuzz.local_server(fuzz.FUZZ_ENV, demo_models=demo_root, startup_timeout_s=300) as server:
         yield server
 
 
-def test_no_operation_answers_5xx(fuzz: ModuleType, fuzz_server: object) -> None:
+def test_no_operation_answers_5xx(fuzz: ModuleType, fuzz_server: Any) -> None:
     report = fuzz.run_fuzz(fuzz_server.url, max_examples=MAX_EXAMPLES, seed=0, timeout_s=120)
     summary = fuzz.format_report(report)
     tracebacks = "\n".join(fuzz.server_tracebacks(fuzz_server.log))
     print(summary)
     assert not report.findings, f"{summary}\n{tracebacks}"
     assert not [e for op in report.operations for e in op.generation_errors], summary  # nothing left unfuzzed
-    # The fuzz reached every dialect and got answers, valid requests included (2xx), not only refusals.
-    labels = {op.operation for op in report.operations}
-    for path in ("/sdapi/v1/txt2img", "/v2/image/flux/generate", "/v1/images/generations", "/v1/generate"):
-        assert f"POST {path}" in labels
-    assert "POST /image/create" in labels and "POST /api/v1/images/generations" in labels
-    classes = report.status_classes()
-    assert classes["2xx"] > 50 and classes["4xx"] > 50, summary
+    # Every dialect was fuzzed, and the cheap mode got valid requests through to the engine on every generation and
+    # edit route (2xx), not only refusals. Genrex's sizes (1024 px and up) are above this server's 512 px limit:
+    # its routes get 4xx here (scripts/fuzz.py --max-side 1536 generates them).
+    answered = {op.operation: op.statuses for op in report.operations}
+    assert len(answered) == len(schema_operations(fuzz_server.url)), "an operation was not fuzzed"
+    for label in (
+        "POST /sdapi/v1/txt2img",
+        "POST /sdapi/v1/img2img",
+        "POST /v2/automatic1111/sdapi/v1/img2img",
+        "POST /v2/image/flux/generate",
+        "POST /v2/image/qwen/generate",
+        "POST /v2/image/qwen/edit",
+        "POST /v2/image/gpt-image/generate",
+        "POST /v2/image/gpt-image/edit",
+        "POST /v2/image/gemini-3/generate",
+        "POST /v1/images/generations",
+        "POST /v1/images/edits",
+        "POST /api/v1/images/generations",
+        "POST /v1/generate",
+    ):
+        assert any(200 <= status < 300 for status in answered[label]), (label, answered[label])
+    for label in ("POST /image/create", "POST /v1/image/create"):
+        assert any(400 <= status < 500 for status in answered[label]), (label, answered[label])
     assert report.health_after == {"/livez": 200, "/readyz": 200}
+
+
+def schema_operations(url: str) -> list[tuple[str, str]]:
+    spec = httpx.get(f"{url}/openapi.json", timeout=30).json()
+    return [(method, path) for path, item in spec["paths"].items() for method in item]

@@ -142,3 +142,15 @@ def test_done_callbacks_run_once_on_completion_and_at_once_when_late(engine):
     while len(seen) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert sorted(seen) == [("early", JobStatus.COMPLETED), ("late", JobStatus.COMPLETED)]
+
+
+@pytest.mark.parametrize(("strength", "sampler"), [(0.0, None), (5e-324, None), (1e-4, "DDIM"), (0.3, "DDIM")])
+def test_any_valid_denoising_strength_runs(engine, strength: float, sampler: str | None):
+    """Found by the fuzz: strength 0 left diffusers no step to run, tiny strengths overflowed or asked DDIM for more
+    than 1000 steps. The input comes back nearly unchanged at 0, as A1111 gives."""
+    from PIL import Image
+
+    source = Image.new("RGB", (64, 64), (200, 30, 30))
+    job = engine.submit(req(task=Task.IMG2IMG, init_images=[source], strength=strength, steps=1, sampler=sampler))
+    result = job.wait_sync(120)
+    assert result.images[0].size == (64, 64)
