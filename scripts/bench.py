@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,9 @@ from typing import Any
 
 import httpx
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # local_server.py next to this script
+from local_server import easel_command, free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLER = "Euler"
@@ -80,17 +82,6 @@ def completion_clusters(ends: list[float], min_latency: float) -> int:
 
 
 # --- the server subprocess -------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def easel_command() -> list[str]:
-    script = Path(sys.executable).parent / "easel"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
 
 
 @dataclass

@@ -42,6 +42,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # local_server.py next to this script
+from bench import percentile  # noqa: E402
 from local_server import DEFAULT_DEMO_MODELS, is_loopback_url, local_server  # noqa: E402
 
 KINDS = ("a1111", "openai", "gateway")
@@ -50,17 +51,6 @@ COUNTED = ("2xx", "429", "4xx", "5xx", "transport_error")  # answer classes; 4xx
 
 
 # --- statistics ------------------------------------------------------------------------------------------------------
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default), q in [0, 100]; nan for no values."""
-    xs = sorted(values)
-    if not xs:
-        return float("nan")
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def latency_summary(values: list[float]) -> dict[str, float | int | None]:

@@ -49,6 +49,9 @@ class AccessControl:
         self._keys = keys  # factories: the stores open the database lazily, once the app has started
         self._limiter = limiter
         self.basic_users = basic_users
+        # Keys are revoked, never deleted: once one exists the server stays locked, so that answer is kept (an open
+        # server asks on each request, since `easel keys create` may run in another process meanwhile).
+        self._locked = bool(basic_users)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
@@ -93,7 +96,9 @@ class AccessControl:
     def _authenticate(self, authorization: str, a1111: bool) -> Principal | None | bool:
         """The caller; None when the server runs open; False when credentials are missing or wrong."""
         keys = self._keys()
-        if not self.basic_users and not keys.any_keys():
+        if not self._locked:
+            self._locked = keys.any_keys()
+        if not self._locked:
             return None  # open server: credentials are not checked (SDKs always send some API key)
         scheme, _, credentials = authorization.partition(" ")
         scheme = scheme.lower()

@@ -189,7 +189,6 @@ def plan(body: IndoxHubRequest, ctx: Context) -> Plan:
     )
     ignored = body.ignored()
     prompt, negative = _styled_prompt(body, ctx.styles, ignored)
-    params = body.additional_params
     guidance = params.guidance_scale if params.guidance_scale is not None else spec.defaults.cfg
     request = GenerationRequest(
         model=spec.id,
