@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from pipelines import demo
 from pipelines.batching import batch_key
@@ -38,10 +38,13 @@ TAGS = {"fox": 3, "snow": 1}
 
 
 def _lora_weights(module: torch.nn.Module, targets: list[str], seed: int) -> dict[str, torch.Tensor]:
-    """A random rank-4 LoRA for `module` (lora_B random too, so it changes the output), PEFT/diffusers key names."""
+    """A random rank-4 LoRA for `module` (lora_B random too, so it changes the output), PEFT/diffusers key names.
+
+    PEFT injects it directly, not through transformers' or diffusers' adapter integration: the files are made the
+    same way whatever versions are installed, and only the loading code under test goes through those layers."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False), module)
     return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(module).items()}
 
 
@@ -232,6 +235,39 @@ def test_flux_lora(demo_root: Path, tmp_path: Path) -> None:
         _image(loaded, "(a red fox:1.3) BREAK", family="flux"), _image(loaded, "a red fox", family="flux")
     )
     assert np.array_equal(_image(loaded, "a red fox ", family="flux"), base)
+
+
+def test_sdxl_lora_on_the_unet_and_both_text_encoders(demo_root: Path, tmp_path: Path) -> None:
+    path = demo.ensure_demo_model("sdxl", demo_root)
+    unet = _lora_weights(UNet2DConditionModel.from_pretrained(path / "unet"), ATTN, seed=6)
+    te1 = _lora_weights(CLIPTextModel.from_pretrained(path / "text_encoder"), ["q_proj", "v_proj"], seed=7)
+    te2 = _lora_weights(
+        CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2"), ["q_proj", "v_proj"], seed=8
+    )
+    save_file(_prefixed("unet", unet), tmp_path / "xl_unet.safetensors")
+    save_file({**_prefixed("text_encoder", te1), **_prefixed("text_encoder_2", te2)}, tmp_path / "xl_te.safetensors")
+    spec = ModelSpec(id="demo-sdxl", family="sdxl", source="demo:sdxl")
+    loaded = adapter_for("sdxl").load(spec, str(path), torch.device("cpu"), torch.float32)
+    loaded.loras = LoraManager(loaded.base, LoraRegistry(tmp_path))
+    base = _image(loaded, family="sdxl")
+    with_unet = _image(loaded, "a red fox <lora:xl_unet:1>", family="sdxl")
+    with_te = _image(loaded, "a red fox <lora:xl_te:1>", family="sdxl")
+    assert _diff(with_unet, base) > 0 and _diff(with_te, base) > 0 and _diff(with_unet, with_te) > 0
+    adapters = loaded.base.get_list_adapters()
+    assert {"unet", "text_encoder", "text_encoder_2"} <= set(adapters)
+    assert np.array_equal(_image(loaded, family="sdxl"), base)
+
+
+def test_flux_lora_on_the_clip_text_encoder(demo_root: Path, tmp_path: Path) -> None:
+    path = demo.ensure_demo_model("flux", demo_root)
+    te = _lora_weights(CLIPTextModel.from_pretrained(path / "text_encoder"), ["q_proj", "v_proj"], seed=9)
+    save_file(_prefixed("text_encoder", te), tmp_path / "flux_te.safetensors")
+    spec = ModelSpec(id="demo-flux", family="flux", source="demo:flux")
+    loaded = adapter_for("flux").load(spec, str(path), torch.device("cpu"), torch.float32)
+    loaded.loras = LoraManager(loaded.base, LoraRegistry(tmp_path))
+    base = _image(loaded, family="flux")
+    assert _diff(_image(loaded, "a red fox <lora:flux_te:1>", family="flux"), base) > 0
+    assert np.array_equal(_image(loaded, family="flux"), base)
 
 
 # --- batching and engine ----------------------------------------------------------------------------------------------
