@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Apps built without an explicit data_dir must not write into the checkout's ./data.
-os.environ.setdefault("EASEL_DATA_DIR", __import__("tempfile").mkdtemp(prefix="easel-test-data-"))
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Everything a run writes lives under one folder, removed when the run ends: pytest's tmp paths, the data dir of apps
+# built without one (never the checkout's ./data), torch.compile's cache and the Ray session of tests/ray. Servers
+# started as subprocesses inherit the variables.
+SESSION_ROOT = Path(tempfile.mkdtemp(prefix="easel-tests-"))
+os.environ.setdefault("EASEL_DATA_DIR", str(SESSION_ROOT / "data"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(SESSION_ROOT / "inductor"))
+os.environ.setdefault("TRITON_CACHE_DIR", str(SESSION_ROOT / "triton"))
+os.environ.setdefault("RAY_TMPDIR", str(SESSION_ROOT / "ray"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.basetemp is None:  # an explicit --basetemp is the caller's to keep
+        config.option.basetemp = str(SESSION_ROOT / "pytest")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
