@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,6 +23,7 @@ from server.checkpoint_scan import checkpoint_rescanner
 from server.engine_factory import build_engine
 from server.errors import client_safe, register_error_handlers
 from server.jobs import create_job_service
+from server.logs import debugging
 from server.middleware import AdmissionGate, BodySizeLimit
 from server.settings import Settings
 from server.styles import load_styles
@@ -30,6 +32,9 @@ from server.webhooks import WebhookService
 log = logging.getLogger("easel")
 
 PROBE_RETRY_AFTER_S = 5
+# /docs and /redoc load Swagger UI and ReDoc from here (fastapi-offline's bundled copies), never from a CDN, so the
+# API pages work on an air-gapped box. Open without a key, as the pages themselves are.
+DOCS_ASSETS_PATH = "/docs-assets"
 
 
 def begin_draining(app: FastAPI) -> None:
@@ -108,10 +113,11 @@ def _start_real_engine(app: FastAPI, settings: Settings, registry: Registry) -> 
             engine = build_engine(registry, settings)  # torch is imported there, not by the HTTP package
             engine.start()
             app.state.engine = engine
-            log.info("engine ready on %s", engine.device)
+            log.info("engine running on %s", engine.device)
         except Exception as e:  # surfaced by /readyz and the log; the process stays alive for /livez
-            log.exception("engine failed to start")
             app.state.engine_error = client_safe(f"{type(e).__name__}: {e}")
+            log.error("the engine failed to start: %s", " ".join(str(e).split()) or type(e).__name__,
+                      exc_info=debugging())  # fmt: skip
 
     threading.Thread(target=build, name="easel-engine-start", daemon=True).start()
 
@@ -145,7 +151,9 @@ def create_app(
         await loop.run_in_executor(None, webhooks.close)
         await shut_down(app)
 
-    app = FastAPI(
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS_PATH,
+        swagger_ui_parameters={"validatorUrl": None},  # Swagger UI would ask validator.swagger.io for a badge
         title="Easel",
         version="0.1.0",
         description="Self-hosted image generation: AUTOMATIC1111, gateway and OpenAI-style APIs over diffusers.",

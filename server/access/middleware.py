@@ -25,6 +25,7 @@ from server.access.ratelimit import RateDecision, RateLimiter
 from server.errors import A1111_PREFIXES, ErrorInfo, renderer_for
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PREFIXES = ("/docs-assets/",)  # the API pages' own scripts and styles (server.app.DOCS_ASSETS_PATH)
 
 
 def parse_basic_users(spec: str | None) -> dict[str, str]:
@@ -54,7 +55,12 @@ class AccessControl:
         self._locked = bool(basic_users)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if (
+            scope["type"] != "http"
+            or scope["path"] in OPEN_PATHS
+            or scope["path"].startswith(OPEN_PREFIXES)
+            or scope["method"] == "OPTIONS"
+        ):
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]

@@ -73,3 +73,35 @@ def test_oversized_body_answers_in_each_dialects_error_shape():
     assert genpicz.status_code == 413 and genpicz.json()["error"]["status"] == 413
     gateway = client.post("/v2/image/flux/generate", **big)
     assert gateway.json()["error"]["code"] == "payload_too_large"
+
+
+def test_api_pages_load_every_asset_from_the_server_itself(tmp_path):
+    """/docs and /redoc render on an air-gapped box: the HTML names no other host, and each script, stylesheet and
+    icon it names is served here (without a key, as the pages are, once keys exist)."""
+    import re
+
+    from server.access.keys import KeyStore
+    from server.jobs.db import create_tables, make_engine
+
+    settings = Settings(data_dir=tmp_path)
+    db = make_engine(settings.resolved_database_url)
+    create_tables(db)
+    KeyStore(db).create("someone")
+    db.dispose()
+    registry = load_registry(REPO_ROOT / "models.yaml")
+    client = TestClient(create_app(settings, engine=FakeEngine(registry), registry=registry))
+    assert client.get("/sdapi/v1/sd-models").status_code == 401  # keys are in force
+    for page in ("/docs", "/redoc"):
+        r = client.get(page)
+        assert r.status_code == 200, page
+        html = r.text
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", html, re.I), f"{page} names an external URL"
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: ?'([^']+)'", html)
+        assets = [a for a in assets if a.startswith("/docs-assets/")]
+        assert any(a.endswith(".js") for a in assets), page
+        for asset in assets:
+            got = client.get(asset)
+            assert got.status_code == 200, asset
+            assert len(got.content) > 1000, asset
+            expected = {"js": "javascript", "css": "text/css", "png": "image/png"}[asset.rsplit(".", 1)[1]]
+            assert expected in got.headers["content-type"], asset
