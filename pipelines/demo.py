@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import shutil
 import string
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +56,8 @@ from transformers.utils import is_torchvision_available
 from transformers.utils import logging as transformers_logging
 
 from pipelines.families.qwen import ImageOnlyQwen2VLProcessor
+
+log = logging.getLogger("easel.demo")
 
 DEMO_KINDS: tuple[str, ...] = ("sd15", "sdxl", "flux", "qwen-image", "qwen-image-edit")
 
@@ -530,5 +534,8 @@ def ensure_demo_model(kind: str, root: Path) -> Path:
         return out_dir
     with _locked(root):
         if not _marker_ok(out_dir, kind):  # someone else may have built it while we waited
+            started = time.perf_counter()
+            log.info("building the demo model %s (tiny, random weights) into %s", kind, out_dir)
             build_demo_model(kind, out_dir)
+            log.info("built the demo model %s in %.1f s", kind, time.perf_counter() - started)
     return out_dir

@@ -49,6 +49,7 @@ from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, Unsup
 from pipelines.hires import HIRES_UPSCALERS
 from pipelines.imageprep import flatten, prepare_inpaint, resize_image
 from pipelines.job_state import CompletableJob
+from pipelines.library_logging import describe_components, quiet_libraries
 from pipelines.lora import LoraManager, registry_for
 from pipelines.optimize import apply_optimizations, prepare_call
 from pipelines.registry import ModelSpec, Registry
@@ -205,6 +206,7 @@ class Engine:
     """Implements `pipelines.engine_api.EngineClient`, with dynamic batching of compatible requests."""
 
     def __init__(self, registry: Registry, config: EngineConfig | None = None):
+        quiet_libraries()
         self.registry = registry
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
@@ -464,7 +466,12 @@ class Engine:
                 )
         started = time.perf_counter()
         adapter = adapter_for(spec.family)
-        loaded = adapter.load(spec, str(path), self.device, resolve_dtype(spec, self.device))
+        dtype = resolve_dtype(spec, self.device)
+        log.info("loading %s (%s, %s) from %s onto %s", spec.id, spec.family, str(dtype).removeprefix("torch."), path,
+                 self.device)  # fmt: skip
+        loaded = adapter.load(spec, str(path), self.device, dtype)
+        for line in describe_components(loaded.base.components):
+            log.info("  %s %s", spec.id, line)
         if self.config.lora_dir is not None:
             loaded.loras = LoraManager(loaded.base, registry_for(self.config.lora_dir))
         # The warm-up makes an image from text, which the refiner and FLUX Fill cannot: they compile on first use.

@@ -321,7 +321,12 @@ def load_registry(path: str | Path) -> Registry:
     except FileNotFoundError as e:
         raise RegistryError(f"{path}: file not found") from e
     except yaml.YAMLError as e:
-        raise RegistryError(f"{path}: invalid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise RegistryError(f"{path}: invalid YAML{where}: {problem}") from e
+    except OSError as e:
+        raise RegistryError(f"{path}: cannot be read ({e.strerror or e})") from e
     if not isinstance(raw, dict):
         raise RegistryError(f"{path}: expected a mapping with a 'models' key")
     try:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from pipelines.registry import Registry, RegistryError, load_registry
+from server.logs import LEVELS, configure_logging, debugging
+from server.preflight import StartupProblem, check_startup
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -55,7 +57,13 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     if args.insecure_no_auth:
         settings.insecure_no_auth = True
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_startup(settings)  # data directory, job database, port: one line each, before anything starts
+    except StartupProblem as e:
+        if debugging():
+            log.debug("start-up check failed", exc_info=e)
+        print(f"easel: {e}", file=sys.stderr)
+        return 2
     refusal = open_server_refusal(settings)
     if refusal:
         print(f"easel: {refusal}", file=sys.stderr)
@@ -67,7 +75,13 @@ def serve(args: argparse.Namespace) -> int:
     # shutdown (the rest of the drain): the wait covers the drain and the grace for a running step to stop.
     graceful_s = math.ceil(settings.drain_timeout_s) + DRAIN_GRACE_S
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=graceful_s
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        log_config=None,  # uvicorn's lines go through the root logger's format (server.logs)
+        timeout_graceful_shutdown=graceful_s,
+        server_header=False,
     )
     server = DrainingServer(config, app)
     # uvicorn re-raises the signal it shut down on once it is done; a drained shutdown is a clean exit (0) instead.
@@ -114,6 +128,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI):
         super().__init__(config)
         self.app = app
+        self.announced = False  # the "ready" line has been logged
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         from server.app import begin_draining
@@ -126,7 +141,25 @@ class DrainingServer(uvicorn.Server):
         state = self.app.state
         return not state.draining and state.engine is not None and not getattr(state.engine, "alive", True)
 
+    def announce_when_ready(self) -> None:
+        """One line once the socket is bound and the engine runs with its default model loaded."""
+        from server.app import not_ready_reason
+
+        if self.announced or not self.started or not_ready_reason(self.app) is not None:
+            return
+        self.announced = True
+        settings: Settings = self.app.state.settings
+        engine = self.app.state.engine
+        loaded = engine.loaded_models() if hasattr(engine, "loaded_models") else []
+        log.info(
+            "ready at %s (API docs at /docs; engine on %s; loaded: %s)",
+            public_url(settings.host, settings.port),
+            getattr(engine, "device", "?"),
+            ", ".join(loaded) or "none yet",
+        )
+
     async def on_tick(self, counter: int) -> bool:
+        self.announce_when_ready()
         should_exit = await super().on_tick(counter)
         if not should_exit and counter % 10 == 0 and self.engine_dead():
             # vLLM's model: a dead engine cannot recover in-process; exit non-zero so the supervisor restarts us.
@@ -156,6 +189,13 @@ def open_server_refusal(settings: Settings) -> str | None:
         f"refusing to serve {settings.host} without authentication: create an API key first "
         "(`easel keys create --name NAME`), set EASEL_API_AUTH, or pass --insecure-no-auth to serve it open"
     )
+
+
+def public_url(host: str, port: int) -> str:
+    """The URL to print for a bind address (all interfaces: the loopback URL, saying so)."""
+    if host in ("0.0.0.0", "::", ""):
+        return f"http://127.0.0.1:{port} (listening on all interfaces)"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def is_loopback(host: str) -> bool:
@@ -218,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--host", help="bind address (EASEL_HOST; default 127.0.0.1)")
     p_serve.add_argument("--port", type=int, help="port (EASEL_PORT; default 7860)")
     _add_common(p_serve)
-    p_serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p_serve.add_argument(
+        "--log-level", default="info", choices=LEVELS, help="debug also shows tracebacks of start-up failures"
+    )
     p_serve.add_argument(
         "--insecure-no-auth",
         action="store_true",
@@ -251,8 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     p_pre.set_defaults(func=prefetch_configs)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    configure_logging(getattr(args, "log_level", "info"))
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # anything unforeseen at start-up: one line, the traceback only when debugging
+        if debugging():
+            log.exception("easel %s failed", args.command)
+        else:
+            detail = " ".join(str(e).split()) or "no details"
+            print(f"easel: {args.command} failed: {type(e).__name__}: {detail} (--log-level debug shows the traceback)",
+                  file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":
