@@ -114,7 +114,7 @@ class Job(CompletableJob):
         self.prepared: GenerationRequest | None = None  # inputs resized / mask prepared, set when the job starts
         self.finish_images: Callable[[list[Image.Image]], list[Image.Image]] = list
         self.images: list[Image.Image] = []
-        self.timings: dict[str, float] = {"queued_s": 0.0, "load_s": 0.0, "run_s": 0.0}
+        self.timings: dict[str, float] = {"queued_s": 0.0, "load_s": 0.0, "prepare_s": 0.0, "run_s": 0.0}
         self.degraded: list[str] = []  # what was done differently to make it run (e.g. an OOM batch split)
         self.deadline = request.deadline  # time.time() seconds; set by Engine.submit
 
@@ -648,7 +648,9 @@ class Engine:
             if it == 0:
                 job.timings["load_s"] = load_s
                 try:
+                    t_prep = time.perf_counter()
                     job.prepared, job.finish_images = self._prepare_images(job.request)
+                    job.timings["prepare_s"] = time.perf_counter() - t_prep
                 except Exception as e:
                     self._fail(job, e)
                     continue

@@ -110,7 +110,7 @@ class GenerationResult:
     height: int
     steps: int
     interrupted: bool = False
-    timings: dict[str, float] = field(default_factory=dict)  # queued_s, load_s, run_s
+    timings: dict[str, float] = field(default_factory=dict)  # queued_s, load_s, prepare_s, run_s
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -18,6 +18,7 @@ from server.access.principal import job_owner
 from server.errors import ApiError
 from server.jobs.db import JobRecord
 from server.jobs.service import JobSpec, Ticket
+from server.timing import record_engine
 
 TASKS_PATH = "/v2/tasks"
 
@@ -79,7 +80,9 @@ async def wait_watching(request: Request, ticket: Ticket, timeout_s: float | Non
     jobs = request.app.state.jobs
     timeout = timeout_s if timeout_s is not None else request.app.state.settings.sync_timeout_s
     async with cancel_on_disconnect(request, lambda: run_in_threadpool(jobs.cancel, ticket.task_address)):
-        return await jobs.wait(ticket, timeout)
+        record = await jobs.wait(ticket, timeout)
+    record_engine(record.timings or {})
+    return record
 
 
 @contextlib.asynccontextmanager

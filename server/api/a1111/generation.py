@@ -24,6 +24,7 @@ from server.images import b64, decode_image, encode_image
 from server.jobs import JobSpec, StoredImage
 from server.jobs.http import accepted, cancel_on_disconnect, submit
 from server.settings import Settings
+from server.timing import record_engine
 
 log = logging.getLogger("easel.a1111")
 
@@ -127,6 +128,7 @@ async def run(request: Request, body: GenerationBase, state: A1111State) -> dict
         job = engine.submit(prep.request)
         async with cancel_on_disconnect(request, job.cancel):  # a client that hung up wants no images
             result = await job.wait(timeout=settings.sync_timeout_s)
+        record_engine(result.timings)
     except InvalidRequest as e:
         await run_in_threadpool(refund, accounting, owner, credits)
         raise _engine_field(e, model_field) from None

@@ -44,7 +44,7 @@ class TaskStatus(BaseModel):
     finished_at: datetime | None
     expires_at: datetime | None
     seeds: list[int] | None
-    timings: dict[str, float] | None  # the engine's queued_s, load_s, run_s
+    timings: dict[str, float] | None  # queued_s, load_s, prepare_s, run_s (engine); encode_s, store_s
     result: dict[str, Any] | None  # completed: the body the synchronous call returns
     error: TaskError | None  # failed / cancelled
     cancel_requested: bool = False
