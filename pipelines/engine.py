@@ -51,7 +51,7 @@ from pipelines.imageprep import flatten, prepare_inpaint, resize_image
 from pipelines.job_state import CompletableJob
 from pipelines.library_logging import describe_components, quiet_libraries
 from pipelines.lora import LoraManager, registry_for
-from pipelines.optimize import apply_optimizations, prepare_call
+from pipelines.optimize import apply_optimizations, prepare_call, warmup_shapes, watch_compiles
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task
 from pipelines.sampler_names import SamplerChoice
@@ -80,6 +80,9 @@ class EngineConfig:
     # Requests failing with out-of-memory in a row (each alone, after freeing memory) that mark the engine dead:
     # the memory is not coming back without a restart. 0 = never.
     max_consecutive_ooms: int = 3
+    # The share of the GPU's memory this process may allocate (torch.cuda.set_per_process_memory_fraction), for a
+    # card shared with other programs; an allocation past it fails as out-of-memory. None = all of it.
+    cuda_memory_fraction: float | None = None
 
     @property
     def demo_root(self) -> Path:
@@ -237,6 +240,8 @@ class Engine:
     # Lifecycle ---------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.device.type == "cuda" and self.config.cuda_memory_fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(self.config.cuda_memory_fraction, self.device)
         if self.config.preload_default:
             self.cache.get(self.registry.get(self.registry.default_model))
         self._running = True
@@ -484,15 +489,21 @@ class Engine:
 
     @staticmethod
     def _warm_up(adapter: FamilyAdapter, loaded: LoadedModel) -> None:
-        """One short generation at the model's default size, so compiled kernels exist before the first request."""
-        d = loaded.spec.defaults
-        task = Task.TXT2IMG if Task.TXT2IMG in adapter.tasks else None
-        if task is None:
+        """Short generations at every warm-up shape (`performance.warmup_sizes` x `warmup_batch_sizes`; default the
+        model's default size, one image), so compiled kernels and CUDA graphs exist before the first request."""
+        if Task.TXT2IMG not in adapter.tasks:
             return  # edit-only models need an input image; they compile on first use
-        req = GenerationRequest(model=loaded.spec.id, prompt="warm-up", width=d.width, height=d.height, steps=2)
-        scheduler = type(loaded.base.scheduler).from_config(loaded.base.scheduler.config)
-        with torch.inference_mode():
-            adapter.run(loaded, req, [0], scheduler, lambda step, total: False)
+        spec = loaded.spec
+        for width, height, batch in warmup_shapes(spec):
+            req = GenerationRequest(
+                model=spec.id, prompt="warm-up", width=width, height=height, steps=2, guidance=spec.defaults.cfg
+            )
+            scheduler = type(loaded.base.scheduler).from_config(loaded.base.scheduler.config)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                adapter.run(loaded, req, list(range(batch)), scheduler, lambda step, total: False)
+            log.info("  %s warmed up at %dx%d, %d image(s): %.1f s", spec.id, width, height, batch,
+                     time.perf_counter() - started)  # fmt: skip
 
     def max_batch_for(self, family: str) -> int:
         return self.config.max_batch_by_family.get(family, self.config.max_batch)
@@ -774,9 +785,11 @@ class Engine:
             return all(job.stop_requested for job, _ in units)
 
         n_images = sum(len(it.seeds) for it in items)
-        prepare_call(loaded.base, spec, self.device, job0.request.width, job0.request.height, n_images)
+        width, height = job0.request.width, job0.request.height
+        prepare_call(loaded.base, spec, self.device, width, height, n_images)
         self.calls += 1
-        with torch.inference_mode():
+        compiled = any(step.startswith("compile") for step in loaded.optimizations)
+        with torch.inference_mode(), watch_compiles(spec.id, compiled, width, height, n_images):
             if job0.request.hires is not None:  # hires jobs run alone (batching.batch_key)
                 return [adapter.run_hires(loaded, items[0].request, items[0].seeds, make_scheduler, on_step)]
             return adapter.run_batch(loaded, items, make_scheduler(), on_step)
