@@ -15,6 +15,7 @@ from PIL import Image
 from pipelines.hires import HiresPlan, crop_box, plan_hires
 from pipelines.registry import ModelSpec
 from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, Task
+from pipelines.text_cache import TextEmbeddingCache
 
 if TYPE_CHECKING:
     from pipelines.lora import LoraManager
@@ -48,6 +49,7 @@ class LoadedModel:
     derived: dict[Task, DiffusionPipeline] = field(default_factory=dict)
     optimizations: list[str] = field(default_factory=list)  # CUDA fast-path steps applied at load time
     loras: LoraManager | None = None  # LoRA adapters of `base` (and `derived`); None: no Lora directory configured
+    text_cache: TextEmbeddingCache = field(default_factory=TextEmbeddingCache)  # encoder outputs of recent prompts
 
     def approx_bytes(self) -> int:
         total = 0

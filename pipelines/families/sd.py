@@ -46,8 +46,8 @@ from pipelines.families.base import (
 from pipelines.hires import LATENT_UPSCALE_MODES, crop_box
 from pipelines.lora import lora_scope
 from pipelines.optimize import place
-from pipelines.prompt_embeds import encode_sd15, encode_sdxl
-from pipelines.prompts import extract_loras
+from pipelines.prompt_embeds import CacheScope, encode_sd15, encode_sdxl
+from pipelines.prompts import extract_loras, request_loras
 from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, Task
 
@@ -145,7 +145,8 @@ class StableDiffusionAdapter(FamilyAdapter):
             # SDXL: all-empty negatives become zeros (force_zeros_for_empty_prompt); the batcher never mixes empty
             # and non-empty negative prompts in one call.
             encode = encode_sdxl if loaded.spec.family == "sdxl" else encode_sd15
-            kwargs.update(encode(pipe, prompts, negatives))
+            cache = CacheScope(loaded.text_cache, request_loras(req))  # LoRAs change what the encoders give
+            kwargs.update(encode(pipe, prompts, negatives, cache=cache))
             images = pipe(**kwargs).images
         return images if output_type == "latent" else to_pil(images)
 
