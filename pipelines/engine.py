@@ -45,13 +45,14 @@ from pipelines.errors import (
     QueueFull,
 )
 from pipelines.families import adapter_for
-from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, UnsupportedTask
+from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, StepReporter, UnsupportedTask
 from pipelines.hires import HIRES_UPSCALERS
 from pipelines.imageprep import flatten, prepare_inpaint, resize_image
 from pipelines.job_state import CompletableJob
 from pipelines.library_logging import describe_components, quiet_libraries
 from pipelines.lora import LoraManager, registry_for
 from pipelines.optimize import apply_optimizations, prepare_call, warmup_shapes, watch_compiles
+from pipelines.previews import PreviewMaker, wants_preview
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task
 from pipelines.sampler_names import SamplerChoice
@@ -154,6 +155,10 @@ class Job(CompletableJob):
         """End the job now with `error`, queued or running (a running call stops at its next step and its images
         are dropped). No-op if it already ended."""
         self._finish(JobStatus.CANCELLED if isinstance(error, JobCancelled) else JobStatus.FAILED, error=error)
+
+    def _set_preview(self, step: int, image: Image.Image) -> None:
+        p = self._progress
+        p.preview, p.preview_step = image, step
 
     def _set_progress(self, job_no: int, step: int, steps: int) -> None:
         p = self._progress
@@ -786,13 +791,39 @@ class Engine:
 
         n_images = sum(len(it.seeds) for it in items)
         width, height = job0.request.width, job0.request.height
+        reporter = self._reporter(loaded, spec, units, on_step)
         prepare_call(loaded.base, spec, self.device, width, height, n_images)
         self.calls += 1
         compiled = any(step.startswith("compile") for step in loaded.optimizations)
         with torch.inference_mode(), watch_compiles(spec.id, compiled, width, height, n_images):
             if job0.request.hires is not None:  # hires jobs run alone (batching.batch_key)
                 return [adapter.run_hires(loaded, items[0].request, items[0].seeds, make_scheduler, on_step)]
-            return adapter.run_batch(loaded, items, make_scheduler(), on_step)
+            try:
+                return adapter.run_batch(loaded, items, make_scheduler(), reporter)
+            finally:
+                if reporter.previews is not None:
+                    reporter.previews.flush()
+
+    @staticmethod
+    def _reporter(loaded: LoadedModel, spec: ModelSpec, units: list[Unit], on_step: StepCallback) -> StepReporter:
+        """The call's step callback, with live previews when a request of the call asks for them: each job gets
+        the preview of its first image of the call."""
+        every = [job.request.preview_every for job, _ in units]
+        if not any(every):
+            return StepReporter(on_step, None, lambda step, total: False)
+        offsets, start = [], 0
+        for job, it in units:
+            offsets.append(start)
+            start += len(job.seeds_for(it))
+
+        def publish(step: int, images: list[Image.Image]) -> None:
+            for (job, _), offset in zip(units, offsets, strict=True):
+                if offset < len(images):
+                    job._set_preview(step, images[offset])
+
+        req = units[0][0].request
+        maker = PreviewMaker(loaded.base, spec.family, req.width, req.height, publish)
+        return StepReporter(on_step, maker, lambda step, total: any(wants_preview(step, total, e) for e in every))
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if is_out_of_memory(error):

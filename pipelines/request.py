@@ -84,6 +84,8 @@ class GenerationRequest:
     # LoRAs from structured fields. `<lora:name:w>` tags in the prompt stay in `prompt` (the infotext shows it as
     # sent) and are added to these by the family adapter (`pipelines.prompts.request_loras`).
     loras: list[LoraRef] = field(default_factory=list)
+    # Live previews every N denoising steps (0: none), on the job's progress (pipelines.previews).
+    preview_every: int = 0
     hires: HiresOptions | None = None  # A1111 hires fix (txt2img): upscale, then a second img2img pass
     # Free-form tags the dialect wants echoed back (never read by the GPU side).
     tags: dict[str, Any] = field(default_factory=dict)
@@ -123,6 +125,9 @@ class Progress:
     sampling_step: int = 0
     sampling_steps: int = 0
     started_at: float | None = None
+    # The latest live preview (pipelines.previews: 1/8 of the image size) and the step it shows; None until one.
+    preview: Image.Image | None = None
+    preview_step: int = 0
 
     @property
     def fraction(self) -> float:
