@@ -52,9 +52,9 @@ from pipelines.job_state import CompletableJob
 from pipelines.library_logging import describe_components, quiet_libraries
 from pipelines.lora import LoraManager, registry_for
 from pipelines.optimize import apply_optimizations, prepare_call, warmup_shapes, watch_compiles
-from pipelines.previews import PreviewMaker, wants_preview
+from pipelines.previews import PreviewMaker
 from pipelines.registry import ModelSpec, Registry
-from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task
+from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task, wants_preview
 from pipelines.sampler_names import SamplerChoice
 from pipelines.samplers import build_scheduler, resolve_sampler, scheduler_label_for_info
 
@@ -376,6 +376,14 @@ class Engine:
 
     def queued_count(self) -> int:
         return len(self._waiting)
+
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the next job to start, ...; None once it started (or if unknown)."""
+        with self._admission:
+            for position, waiting in enumerate(self._waiting, start=1):
+                if waiting == job_id:
+                    return position
+        return None
 
     def interrupt(self) -> None:
         for job in list(self._current_batch):

@@ -59,17 +59,6 @@ LATENT_RGB: dict[str, tuple[list[list[float]], list[float]]] = {
 LATENT_RGB["qwen-image-edit"] = LATENT_RGB["qwen-image"]
 
 
-def wants_preview(step: int, total: int, every: int) -> bool:
-    """Whether a job previewing every `every` steps (0: never) wants one after `step` of `total`. Never after the last
-    step: the real image follows at once."""
-    return every > 0 and step % every == 0 and step < total
-
-
-def evenly(steps: int, count: int) -> int:
-    """The interval giving about `count` previews over `steps` steps (OpenAI's `partial_images`)."""
-    return 0 if count <= 0 else max(1, -(-steps // (count + 1)))
-
-
 def unpack(pipe: Any, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Latents as (batch, channels, h, w): FLUX and Qwen-Image pack 2x2 patches into tokens; Qwen's VAE is 3-D."""
     if latents.ndim == 3:  # (batch, tokens, channels * 4)

@@ -135,3 +135,17 @@ class Progress:
             return 0.0
         done = self.job_no / self.job_count + self.sampling_step / self.sampling_steps / self.job_count
         return min(done, 1.0)
+
+
+# Live preview schedule (torch-free, so the HTTP side can plan previews; pipelines.previews makes them).
+
+
+def wants_preview(step: int, total: int, every: int) -> bool:
+    """Whether a job previewing every `every` steps (0: never) wants one after `step` of `total`. Never after the last
+    step: the real image follows at once."""
+    return every > 0 and step % every == 0 and step < total
+
+
+def evenly(steps: int, count: int) -> int:
+    """The interval giving about `count` previews over `steps` steps (OpenAI's `partial_images`)."""
+    return 0 if count <= 0 else max(1, -(-steps // (count + 1)))

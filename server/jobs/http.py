@@ -58,6 +58,8 @@ async def submit(request: Request, spec: JobSpec) -> Ticket:
     jobs = request.app.state.jobs
     spec.owner = job_owner(request)
     spec.base_url = spec.base_url or base_url(request)
+    if not spec.request.preview_every:  # live previews for the task's event stream, unless the dialect chose
+        spec.request.preview_every = request.app.state.settings.preview_every_n_steps
     return await run_in_threadpool(jobs.submit, require_engine(request), spec)
 
 

@@ -266,6 +266,10 @@ class JobService:
         self.ensure_started()
         return self._view(self.store.get_by_address(task_address))
 
+    def live_ticket(self, job_id: str) -> Ticket | None:
+        """The ticket of a job this process runs and has not finished storing; None otherwise."""
+        return self._live.get(job_id)
+
     def task_by_id(self, job_id: str) -> TaskView | None:
         """As `task`, by the job's id (dialects whose public id is the job id, e.g. Genrex's UUIDs)."""
         self.ensure_started()

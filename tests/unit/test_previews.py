@@ -16,9 +16,9 @@ from pipelines import demo
 from pipelines.engine import Engine, EngineConfig
 from pipelines.families import adapter_for, step_callback
 from pipelines.families.base import LoadedModel, StepReporter
-from pipelines.previews import LATENT_RGB, PreviewMaker, evenly, latents_to_rgb, wants_preview
+from pipelines.previews import LATENT_RGB, PreviewMaker, latents_to_rgb
 from pipelines.registry import ModelSpec, Registry
-from pipelines.request import GenerationRequest, Task
+from pipelines.request import GenerationRequest, Task, evenly, wants_preview
 from tests.unit.test_fast_path import DeviceValue
 
 FAMILIES = ["sd15", "sdxl", "flux", "qwen-image"]

@@ -53,6 +53,15 @@ def ignored_features(body: GenerationBase) -> list[str]:
     return [name for name, value in checks.items() if value]
 
 
+def preview_interval(options: dict[str, Any]) -> int:
+    """Steps between live previews from A1111's options (0: none)."""
+    try:
+        every = int(options.get("show_progress_every_n_steps") or 0)
+    except (TypeError, ValueError):
+        return 0
+    return every if options.get("live_previews_enable") and every > 0 else 0
+
+
 def decode_inputs(body: Img2ImgRequest, settings: Settings, background: str) -> InputImages:
     """Decode init_images and mask, refusing corrupt or oversized data with the field named."""
     limits = {"max_bytes": settings.max_body_bytes, "max_pixels": settings.max_image_pixels}
@@ -104,10 +113,12 @@ async def prepare(request: Request, body: GenerationBase, state: A1111State) -> 
     elif isinstance(body, Txt2ImgRequest):
         extra = adapter.txt2img_extra_params(body, choice.spec)
 
+    request = adapter.to_generation_request(body, choice.spec, images, prompts)
+    request.preview_every = preview_interval(state.options)
     prep = Prepared(
         body=body,
         spec=choice.spec,
-        request=adapter.to_generation_request(body, choice.spec, images, prompts),
+        request=request,
         job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
         extra_generation_params=extra,
         subseed=adapter.resolve_subseed(body.subseed),
