@@ -384,7 +384,7 @@ SCHEDULERS: dict[str, Callable[[], Any]] = {
 @dataclass(frozen=True)
 class Workload:
     """The benchmark setting of a model (issue #15's table) with performance.md's FLOPs per image at exactly this
-    setting, the issue's goals, and how much of the 9-minute `bench_gpu.sh` budget the model gets."""
+    setting and the issue's goals. (The time budgets of the 9-minute run are bench_gpu.sh's: --budget-s.)"""
 
     size: int
     steps: int
@@ -397,21 +397,18 @@ class Workload:
     throughput_batch: int | None  # the fixed batch of the saturated-throughput row (None: batch 1 only)
     max_batch: int  # --sweep limit: these models are compute-bound well before (performance.md §1.2)
     repeats: dict[int, int]  # most interleaved rounds per batch size; fewer when the budget runs out
-    budget_s: float  # the whole step (build, compile, warm-up, timing) in `bench_gpu.sh`
     reserve_gib: float  # activation memory to leave free when deciding which variants share the device
     published: str  # the best published figure (issue #15)
 
 
 WORKLOADS: dict[str, Workload] = {
     "sd15": Workload(
-        512, 20, 7.5, "", 34.7e12, 0.15, None, 14.0, 16, 32, {1: 9, 16: 4}, 95, 12, "0.19 s (stable-fast, H100)"
+        512, 20, 7.5, "", 34.7e12, 0.15, None, 14.0, 16, 32, {1: 9, 16: 4}, 12, "0.19 s (stable-fast, H100)"
     ),
-    "sdxl": Workload(1024, 30, 5.0, "", 416e12, 1.1, None, None, None, 8, {1: 6}, 95, 10, "1.45 s (H100)"),
-    "flux": Workload(
-        1024, 28, 3.5, "", 2098e12, 3.6, 2.4, None, None, 4, {1: 4}, 105, 8, "4.21 s bf16, 2.97 s FP8 (H100)"
-    ),
+    "sdxl": Workload(1024, 30, 5.0, "", 416e12, 1.1, None, None, None, 8, {1: 6}, 10, "1.45 s (H100)"),
+    "flux": Workload(1024, 28, 3.5, "", 2098e12, 3.6, 2.4, None, None, 4, {1: 4}, 8, "4.21 s bf16, 2.97 s FP8 (H100)"),
     "qwen-image": Workload(
-        1024, 50, 4.0, "blurry, low quality, watermark", 7074e12, 12.0, 8.0, None, None, 2, {1: 2}, 135, 10, "none"
+        1024, 50, 4.0, "blurry, low quality, watermark", 7074e12, 12.0, 8.0, None, None, 2, {1: 2}, 10, "none"
     ),
 }
 # Tiny: 2 interleaved rounds at b1 (to show the interleaving), 1 at b2, 1-step warm-ups: a CPU test stays short.
@@ -426,10 +423,11 @@ TINY_WORKLOAD: dict[str, Any] = {
 PROMPT = "a lighthouse on a cliff at dusk, dramatic sky, oil painting, highly detailed"
 HTTP_GOALS = {"overhead_ratio": 1.03, "batching_ratio": 2.0}  # HTTP / direct at most, batching on/off at least
 
-# The variants, in the order they claim device memory. plain: stock diffusers. easel: the default fast path in bf16
+# The variants, in the order they claim device memory and are measured: the goal-bearing ones first, so a step cut
+# short by its budget loses easel-nocompile first. plain: stock diffusers. easel: the default fast path in bf16
 # (quantization none, so the bf16 goal is checked; `auto` would pick FP8 for FLUX/Qwen on FP8 cards, which is what
 # easel-fp8 measures). easel-nocompile: the fast path without torch.compile or CUDA graphs.
-VARIANTS = ("plain", "easel", "easel-nocompile", "easel-fp8")
+VARIANTS = ("plain", "easel", "easel-fp8", "easel-nocompile")
 VARIANT_PERF: dict[str, dict[str, Any]] = {
     "easel": {"quantization": "none"},
     "easel-nocompile": {"compile": "off", "cuda_graphs": False, "quantization": "none"},
@@ -808,14 +806,21 @@ class FamilyBench:
         self.size = TINY_WORKLOAD["size"] if args.tiny else self.w.size
         self.steps = TINY_WORKLOAD["steps"] if args.tiny else self.w.steps
         self.warmup_steps = min(self.steps, TINY_WORKLOAD["warmup_steps"] if args.tiny else args.warmup_steps)
-        budget = args.budget_s if args.budget_s is not None else (None if args.tiny else self.w.budget_s)
-        self.deadline = None if budget is None else started + budget
+        self.deadline = None if args.budget_s is None else started + args.budget_s
+        if device.type == "cuda":
+            # Several compiled variants (and batch sizes) in one process: more graphs per code object than a server
+            # holds. Above dynamo's limit a function silently falls back to eager, which would mislabel a figure.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
         spec, _ = engine_spec(family, self.perf_overrides("easel"))
         self.dtype = getattr(torch, args.dtype) if args.dtype != "auto" else resolve_dtype(spec, device)
         self.order: list[list[Any]] = []  # (batch, round, variant) in the order timed: the interleaving, for the JSON
         self.captured: list[tuple[Any, Any, torch.Tensor]] | None = None  # fp8 quality reference calls
         self.fp8_reference: tuple[str, int] = ("", 0)  # (variant, steps) the calls were captured from
         self.want_fp8_quality = False
+        self.spare: dict[str, torch.nn.Module] | None = None  # the initial build's denoiser + VAE, for one variant
+        self.out: dict[str, Any] = {}
 
     # -- settings
 
@@ -860,7 +865,9 @@ class FamilyBench:
                     why = "this checkout's PerformanceSpec cannot ask for quantization: fp8"
                 if why:
                     return {"skipped": why, **info}
-        own = build_denoiser_and_vae(self.family, self.cfg, self.device, self.dtype, seed=self.args.seed)
+        # The first variant takes the modules of the initial build (same seed, same weights); the others build anew.
+        own = self.spare or build_denoiser_and_vae(self.family, self.cfg, self.device, self.dtype, seed=self.args.seed)
+        self.spare = None
         pipe = assemble(self.family, {**shared, **own})
         if variant == "plain":
             run = plain_call(pipe, self.family, self.w, self.size)
@@ -942,6 +949,7 @@ class FamilyBench:
                         f"{row['warmup_s']:.1f} s",
                         flush=True,
                     )
+            self.save_partial(self.out)
             if self.args.sweep and all(
                 rows[s.variant].get("oom") or not self.gains(results[s.variant], batch) for s in states
             ):
@@ -957,7 +965,8 @@ class FamilyBench:
 
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        variants = list(self.args.variants or DEFAULT_VARIANTS[self.family])
+        asked = self.args.variants or DEFAULT_VARIANTS[self.family]
+        variants = [v for v in VARIANTS if v in asked]
         # Capture reference calls for the FP8 comparison only where an FP8 variant can run.
         self.want_fp8_quality = (
             self.args.fp8_quality and "easel-fp8" in variants and fp8_unsupported(self.device) is None
@@ -968,6 +977,7 @@ class FamilyBench:
         own_names = (DENOISER[self.family], "vae")
         state_b = module_bytes([comps[k] for k in own_names])
         shared = {k: v for k, v in comps.items() if k not in own_names}
+        self.spare = {k: comps[k] for k in own_names}
         del comps
         self.free()
         out: dict[str, Any] = {
@@ -997,9 +1007,14 @@ class FamilyBench:
         out["groups"] = groups
         print(f"  groups measured together: {groups}  (build {out['build_s']:.1f} s)", flush=True)
         results = out["variants"]
+        self.out = out
         for gi, group in enumerate(groups):
             states: list[State] = []
             for v in group:
+                if self.left() <= 0:  # a clean JSON and table rather than being stopped mid-build
+                    results[v] = {"skipped": "the step's time budget was spent before this variant"}
+                    print(f"  {v}: skipped: out of time", flush=True)
+                    continue
                 st = self.build_state(v, shared)
                 if isinstance(st, State):
                     st.info["group"] = gi
@@ -1016,7 +1031,8 @@ class FamilyBench:
                 group_deadline = time.perf_counter() + self.left() * len(group) / remaining
                 self.measure(states, results, group_deadline)
                 self.after_group(states, out)
-            del states, st
+            self.spare = None
+            del states
             self.free()
             if self.device.type == "cuda":
                 torch._dynamo.reset()  # compiled code holds on to the freed modules
@@ -1027,8 +1043,10 @@ class FamilyBench:
         return out
 
     def save_partial(self, out: dict[str, Any]) -> None:
-        if self.args.partial is not None:
-            self.args.partial(out)
+        """The JSON so far (ratios and goals included): a step stopped at its time limit keeps what it measured."""
+        if self.args.partial is not None and out:
+            summarize_family(out, self.args)
+            self.args.partial({**out, "order": self.order})
 
     def after_group(self, states: list[State], out: dict[str, Any]) -> None:
         """While a group's modules are alive: the profile of the easel call, and the FP8 quality capture/replay."""
@@ -1500,7 +1518,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant and batch size")
     p.add_argument("--warmup-steps", type=int, default=2, help="steps of a warm-up call (the shapes are the same)")
     p.add_argument("--repeats", type=int, default=None, help="most interleaved rounds per batch (default per model)")
-    p.add_argument("--budget-s", type=float, default=None, help="seconds for the whole model (default per model)")
+    p.add_argument("--budget-s", type=float, default=None, help="seconds for the run, imports included (no limit)")
     p.add_argument(
         "--memory-fraction", type=float, default=0.85, help="share of device memory variants may fill together"
     )

@@ -31,7 +31,15 @@ T0=$(date +%s)
 TOTAL="${BENCH_TOTAL_S:-540}"
 DEADLINE=$((T0 + TOTAL))
 SUMMARY_RESERVE=15 # seconds kept for the summary and packing at the end
-declare -A BUDGET=([sd15]=90 [sdxl]=90 [flux]=105 [qwen-image]=135 [http]=100)
+# Estimates before any GPU run (compile at load dominates SD1.5/SDXL; Qwen-Image's 50-step calls take ~18 s each):
+# revisit them with the first run's steps.txt. BENCH_BUDGET_<STEP>=seconds overrides one (QWEN_IMAGE for qwen-image).
+declare -A BUDGET=(
+    [sd15]="${BENCH_BUDGET_SD15:-105}"
+    [sdxl]="${BENCH_BUDGET_SDXL:-100}"
+    [flux]="${BENCH_BUDGET_FLUX:-100}"
+    [qwen-image]="${BENCH_BUDGET_QWEN_IMAGE:-125}"
+    [http]="${BENCH_BUDGET_HTTP:-95}"
+)
 
 STAMP="$(date +%Y%m%d-%H%M%S)"
 RES="${BENCH_RESULTS:-bench-results/$STAMP}"
