@@ -1455,6 +1455,11 @@ def summarize_dir(folder: Path) -> dict[str, Any]:
             f"\nHTTP vs direct (median): {fmt(s['overhead_ratio_median'], '.3f')}x (goal <= {s['overhead_goal']}); "
             f"batching on/off: {fmt(s['batching_ratio'], '.2f')}x (goal >= {s['batching_goal']})"
         )
+        # bench.py's per-stage breakdown of the HTTP path (from the server's Server-Timing header), whatever its key.
+        stages = {k: v for part in (h, o) for k, v in part.items() if "stage" in k.lower() or "timing" in k.lower()}
+        if stages:
+            summary["http"]["stages"] = stages
+            print(f"HTTP path by stage (bench.py): {json.dumps(stages, default=str)[:600]}")
     return summary
 
 

@@ -1,7 +1,9 @@
 """The GPU smoke test (`scripts/gpu_smoke.sh`, under 3 minutes): a real `easel serve` on CUDA, on loopback, with the
 demo models of every family, driven through real HTTP: txt2img, img2img and inpainting with a mask. Checks image
 sizes, that a seed reproduces identical pixels, and that pixels outside the mask stay as they were. Skipped without
-CUDA. `GPU_SMOKE_DEVICE=cpu` runs the same requests against a CPU server (to check the test itself, not the GPU)."""
+CUDA. `GPU_SMOKE_DEVICE=cpu` runs the same requests against a CPU server (to check the test itself, not the GPU);
+`GPU_SMOKE_COMPILE=off` serves the demo models without torch.compile (the fast path's compile at load is then not
+covered, but the run is shorter)."""
 
 from __future__ import annotations
 
@@ -49,6 +51,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     demo = tmp_path_factory.mktemp("demo-models")
     env = {"EASEL_DEVICE": DEVICE, "EASEL_MAX_STEPS": "50"}
+    if os.environ.get("GPU_SMOKE_COMPILE") == "off":  # the HTTP path alone, without the compile at model load
+        yaml = tmp_path_factory.mktemp("models") / "models.yaml"
+        entries = "".join(
+            f"  {m}:\n    family: {m.removeprefix('demo-')}\n    source: demo:{m.removeprefix('demo-')}\n"
+            "    performance: {compile: 'off'}\n"
+            for m in FAMILIES
+        )
+        yaml.write_text(f"default_model: demo-sd15\nmodels:\n{entries}")
+        env["EASEL_MODELS"] = str(yaml)
     with local_server(env, demo_models=demo, startup_timeout_s=150) as live:
         yield live.url
 
