@@ -904,7 +904,8 @@ class FamilyBench:
                 raise
             result["oom"] = True
         result["warmup_s"] = time.perf_counter() - t0
-        self.free() if result.get("oom") else None
+        if result.get("oom"):
+            self.free()  # here, once the exception (and the frames holding the batch's tensors) is gone
 
     def measure(self, states: list[State], results: dict[str, dict[str, Any]], group_deadline: float) -> None:
         batches = self.batches()
@@ -927,13 +928,14 @@ class FamilyBench:
                         if not is_oom(e):
                             raise
                         rows[s.variant]["oom"] = True
-                        self.free()
                         continue
                     walls[s.variant].append(wall)
                     if gpu is not None:
                         gpus[s.variant].append(gpu)
                     self.order.append([batch, rnd, s.variant])
                 round_s = time.perf_counter() - t_round
+                if any(rows[s.variant].get("oom") for s in live):
+                    self.free()
                 if time.perf_counter() + round_s > batch_deadline:
                     break  # at least one round; more while the budget lasts
             for s in live:
@@ -1031,8 +1033,8 @@ class FamilyBench:
                 group_deadline = time.perf_counter() + self.left() * len(group) / remaining
                 self.measure(states, results, group_deadline)
                 self.after_group(states, out)
-            self.spare = None
-            del states
+            self.spare = st = None  # nothing may keep this group's modules alive into the next one
+            states.clear()
             self.free()
             if self.device.type == "cuda":
                 torch._dynamo.reset()  # compiled code holds on to the freed modules
@@ -1051,8 +1053,21 @@ class FamilyBench:
     def after_group(self, states: list[State], out: dict[str, Any]) -> None:
         """While a group's modules are alive: the profile of the easel call, and the FP8 quality capture/replay."""
         by_name = {s.variant: s for s in states}
+        # Both are extras: if one fails, the timings stand, and the JSON says what failed.
         if self.args.profile and "easel" in by_name:
-            out["profile"] = profile_family(self, by_name["easel"])
+            try:
+                out["profile"] = profile_family(self, by_name["easel"])
+            except Exception as e:
+                out["profile"] = {"error": f"{type(e).__name__}: {e}"}
+                print(f"  profile failed: {out['profile']['error']}", flush=True)
+        try:
+            self.fp8_quality(by_name, out)
+        except Exception as e:
+            out["fp8_quality"] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"  fp8 quality failed: {out['fp8_quality']['error']}", flush=True)
+
+    def fp8_quality(self, by_name: dict[str, State], out: dict[str, Any]) -> None:
+        """Records the reference's denoiser calls (once, from a bf16 variant) and replays them on the FP8 one."""
         if not self.want_fp8_quality or "skipped" in out["variants"].get("easel-fp8", {}):
             return
         ref = next((by_name[v] for v in ("plain", "easel-nocompile", "easel") if v in by_name), None)
@@ -1426,14 +1441,16 @@ def summarize_dir(folder: Path) -> dict[str, Any]:
                 }
             )
         if "fp8_quality" in r:
-            row["fp8_quality"] = {k: r["fp8_quality"][k] for k in ("mean", "max", "calls", "reference")}
+            row["fp8_quality"] = {k: r["fp8_quality"].get(k) for k in ("mean", "max", "calls", "reference", "error")}
         summary["families"][r["family"]] = row
     print_table(
         families, argparse.Namespace(tiny=not families or families[0]["flops_per_image"] is None, peak_tflops=790.0)
     )
     for family, row in summary["families"].items():
-        if "fp8_quality" in row:
-            q = row["fp8_quality"]
+        q = row.get("fp8_quality")
+        if q and q["error"]:
+            print(f"{family}: FP8 quality not measured: {q['error']}")
+        elif q:
             print(
                 f"{family}: FP8 denoiser output vs {q['reference']}: relative error mean {q['mean']:.4f}, "
                 f"max {q['max']:.4f} over {q['calls']} calls"
