@@ -1384,7 +1384,11 @@ def print_table(results: list[dict[str, Any]], args: argparse.Namespace) -> None
                     fmt((b1.get("gpu") or {}).get("median_s"), ".3f"),
                     fmt((b1.get("wall") or {}).get("spread"), ".1%"),
                     " / ".join(f"{ratio[b]:.2f}x" for b in sorted(ratio, key=int)) if ratio else "",
-                    f"{top['img_per_s']:.2f} (b{tb})" if top.get("img_per_s") else "",
+                    f"{top['img_per_s']:.2f} (b{tb})"
+                    if top.get("img_per_s")
+                    else f"{v['img_per_s_saturated']:.2f} (best b{v['saturated_batch']})"
+                    if len(v.get("batches", {})) > 1 and v.get("img_per_s_saturated")
+                    else "",  # --sweep: the best batch size
                     fmt(v.get("limit_fraction", {}).get("1"), ".1%"),
                     goal,
                     met,
