@@ -26,6 +26,9 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
     . .venv/bin/activate
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# python3 where no `python` exists (a bare machine with only the system interpreter); $PYTHON overrides.
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+export PY
 
 T0=$(date +%s)
 TOTAL="${BENCH_TOTAL_S:-540}"
@@ -56,11 +59,11 @@ HTTP_SIZE=(--size 512 --steps 20 --n 12 --warmup 2 --k 16 --rounds 2)
 if [ -n "${BENCH_TINY:-}" ]; then
     TINY=(--tiny)
     HTTP_SIZE=(--size 64 --steps 2 --n 3 --warmup 1 --k 4 --rounds 1)
-elif ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+elif ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "bench_gpu.sh: no CUDA device here (the harness alone: python scripts/bench_gpu.py --tiny)" >&2
     exit 2
 fi
-{ nvidia-smi || true; python -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } \
+{ nvidia-smi || true; "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; } \
     >"$RES/gpu.txt" 2>&1
 
 # Seconds a step may take: its budget, or less when the overall deadline is nearer.
@@ -92,7 +95,7 @@ for step in "${steps[@]}"; do
     sd15 | sdxl | flux | qwen-image)
         # The script stops timing 12 s before the hard limit, leaving time to write its JSON and exit.
         # shellcheck disable=SC2086  # BENCH_GPU_ARGS is a list of options
-        timeout -s INT -k 20 "$limit" python scripts/bench_gpu.py "${TINY[@]}" --models "$step" \
+        timeout -s INT -k 20 "$limit" "$PY" scripts/bench_gpu.py "${TINY[@]}" --models "$step" \
             --budget-s $((limit - 12)) --profile "$RES/profile" --fp8-quality \
             --json-out "$RES/bench_gpu_$step.json" ${BENCH_GPU_ARGS:-} 2>&1 | tee "$RES/bench_gpu_$step.txt"
         rc=${PIPESTATUS[0]}
@@ -103,9 +106,9 @@ for step in "${steps[@]}"; do
         SAVE_ARGS="${TINY[*]}" HTTP_ARGS="${HTTP_SIZE[*]}" timeout -s INT -k 20 "$limit" bash -c '
             set -e
             if [ ! -f "$1/sd15-random/models.yaml" ]; then
-                python scripts/bench_gpu.py $SAVE_ARGS --save-sd15 "$1/sd15-random"
+                "$PY" scripts/bench_gpu.py $SAVE_ARGS --save-sd15 "$1/sd15-random"
             fi
-            exec python scripts/bench.py --models "$1/sd15-random/models.yaml" --model bench-sd15 \
+            exec "$PY" scripts/bench.py --models "$1/sd15-random/models.yaml" --model bench-sd15 \
                 --data-dir "$1/data" --json-out "$2/bench_http.json" $HTTP_ARGS
         ' _ "$WORK" "$RES" 2>&1 | tee "$RES/bench_http.txt"
         rc=${PIPESTATUS[0]}
@@ -118,7 +121,7 @@ for step in "${steps[@]}"; do
     echo "== $step: ${took} s, exit ${rc}${note}" | tee -a "$RES/steps.txt"
 done
 
-python scripts/bench_gpu.py --summarize "$RES" 2>&1 | tee "$RES/summary.txt"
+"$PY" scripts/bench_gpu.py --summarize "$RES" 2>&1 | tee "$RES/summary.txt"
 tee -a "$RES/summary.txt" <"$RES/steps.txt"
 echo "== whole run: $(($(date +%s) - T0)) s of ${TOTAL} s" | tee -a "$RES/summary.txt"
 if [ -n "${OUT:-}" ] && [ "$RES" != "$OUT" ]; then

@@ -15,7 +15,10 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -f .venv/bin/activate ]; then
     . .venv/bin/activate
 fi
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+# python3 where no `python` exists (a bare machine with only the system interpreter); $PYTHON overrides.
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+export PY
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_smoke.sh: no CUDA device here (the same routes run on CPU: pytest tests/e2e)" >&2
     exit 2
 fi
@@ -23,7 +26,7 @@ LOG="${OUT:-${TMPDIR:-/tmp}}/gpu_smoke.txt"
 mkdir -p "$(dirname "$LOG")"
 t0=$(date +%s)
 # 170 s: the whole command, server start and demo-model builds included, stays under 3 minutes.
-timeout -s INT -k 10 170 python -m pytest -q -p no:cacheprovider -m gpu -rs \
+timeout -s INT -k 10 170 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
     tests/gpu/test_gpu_smoke.py tests/gpu/test_real_oom.py "$@" 2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
 echo "gpu_smoke.sh: exit $rc after $(($(date +%s) - t0)) s (log: $LOG)"
