@@ -367,6 +367,10 @@ class Engine:
     def queued_count(self) -> int:
         return len(self._waiting)
 
+    def queued_owners(self) -> list[str | None]:
+        """The owner tag of each job not started yet (A1111 /progress counts only the caller's own)."""
+        return [job.request.tags.get("owner") for job in list(self._waiting.values())]
+
     def interrupt(self) -> None:
         for job in list(self._current_batch):
             job.interrupt_requested = True

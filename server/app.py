@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipelines.engine_api import EngineClient
 from pipelines.registry import Registry, load_registry
 from server.access import install_access
+from server.access.config import check_access_settings
 from server.checkpoint_scan import checkpoint_rescanner
 from server.engine_factory import build_engine
 from server.errors import client_safe, register_error_handlers
@@ -130,6 +131,7 @@ def create_app(
 ) -> FastAPI:
     """The Easel ASGI app. Tests may inject a ready `engine` (and `registry`); otherwise the real engine starts."""
     settings = settings or Settings()
+    check_access_settings(settings)  # fail closed: a malformed auth setting builds no app at all
     registry = registry or load_registry(settings.models)
 
     jobs = create_job_service(settings)

@@ -274,6 +274,9 @@ class RemoteEngine:
     def queued_count(self) -> int:
         return sum(1 for j in self.live_jobs() if j.status == JobStatus.QUEUED)
 
+    def queued_owners(self) -> list[str | None]:
+        return [j.request.tags.get("owner") for j in self.live_jobs() if j.status == JobStatus.QUEUED]
+
     def interrupt(self) -> None:
         for job in self.running_jobs():
             job.interrupt_requested = True

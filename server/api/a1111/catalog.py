@@ -62,10 +62,11 @@ def latent_upscale_modes() -> list[NameItem]:
     return [NameItem(name=n) for n in LATENT_UPSCALE_MODES]
 
 
-def cmd_flags(settings: Settings) -> dict[str, Any]:
-    """A1111-style flags plus our settings; anything that could be a credential is left out."""
+def cmd_flags(settings: Settings, show_paths: bool = True) -> dict[str, Any]:
+    """A1111-style flags plus our settings; anything that could be a credential is left out, and filesystem paths
+    are shown only to admins (`show_paths`): where the server keeps its files is not every key's business."""
     ours = {
-        k: str(v) if isinstance(v, Path) else v
+        k: (str(v) if show_paths else None) if isinstance(v, Path) else v
         for k, v in settings.model_dump().items()
         if not SECRET_SETTING.search(k)
     }
@@ -76,7 +77,7 @@ def cmd_flags(settings: Settings) -> dict[str, Any]:
         "server_name": settings.host,
         "port": settings.port,
         "ckpt_dir": None,
-        "data_dir": str(settings.data_dir),
+        "data_dir": str(settings.data_dir) if show_paths else None,
         "device_id": None,
         "api_log": False,
         "cors_allow_origins": ",".join(settings.cors_allow_origins) or None,
