@@ -375,6 +375,61 @@ def test_options_never_store_secrets(client: TestClient):
     assert options["harmless"] == 1 and options["token_merging_ratio"] == 0.5 and not set(secrets) & set(options)
 
 
+BAD_OPTIONS = {
+    "jpeg_quality": "high",
+    "img2img_background_color": "not a colour",
+    "samples_format": "bmp",
+    "n_rows": 10**6,
+    "enable_pnginfo": "yes",
+    "eta_ddim": 2.5,
+    "sd_vae": "x" * 5000,
+    "my_extension_option": "y" * 5000,  # unknown options are kept, but bounded in size
+}
+
+
+def test_every_option_is_checked_when_set_and_nothing_is_stored_then(client: TestClient):
+    r = client.post(f"{SD}/options", json={**BAD_OPTIONS, "jpeg_quality": 95, **{"jpeg_quality": "high"}})
+    assert r.status_code == 422 and set(r.json()) == A1111_ERROR_KEYS
+    named = {e["loc"][-1] for e in r.json()["detail"]}
+    assert named == set(BAD_OPTIONS), named
+    options = client.get(f"{SD}/options").json()
+    assert options["jpeg_quality"] == 80 and options["samples_format"] == "png" and "my_extension_option" not in options
+    # Valid values of every kind pass, choices in any case.
+    ok = {"jpeg_quality": 95, "img2img_background_color": "#00FF00", "samples_format": "WEBP", "eta_ddim": 1}
+    assert client.post(f"{SD}/options", json=ok).status_code == 200
+    assert client.get(f"{SD}/options").json()["samples_format"] == "webp"
+
+
+def test_options_are_bounded_in_total(client: TestClient):
+    statuses = [client.post(f"{SD}/options", json={f"ext_{i}": "z" * 4000}).status_code for i in range(20)]
+    assert statuses[:15] == [200] * 15 and statuses[-1] == 422  # 4 KB each: the 16th or 17th passes 64 KiB
+    r = client.post(f"{SD}/options", json={"ext_last": "z" * 4000})
+    assert r.status_code == 422 and "at most" in r.json()["errors"]
+    assert len(client.get(f"{SD}/options").content) < 70_000
+
+
+def test_no_stored_option_breaks_a_later_generation(client: TestClient):
+    """Values stored before these checks existed (or by any other path) fall back to their defaults on read."""
+    client.get(f"{SD}/options")
+    state = client.app.state.a1111
+    state.options.update({"jpeg_quality": "high", "img2img_background_color": "nope", "samples_format": "jpg",
+                          "n_rows": "x", "enable_pnginfo": None})  # fmt: skip
+    r = client.post(f"{SD}/txt2img", json={"steps": 1, "width": 64, "height": 64, "batch_size": 2})
+    assert r.status_code == 200, r.text
+    r = client.post(f"{SD}/img2img", json={"init_images": [png_b64()], "steps": 1, "width": 64, "height": 64})
+    assert r.status_code == 200, r.text
+    options = client.get(f"{SD}/options").json()
+    assert options["jpeg_quality"] == 80 and options["img2img_background_color"] == "#ffffff"
+
+
+def test_override_settings_are_checked_before_any_work(client: TestClient, engine: FakeEngine):
+    body = {"steps": 1, "width": 64, "height": 64, "override_settings": {"jpeg_quality": "high"},
+            "override_settings_restore_afterwards": False}  # fmt: skip
+    r = client.post(f"{SD}/txt2img", json=body)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "override_settings", "jpeg_quality"]
+    assert engine.requests == [] and client.get(f"{SD}/options").json()["jpeg_quality"] == 80
+
+
 def test_options_unknown_checkpoint_is_404_naming_it(client: TestClient, engine: FakeEngine):
     r = client.post(f"{SD}/options", json={"sd_model_checkpoint": "nope.safetensors"})
     assert r.status_code == 404 and set(r.json()) == A1111_ERROR_KEYS
