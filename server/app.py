@@ -25,7 +25,7 @@ from server.engine_factory import build_engine
 from server.errors import client_safe, register_error_handlers
 from server.jobs import create_job_service
 from server.logs import debugging
-from server.middleware import AdmissionGate, BodySizeLimit
+from server.middleware import AdmissionGate, BodySizeLimit, TextGuard
 from server.settings import Settings
 from server.styles import load_styles
 from server.webhooks import WebhookService
@@ -172,6 +172,7 @@ def create_app(
     app.state.rescan_checkpoints = checkpoint_rescanner(settings, registry)
     app.state.styles = load_styles(settings.styles)  # an invalid styles.yaml stops start-up with the field named
 
+    app.add_middleware(TextGuard)  # lone surrogates in JSON bodies: 422 naming the field (inside the size limit)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AdmissionGate)  # a full queue answers 429 before the body is read (after access checks)
     install_access(app, settings, jobs)  # the outermost layer but two, before any body is read

@@ -64,6 +64,8 @@ def decode_inputs(body: Img2ImgRequest, settings: Settings, background: str) -> 
             raise ApiError(
                 e.status, e.message.replace("init_images:", f"init_images[{i}]:", 1), field="init_images", code=e.code
             ) from None
+        if (why := adapter.resize_problem(img.size, (body.width, body.height), body.resize_mode)) is not None:
+            raise ApiError(422, f"init_images[{i}]: {why}", field="init_images", code="invalid_request")
         images.append(adapter.flatten_rgb(img, background))
     mask = None
     if body.mask:
