@@ -271,3 +271,24 @@ def test_progress_counts_only_the_callers_own_queued_jobs(two: Two) -> None:
     two.engine.release()
     for t in threads:
         t.join(10)
+
+
+def test_a_damaged_stored_session_falls_back_to_the_defaults(two: Two) -> None:
+    """Rows written before the checks (or by hand): bad values, a checkpoint that is gone, JSON that is no object."""
+    from sqlalchemy import text
+
+    c = two.client
+    c.post("/sdapi/v1/options", json={"eta_ddim": 0.5}, headers=two.alice)
+    c.post("/sdapi/v1/options", json={"eta_ddim": 0.5}, headers=two.bob)
+    engine = c.app.state.jobs.store.engine
+    bad = '{"jpeg_quality": "high", "samples_format": "jpg", "img2img_background_color": "nope", "n_rows": []}'
+    alice, bob = (c.get("/v1/account", headers=h).json()["key_id"] for h in (two.alice, two.bob))
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE a1111_sessions SET options = :o, checkpoint = 'gone' WHERE owner = :k"),
+                     {"o": bad, "k": alice})  # fmt: skip
+        conn.execute(text("UPDATE a1111_sessions SET options = '[1, 2]' WHERE owner = :k"), {"k": bob})
+    for headers in (two.alice, two.bob):
+        r = c.post("/sdapi/v1/txt2img", json={**SMALL_A1111, "batch_size": 2}, headers=headers)
+        assert r.status_code == 200, r.text
+        options = c.get("/sdapi/v1/options", headers=headers).json()
+        assert options["sd_model_checkpoint"].startswith("demo-sd15") and options["jpeg_quality"] == 80
