@@ -257,6 +257,9 @@ class DevicePool:
     def queued_count(self) -> int:
         return sum(e.queued_count() for e in self.engines)
 
+    def queued_owners(self) -> list[str | None]:
+        return [owner for e in self.engines for owner in e.queued_owners()]
+
     def interrupt(self) -> None:
         for engine in self.engines:
             engine.interrupt()

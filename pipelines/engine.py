@@ -43,6 +43,7 @@ from pipelines.errors import (
     ModelLoadError,
     ModelNotFound,
     QueueFull,
+    ShutdownCancelled,
 )
 from pipelines.families import adapter_for
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, StepReporter, UnsupportedTask
@@ -257,7 +258,7 @@ class Engine:
         """Stop admitting, cancel what is waiting, let the running batch stop at its next step."""
         self._running = False
         for job in list(self._current_batch):
-            job._abort(JobCancelled(f"job {job.id} was cancelled: {SHUTDOWN_REASON}"))
+            job._abort(ShutdownCancelled(f"job {job.id} was cancelled: {SHUTDOWN_REASON}"))
         self._queue.put(_STOP)
         if self._worker is not None:
             self._worker.join(timeout)
@@ -273,7 +274,7 @@ class Engine:
             finished = self._changed.wait_for(lambda: not self._unfinished, timeout=max(0.0, timeout_s))
             left = list(self._unfinished.values())
         for job in left:
-            job._abort(JobCancelled(f"job {job.id} was cancelled: {SHUTDOWN_REASON}"))
+            job._abort(ShutdownCancelled(f"job {job.id} was cancelled: {SHUTDOWN_REASON}"))
         grace_end = time.monotonic() + cancel_grace_s
         while self._current_batch and time.monotonic() < grace_end:
             time.sleep(0.01)
@@ -384,6 +385,10 @@ class Engine:
                 if waiting == job_id:
                     return position
         return None
+
+    def queued_owners(self) -> list[str | None]:
+        """The owner tag of each job not started yet (A1111 /progress counts only the caller's own)."""
+        return [job.request.tags.get("owner") for job in list(self._waiting.values())]
 
     def interrupt(self) -> None:
         for job in list(self._current_batch):

@@ -87,6 +87,10 @@ class EngineClient(Protocol):
 
     def queued_count(self) -> int: ...
 
+    def queued_owners(self) -> list[str | None]:
+        """The owner tag of each queued job (`request.tags["owner"]`)."""
+        ...
+
     def interrupt(self) -> None:
         """Stop the running job at its next step; it returns the images finished so far."""
         ...

@@ -40,6 +40,11 @@ class JobCancelled(EngineError):
     """The job was cancelled before it produced a result."""
 
 
+class ShutdownCancelled(JobCancelled):
+    """The job was cancelled because the server shut down (the drain deadline passed): nothing the caller did, so a
+    synchronous caller is told to retry (HTTP 503 + Retry-After), not that its job was cancelled (409)."""
+
+
 class GenerationFailed(EngineError):
     """The pipeline raised while running the job."""
 

@@ -57,8 +57,9 @@ def _crop_and_resize(img: Image.Image, width: int, height: int) -> Image.Image:
 
 def _resize_and_fill(img: Image.Image, width: int, height: int) -> Image.Image:
     ratio, src_ratio = width / height, img.width / img.height
-    src_w = width if ratio < src_ratio else img.width * height // img.height
-    src_h = height if ratio >= src_ratio else img.height * width // img.width
+    # At least 1 px: a sliver (1x2000 into 64x64) would otherwise round to a 0-pixel image, which Pillow refuses.
+    src_w = width if ratio < src_ratio else max(1, img.width * height // img.height)
+    src_h = height if ratio >= src_ratio else max(1, img.height * width // img.width)
     resized = img.resize((src_w, src_h), resample=LANCZOS)
     res = Image.new(img.mode, (width, height))
     res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))

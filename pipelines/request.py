@@ -12,7 +12,21 @@ from typing import Any
 
 from PIL import Image
 
+from pipelines.errors import InvalidRequest
 from pipelines.hires import HiresOptions
+
+# Seeds are stored as signed 64-bit integers (each image's seed in the job database) and image i uses seed + i:
+# a request whose last seed would not fit is refused before any work, not after its images are made.
+MAX_STORABLE_SEED = 2**63 - 1
+
+
+def seed_problem(seed: int | None, images: int) -> str | None:
+    """Why `seed` cannot be used for `images` images, or None. Negative seeds mean "random"."""
+    if seed is None or seed < 0:
+        return None
+    if seed + max(images, 1) - 1 > MAX_STORABLE_SEED:
+        return f"must be -1 (random) or between 0 and {MAX_STORABLE_SEED - max(images, 1) + 1} for {images} image(s)"
+    return None
 
 
 class Task(str, enum.Enum):
@@ -94,6 +108,11 @@ class GenerationRequest:
     # `request_timeout_s`, so every request has one. Past it, queued work is dropped before it reaches the device
     # and running work stops at the next denoising step; either fails with `DeadlineExceeded` (HTTP 504).
     deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        # Every dialect builds one of these: an unstorable seed is refused here, as a 422 naming `seed`.
+        if (why := seed_problem(self.seed, self.total_images)) is not None:
+            raise InvalidRequest("seed", why)
 
     @property
     def total_images(self) -> int:

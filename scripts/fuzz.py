@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fuzz every operation of Easel's OpenAPI schema (all dialects) against a live server: no request may get a 5xx.
 
-Schemathesis reads /openapi.json from the server and Hypothesis generates requests for each operation, in three
+Schemathesis reads /openapi.json from the server and Hypothesis generates requests for each operation, in four
 modes, sent one at a time:
 
 - positive: requests that fit the schema. The schema does not carry the server's limits (max steps, sizes), so most
@@ -10,7 +10,11 @@ modes, sent one at a time:
   pinned small (CHEAP_FIELDS; an enum field gets its smallest number or `auto`) and whose image fields get a small
   decodable PNG, so they pass the limits and reach the engine with every other field random: samplers, styles,
   output formats, seeds, hires and inpaint options, async, masks, reference images...;
-- negative: requests that violate the schema (wrong types, missing fields, invalid JSON): every one must be a 4xx.
+- negative: requests that violate the schema (wrong types, missing fields, invalid JSON): every one must be a 4xx;
+- hostile: cheap requests (JSON bodies) with one field set to a value that fits the schema's type but is at the edge
+  of what later steps can handle (HOSTILE_STRINGS: lone UTF-16 surrogates, NUL, bidi overrides; HOSTILE_NUMBERS:
+  the 64-bit limits and beyond, -1, 0, tiny fractions), and the image counts raised to the limit so seed + i
+  overflows show. Hypothesis rarely draws such values by itself; each one found a 500 once (issue #14).
 
 A finding is:
 
@@ -80,7 +84,16 @@ def fuzz_env(max_side: int = 512) -> dict[str, str]:
 
 
 FUZZ_ENV = fuzz_env()
-MODES = {"positive": GenerationMode.POSITIVE, "cheap": GenerationMode.POSITIVE, "negative": GenerationMode.NEGATIVE}
+MODES = {
+    "positive": GenerationMode.POSITIVE,
+    "cheap": GenerationMode.POSITIVE,
+    "negative": GenerationMode.NEGATIVE,
+    "hostile": GenerationMode.POSITIVE,
+}
+# hostile mode: values that fit a string / number field's type but break code that assumes "normal" input.
+HOSTILE_STRINGS = ("\ud800", "a \udfff b", "\udc80\ud800", "nul \x00 byte", "\u202e\u2066bidi", "\U0001f98a fox")
+HOSTILE_NUMBERS: tuple[int | float, ...] = (2**63 - 1, 2**63 - 2, 2**63, -(2**63), 2**64, 10**30, -1, 0, 1e-9, 1e308)
+HOSTILE_COUNTS = ("n_iter", "n", "num_images", "batch_size")  # the first one a body has is raised to 2 (the limit)
 # cheap mode: body fields set to these values when the operation's body schema has them as a free integer / number
 # / string; an enum field gets its smallest number or `auto` instead, so the request still fits the schema.
 CHEAP_FIELDS: dict[str, object] = {
@@ -280,14 +293,61 @@ def cheap_pins(body: BodySchema) -> CheapPins:
     return pins
 
 
+@dataclass
+class HostileFields:
+    strings: list[str] = field(default_factory=list)  # top-level string fields of a JSON body
+    numbers: list[str] = field(default_factory=list)  # top-level integer / number fields
+    counts: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.strings or self.numbers)
+
+    def strategy(self, cases: Any) -> Any:
+        """One field of each case set to a hostile value of its type; the image counts at 2."""
+        from hypothesis import strategies as st
+
+        choices = [(n, v) for n in self.strings for v in HOSTILE_STRINGS]
+        choices += [(n, v) for n in self.numbers for v in HOSTILE_NUMBERS]
+
+        def mutate(pair: tuple[schemathesis.Case, tuple[str, object]]) -> schemathesis.Case:
+            case, (name, value) = pair
+            if isinstance(case.body, dict):
+                if self.counts:  # one count only: two at 2 would pass the limit and be refused
+                    case.body[self.counts[0]] = 2
+                case.body[name] = value
+            return case
+
+        return st.tuples(cases, st.sampled_from(choices)).map(mutate)
+
+
+def hostile_fields(body: BodySchema) -> HostileFields:
+    """The JSON body's top-level fields that take a string or a number (multipart cannot carry surrogates)."""
+    fields = HostileFields()
+    if body.media_type != "application/json":
+        return fields
+    for name, schema in body.properties.items():
+        types = {a.get("type") for a in schema.get("anyOf", [schema])}
+        if any(a.get("enum") for a in schema.get("anyOf", [schema])) or name in IMAGE_FIELDS:
+            continue  # fixed choices are refused as such; images are pinned to ones that decode
+        if "string" in types:
+            fields.strings.append(name)
+        if types & {"integer", "number"}:
+            fields.numbers.append(name)
+        if name in HOSTILE_COUNTS and types & {"integer", "number"}:
+            fields.counts.append(name)
+    return fields
+
+
 def fuzz_operation(
     operation: Any,
     base_url: str,
     session: requests.Session,
     *,
     cheap: CheapPins,
+    hostile: HostileFields | None = None,
     modes: list[str],
     max_examples: int,
+    mode_examples: dict[str, int] | None = None,
     seed: int,
     timeout_s: float,
 ) -> OperationResult:
@@ -319,10 +379,14 @@ def fuzz_operation(
             if not cheap:
                 continue  # nothing to pin: the same requests as positive
             strategy = strategy.map(cheap.apply)
+        if mode == "hostile":
+            if not hostile:
+                continue  # no JSON string or number field to set
+            strategy = hostile.strategy(strategy.map(cheap.apply))
         test = hypothesis.given(case=strategy)(sender(mode))
         test = hypothesis.seed(case_seed(seed, operation.label, mode))(test)
         test = hypothesis.settings(
-            max_examples=max_examples,
+            max_examples=(mode_examples or {}).get(mode, max_examples),
             deadline=None,
             database=None,  # reproducible from the seed alone, nothing replayed from earlier runs
             phases=[Phase.generate],  # send() never raises: nothing to shrink
@@ -351,8 +415,10 @@ def run_fuzz(
     include: str | None = None,
     timeout_s: float = 120.0,
     progress: bool = False,
+    mode_examples: dict[str, int] | None = None,
 ) -> FuzzReport:
-    """Fuzz every operation of the server's schema (those whose label matches `include`, a regex, if given)."""
+    """Fuzz every operation of the server's schema (those whose label matches `include`, a regex, if given).
+    `mode_examples` caps the examples of some modes below `max_examples` (a bounded test run)."""
     modes = modes or list(MODES)
     report = FuzzReport(base_url, max_examples, seed, modes)
     spec = httpx.get(f"{base_url}/openapi.json", timeout=30).raise_for_status().json()
@@ -364,13 +430,16 @@ def run_fuzz(
             if include and not re.search(include, operation.label):
                 continue
             t0 = time.monotonic()
+            body = body_schema(spec, operation.method, operation.path)
             result = fuzz_operation(
                 operation,
                 base_url,
                 session,
-                cheap=cheap_pins(body_schema(spec, operation.method, operation.path)),
+                cheap=cheap_pins(body),
+                hostile=hostile_fields(body),
                 modes=modes,
                 max_examples=max_examples,
+                mode_examples=mode_examples,
                 seed=seed,
                 timeout_s=timeout_s,
             )
@@ -424,7 +493,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url", help="fuzz this running loopback server (default: start one with tight limits)")
     p.add_argument("--max-examples", type=int, default=25, help="per operation and mode")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--modes", default=",".join(MODES), help="positive, cheap, negative (comma-separated)")
+    p.add_argument("--modes", default=",".join(MODES), help="positive, cheap, negative, hostile (comma-separated)")
     p.add_argument("--include", help="only operations whose label (e.g. 'POST /v1/generate') matches this regex")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each answer")
     p.add_argument(

@@ -19,12 +19,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipelines.engine_api import EngineClient
 from pipelines.registry import Registry, load_registry
 from server.access import install_access
+from server.access.config import check_access_settings
 from server.checkpoint_scan import checkpoint_rescanner
 from server.engine_factory import build_engine
 from server.errors import client_safe, register_error_handlers
 from server.jobs import create_job_service
 from server.logs import debugging
-from server.middleware import AdmissionGate, BodySizeLimit
+from server.middleware import AdmissionGate, BodySizeLimit, TextGuard
 from server.settings import Settings
 from server.styles import load_styles
 from server.timing import ServerTiming
@@ -131,6 +132,7 @@ def create_app(
 ) -> FastAPI:
     """The Easel ASGI app. Tests may inject a ready `engine` (and `registry`); otherwise the real engine starts."""
     settings = settings or Settings()
+    check_access_settings(settings)  # fail closed: a malformed auth setting builds no app at all
     registry = registry or load_registry(settings.models)
 
     jobs = create_job_service(settings)
@@ -171,6 +173,7 @@ def create_app(
     app.state.rescan_checkpoints = checkpoint_rescanner(settings, registry)
     app.state.styles = load_styles(settings.styles)  # an invalid styles.yaml stops start-up with the field named
 
+    app.add_middleware(TextGuard)  # lone surrogates in JSON bodies: 422 naming the field (inside the size limit)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AdmissionGate)  # a full queue answers 429 before the body is read (after access checks)
     install_access(app, settings, jobs)  # the outermost layer but two, before any body is read

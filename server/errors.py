@@ -32,6 +32,7 @@ from pipelines.errors import (
     ModelLoadError,
     ModelNotFound,
     QueueFull,
+    ShutdownCancelled,
 )
 
 log = logging.getLogger("easel.errors")
@@ -147,6 +148,10 @@ def _error_info(exc: BaseException) -> ErrorInfo:
     if isinstance(exc, ModelLoadError):
         # 500, not 503: a model that fails to load (bad path, bad weights) fails again on retry.
         return ErrorInfo(500, f"model load failed: {exc}", name, "model_load_failed")
+    if isinstance(exc, ShutdownCancelled):  # the caller did nothing wrong: another replica (or a restart) can run it
+        headers = {"Retry-After": str(ENGINE_NOT_READY_RETRY_AFTER_S)}
+        return ErrorInfo(503, str(exc) or "the server shut down before the job finished", name, "shutting_down",
+                         headers=headers)  # fmt: skip
     if isinstance(exc, JobCancelled):
         return ErrorInfo(409, str(exc) or "the job was cancelled before it produced a result", name, "job_cancelled")
     if isinstance(exc, DeadlineExceeded):  # 504 as LitServe/BentoML; async jobs record it as failed

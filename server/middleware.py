@@ -4,13 +4,15 @@ before its body is read when the engine cannot take it (AdmissionGate)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
+from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.errors import QueueFull
-from server.errors import ErrorInfo, error_info, renderer_for
+from server.errors import ErrorInfo, FieldError, error_info, renderer_for
 
 
 class _BodyTooLarge(Exception):
@@ -132,3 +134,74 @@ def _refusal(engine: object) -> Exception | None:
     if check is not None:
         return check()
     return QueueFull() if getattr(engine, "free_slots", 1) <= 0 else None
+
+
+# A JSON \u escape of a UTF-16 surrogate (D800-DFFF). Valid pairs (emoji) decode to one character; a lone one decodes
+# to a Python str that cannot be encoded as UTF-8, so it would fail later wherever the text is written (PNG infotext,
+# the job database, the JSON answer): a 500 after the work was done.
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_field(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (key or value) in decoded JSON holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        return path or "body" if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        here = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return path or "body"
+        if (found := lone_surrogate_field(item, here)) is not None:
+            return found
+    return None
+
+
+class TextGuard:
+    """422 naming the field, in the dialect's shape, for a JSON body whose text is not Unicode (a lone surrogate
+    such as "\\ud800"): every dialect and field at once, before any route sees it. Bodies without such an escape
+    (nearly all) pass through untouched, held once (the route reads the same bytes)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
+        if scope["type"] != "http" or b"json" not in headers.get(b"content-type", b"").lower():
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                first: Message | None = message
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                first = None
+                break
+        body = b"".join(chunks)
+        if _ESCAPED_SURROGATE.search(body):
+            try:
+                field = lone_surrogate_field(json.loads(body))
+            except ValueError:
+                field = None  # not JSON: the route's own parser says so
+            if field is not None:
+                message_text = "not valid text: contains a lone UTF-16 surrogate (\\ud800-\\udfff)"
+                info = ErrorInfo(
+                    422, f"{field}: {message_text}", "RequestValidationError", "invalid_request", field,
+                    [FieldError(field, message_text, "string_unicode")],
+                )  # fmt: skip
+                rendered = renderer_for(scope.get("app"), scope["path"])(info)
+                await JSONResponse(rendered, status_code=info.status)(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first if first is not None else {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)

@@ -94,8 +94,19 @@ def check_port(host: str, port: int) -> None:
         probe.close()
 
 
+def check_access(settings: Settings) -> None:
+    """Auth and access settings are well-formed: a malformed one must stop the server, never open it."""
+    from server.access.config import AccessSettingError, check_access_settings
+
+    try:
+        check_access_settings(settings)
+    except AccessSettingError as e:
+        raise StartupProblem(str(e)) from None
+
+
 def check_startup(settings: Settings) -> None:
     """Every check `easel serve` runs before it builds the app; raises the first StartupProblem."""
+    check_access(settings)
     check_data_dir(settings.data_dir)
     check_job_database(settings.resolved_database_url)
     check_port(settings.host, settings.port)

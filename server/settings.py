@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.upscale import UpscalerName
 
@@ -80,7 +81,13 @@ class Settings(BaseSettings):
 
     # Access (server.access): API keys live in the database (`easel keys create`). With none and no api_auth the
     # server runs open, which `easel serve` allows only on a loopback address unless insecure_no_auth is set.
-    api_auth: SecretStr | None = None  # A1111's --api-auth: "user:pass[,user2:pass2]" (HTTP Basic on /sdapi/*)
+    # A1111's --api-auth: "user:pass[,user2:pass2]" (HTTP Basic on /sdapi/*). Checked strictly at start-up: a value
+    # that yields no usable user stops the server (server.access.config) instead of leaving it open.
+    api_auth: SecretStr | None = None
+    # Basic-auth users who are admins (change the A1111 server-wide options, unload/reload/refresh, stop any job);
+    # comma-separated or a JSON list. Every name must be a user of api_auth.
+    api_auth_admins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_auth_rate_limit: int = Field(60, ge=1)  # requests per minute per Basic-auth user (keys have their plan's)
     insecure_no_auth: bool = False  # serve a non-loopback address with no keys (anyone on the network can use it)
     credits_per_image: int = Field(1, ge=0)  # charged to a key's quota per image requested
 
@@ -168,6 +175,15 @@ class Settings(BaseSettings):
         """EASEL_DEVICES=cuda:0,cuda:1 (or one name) as well as a JSON list or "auto"."""
         if isinstance(value, str) and value.strip() != "auto":
             return [d.strip() for d in value.split(",") if d.strip()]
+        return value
+
+    @field_validator("api_auth_admins", mode="before")
+    @classmethod
+    def _split_admins(cls, value: object) -> object:
+        """EASEL_API_AUTH_ADMINS=ann,ben as well as a JSON list."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [n.strip() for n in text.split(",") if n.strip()]
         return value
 
     @property

@@ -21,8 +21,9 @@ __all__ = ["install_access"]
 def install_access(app: FastAPI, settings: Settings, jobs: JobService) -> None:
     """Keys and rate limits on the job database; the middleware; GET /v1/account."""
     from server.access import routes
+    from server.access.config import check_access_settings
     from server.access.keys import KeyStore
-    from server.access.middleware import AccessControl, parse_basic_users
+    from server.access.middleware import AccessControl
     from server.access.ratelimit import RateLimiter
 
     keys = KeyStore(jobs.store.engine)
@@ -33,6 +34,12 @@ def install_access(app: FastAPI, settings: Settings, jobs: JobService) -> None:
         jobs.ensure_started()  # creates the tables on first use (requests before start-up in some test clients)
         return keys
 
-    basic = parse_basic_users(settings.api_auth.get_secret_value() if settings.api_auth else None)
-    app.add_middleware(AccessControl, keys=ready_keys, limiter=lambda: limiter, basic_users=basic)
+    users = check_access_settings(settings)  # fails closed: a malformed setting raises instead of opening the app
+    app.add_middleware(
+        AccessControl,
+        keys=ready_keys,
+        limiter=lambda: limiter,
+        basic_users=users,
+        basic_rate_limit=settings.api_auth_rate_limit,
+    )
     app.include_router(routes.build_router())

@@ -1,4 +1,4 @@
-"""Tables of the access layer, in the job database: `api_keys` and `rate_windows`."""
+"""Tables of the access layer, in the job database: `api_keys`, `rate_windows` and `a1111_sessions`."""
 
 from __future__ import annotations
 
@@ -40,3 +40,15 @@ class RateWindow(Base):
     key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     window_start: Mapped[int] = mapped_column(Integer, primary_key=True)  # unix minute (epoch seconds // 60)
     count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class A1111Session(Base):
+    """One caller's A1111 session when the server has keys (or Basic users): its own current checkpoint and the
+    options it set, over the server-wide ones. `owner` is the principal id (key_..., basic:user)."""
+
+    __tablename__ = "a1111_sessions"
+
+    owner: Mapped[str] = mapped_column(String(160), primary_key=True)
+    checkpoint: Mapped[str | None] = mapped_column(Text)  # a models.yaml id; None: the server-wide current one
+    options: Mapped[str] = mapped_column(Text, default="{}")  # JSON object, checked and bounded when set
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

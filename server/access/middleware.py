@@ -4,8 +4,9 @@
 - With no key configured (and no A1111 `api_auth`) the server runs open; `easel serve` refuses that on a
   non-loopback address unless `--insecure-no-auth` is given (see server.cli).
 - `Authorization: Bearer <key>` everywhere; HTTP Basic (A1111's `--api-auth user:pass,...`) on A1111 routes.
-- A keyed request is counted against its key's per-minute limit; every answer to it carries X-RateLimit-Limit,
-  -Remaining and -Reset, and over the limit it is a 429 with Retry-After in the dialect's error shape.
+- A keyed request is counted against its key's per-minute limit, a Basic user's against `api_auth_rate_limit`; every
+  answer to it carries X-RateLimit-Limit, -Remaining and -Reset, and over the limit it is a 429 with Retry-After in
+  the dialect's error shape.
 """
 
 from __future__ import annotations
@@ -19,23 +20,14 @@ from anyio import to_thread
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.access.config import BasicUsers
 from server.access.keys import KeyStore
-from server.access.principal import Principal
+from server.access.principal import Principal, basic_principal, key_principal
 from server.access.ratelimit import RateDecision, RateLimiter
 from server.errors import A1111_PREFIXES, ErrorInfo, renderer_for
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 OPEN_PREFIXES = ("/docs-assets/",)  # the API pages' own scripts and styles (server.app.DOCS_ASSETS_PATH)
-
-
-def parse_basic_users(spec: str | None) -> dict[str, str]:
-    """A1111's `--api-auth` format: `user:pass[,user2:pass2]`."""
-    users: dict[str, str] = {}
-    for pair in (spec or "").split(","):
-        user, sep, password = pair.strip().partition(":")
-        if user and sep:
-            users[user] = password
-    return users
 
 
 class AccessControl:
@@ -44,15 +36,18 @@ class AccessControl:
         app: ASGIApp,
         keys: Callable[[], KeyStore],
         limiter: Callable[[], RateLimiter],
-        basic_users: dict[str, str],
+        basic_users: BasicUsers,
+        basic_rate_limit: int,
     ):
         self.app = app
         self._keys = keys  # factories: the stores open the database lazily, once the app has started
         self._limiter = limiter
-        self.basic_users = basic_users
+        self.basic_users = basic_users.passwords
+        self.basic_admins = basic_users.admins
+        self.basic_rate_limit = basic_rate_limit
         # Keys are revoked, never deleted: once one exists the server stays locked, so that answer is kept (an open
         # server asks on each request, since `easel keys create` may run in another process meanwhile).
-        self._locked = bool(basic_users)
+        self._locked = bool(basic_users.passwords)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
@@ -74,9 +69,8 @@ class AccessControl:
             return
         scope.setdefault("state", {})["principal"] = principal
         decision: RateDecision | None = None
-        if principal is not None and principal.key is not None:
-            key = principal.key
-            decision = await to_thread.run_sync(self._limiter().hit, key.id, key.rate_limit)
+        if principal is not None and principal.rate_limit is not None:  # keys and Basic users alike
+            decision = await to_thread.run_sync(self._limiter().hit, principal.rate_key, principal.rate_limit)
             if not decision.allowed:
                 info = ErrorInfo(
                     429,
@@ -111,11 +105,13 @@ class AccessControl:
         if scheme == "bearer" and credentials.strip():
             key = keys.authenticate(credentials.strip())
             if key is not None:
-                return Principal(key.id, key.name, key.admin, key)
+                return key_principal(key)
             return False
         if scheme == "basic" and a1111 and self.basic_users:
             user = self._basic_user(credentials.strip())
-            return Principal(f"basic:{user}", user) if user is not None else False
+            if user is None:
+                return False
+            return basic_principal(user, user in self.basic_admins, self.basic_rate_limit)
         return False
 
     def _basic_user(self, credentials: str) -> str | None:

@@ -3,6 +3,7 @@ keys configured, loopback only): everyone sees everything, as on a single-user w
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -16,10 +17,33 @@ class Principal:
     name: str
     admin: bool = False
     key: KeyInfo | None = None  # None for HTTP Basic users (A1111 --api-auth)
+    rate_limit: int | None = None  # requests per minute; None: not limited
+
+    @property
+    def rate_key(self) -> str:
+        """The id its requests are counted under (fits the 32 characters of rate_windows.key_id: user names are
+        hashed)."""
+        if self.key is not None:
+            return self.key.id
+        return "basic_" + hashlib.sha256(self.id.encode("utf-8")).hexdigest()[:24]
+
+
+def basic_principal(user: str, admin: bool, rate_limit: int) -> Principal:
+    return Principal(f"basic:{user}", user, admin, None, rate_limit)
+
+
+def key_principal(key: KeyInfo) -> Principal:
+    return Principal(key.id, key.name, key.admin, key, key.rate_limit)
 
 
 def current(request: Request) -> Principal | None:
     return getattr(request.state, "principal", None)
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the caller may act on the whole server: an admin key or Basic user, or anyone on an open server."""
+    principal = current(request)
+    return principal is None or principal.admin
 
 
 def job_owner(request: Request) -> str | None:

@@ -31,6 +31,7 @@ from pipelines.errors import (
     JobCancelled,
     ModelNotFound,
     QueueFull,
+    ShutdownCancelled,
 )
 from pipelines.job_state import CompletableJob
 from pipelines.registry import Registry
@@ -238,7 +239,7 @@ class RemoteEngine:
         except BackPressureError:
             job._fail(QueueFull())
         except RequestCancelledError:
-            job._fail(JobCancelled(f"job {job.id} was cancelled: {SHUTDOWN_REASON}"))
+            job._fail(ShutdownCancelled(f"job {job.id} was cancelled: {SHUTDOWN_REASON}"))
         except Exception as e:
             log.warning("job %s: the worker stream failed: %s: %s", job.id, type(e).__name__, e)
             if job._answered.is_set():
@@ -273,6 +274,9 @@ class RemoteEngine:
 
     def queued_count(self) -> int:
         return sum(1 for j in self.live_jobs() if j.status == JobStatus.QUEUED)
+
+    def queued_owners(self) -> list[str | None]:
+        return [j.request.tags.get("owner") for j in self.live_jobs() if j.status == JobStatus.QUEUED]
 
     def interrupt(self) -> None:
         for job in self.running_jobs():
@@ -344,4 +348,4 @@ class RemoteEngine:
             if not job.done:
                 if job._stream is not None:
                     job._stream.cancel()
-                job._fail(JobCancelled(f"job {job.id} was cancelled: {SHUTDOWN_REASON}"))
+                job._fail(ShutdownCancelled(f"job {job.id} was cancelled: {SHUTDOWN_REASON}"))

@@ -159,6 +159,7 @@ class FakeEngine:
         self.failure: str | None = None  # set to make the engine dead (alive False)
         self._current: FakeJob | None = None
         self._queued = 0
+        self._waiting: list[FakeJob] = []  # submitted, not running yet
         self._gpu = threading.Lock()
 
     # Test controls ---------------------------------------------------------------------------------------------------
@@ -214,12 +215,14 @@ class FakeEngine:
         seed = request.seed if request.seed >= 0 else random.randrange(MAX_SEED)
         job = FakeJob(self, request, seed)
         self._queued += 1
+        self._waiting.append(job)
         threading.Thread(target=self._run, args=(job,), daemon=True).start()
         return job
 
     def _run(self, job: FakeJob) -> None:
         with self._gpu:
             self._queued -= 1
+            self._waiting.remove(job)
             self._current = job
             try:
                 job.run()
@@ -231,6 +234,9 @@ class FakeEngine:
 
     def queued_count(self) -> int:
         return self._queued
+
+    def queued_owners(self) -> list[str | None]:
+        return [job.request.tags.get("owner") for job in list(self._waiting)]
 
     def interrupt(self) -> None:
         if self._current is not None:

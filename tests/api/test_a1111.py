@@ -12,6 +12,7 @@ import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -375,6 +376,61 @@ def test_options_never_store_secrets(client: TestClient):
     assert options["harmless"] == 1 and options["token_merging_ratio"] == 0.5 and not set(secrets) & set(options)
 
 
+BAD_OPTIONS = {
+    "jpeg_quality": "high",
+    "img2img_background_color": "not a colour",
+    "samples_format": "bmp",
+    "n_rows": 10**6,
+    "enable_pnginfo": "yes",
+    "eta_ddim": 2.5,
+    "sd_vae": "x" * 5000,
+    "my_extension_option": "y" * 5000,  # unknown options are kept, but bounded in size
+}
+
+
+def test_every_option_is_checked_when_set_and_nothing_is_stored_then(client: TestClient):
+    r = client.post(f"{SD}/options", json={**BAD_OPTIONS, "jpeg_quality": 95, **{"jpeg_quality": "high"}})
+    assert r.status_code == 422 and set(r.json()) == A1111_ERROR_KEYS
+    named = {e["loc"][-1] for e in r.json()["detail"]}
+    assert named == set(BAD_OPTIONS), named
+    options = client.get(f"{SD}/options").json()
+    assert options["jpeg_quality"] == 80 and options["samples_format"] == "png" and "my_extension_option" not in options
+    # Valid values of every kind pass, choices in any case.
+    ok = {"jpeg_quality": 95, "img2img_background_color": "#00FF00", "samples_format": "WEBP", "eta_ddim": 1}
+    assert client.post(f"{SD}/options", json=ok).status_code == 200
+    assert client.get(f"{SD}/options").json()["samples_format"] == "webp"
+
+
+def test_options_are_bounded_in_total(client: TestClient):
+    statuses = [client.post(f"{SD}/options", json={f"ext_{i}": "z" * 4000}).status_code for i in range(20)]
+    assert statuses[:15] == [200] * 15 and statuses[-1] == 422  # 4 KB each: the 16th or 17th passes 64 KiB
+    r = client.post(f"{SD}/options", json={"ext_last": "z" * 4000})
+    assert r.status_code == 422 and "at most" in r.json()["errors"]
+    assert len(client.get(f"{SD}/options").content) < 70_000
+
+
+def test_no_stored_option_breaks_a_later_generation(client: TestClient):
+    """Values stored before these checks existed (or by any other path) fall back to their defaults on read."""
+    client.get(f"{SD}/options")
+    state = client.app.state.a1111
+    state.options.update({"jpeg_quality": "high", "img2img_background_color": "nope", "samples_format": "jpg",
+                          "n_rows": "x", "enable_pnginfo": None})  # fmt: skip
+    r = client.post(f"{SD}/txt2img", json={"steps": 1, "width": 64, "height": 64, "batch_size": 2})
+    assert r.status_code == 200, r.text
+    r = client.post(f"{SD}/img2img", json={"init_images": [png_b64()], "steps": 1, "width": 64, "height": 64})
+    assert r.status_code == 200, r.text
+    options = client.get(f"{SD}/options").json()
+    assert options["jpeg_quality"] == 80 and options["img2img_background_color"] == "#ffffff"
+
+
+def test_override_settings_are_checked_before_any_work(client: TestClient, engine: FakeEngine):
+    body = {"steps": 1, "width": 64, "height": 64, "override_settings": {"jpeg_quality": "high"},
+            "override_settings_restore_afterwards": False}  # fmt: skip
+    r = client.post(f"{SD}/txt2img", json=body)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "override_settings", "jpeg_quality"]
+    assert engine.requests == [] and client.get(f"{SD}/options").json()["jpeg_quality"] == 80
+
+
 def test_options_unknown_checkpoint_is_404_naming_it(client: TestClient, engine: FakeEngine):
     r = client.post(f"{SD}/options", json={"sd_model_checkpoint": "nope.safetensors"})
     assert r.status_code == 404 and set(r.json()) == A1111_ERROR_KEYS
@@ -736,3 +792,48 @@ def test_hires_fix_fields_reach_the_engine_and_the_infotext(client: TestClient, 
 def test_hires_fix_bad_values_are_422_naming_the_field(client: TestClient, extra: dict, field: str):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "enable_hr": True, **extra})
     assert r.status_code == 422 and field in r.text
+
+
+# 500s that must be 4xx (issue #14) -----------------------------------------------------------------------------------
+
+
+def raw_post(client: TestClient, path: str, body: dict) -> Any:
+    """JSON as any client may send it: json.dumps escapes a lone surrogate as \\ud800 (httpx would refuse it)."""
+    return client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
+
+
+def test_text_with_a_lone_surrogate_is_refused_naming_the_field(client: TestClient, engine: FakeEngine):
+    small = {"steps": 1, "width": 64, "height": 64}
+    r = raw_post(client, f"{SD}/txt2img", {**small, "prompt": "a \ud800 fox"})
+    assert r.status_code == 422 and set(r.json()) == A1111_ERROR_KEYS
+    assert r.json()["detail"][0]["loc"] == ["body", "prompt"]
+    r = raw_post(client, f"{GW}/txt2img", {**small, "prompt": "x", "styles": ["ok", "\udfff"]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "styles", 1]
+    r = raw_post(client, f"{SD}/options", {"my_option": {"nested": "\ud800"}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "my_option", "nested"]
+    r = raw_post(client, "/v1/images/generations", {"prompt": "a \ud800 fox"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # OpenAI's shape and status
+    assert engine.requests == []
+    # A valid pair (an emoji, escaped as two surrogates) is text.
+    assert raw_post(client, f"{SD}/txt2img", {**small, "prompt": "a \U0001f98a"}).status_code == 200
+
+
+def test_seeds_that_cannot_be_stored_are_refused_before_any_work(client: TestClient, engine: FakeEngine):
+    small = {"prompt": "x", "steps": 1, "width": 64, "height": 64}
+    for seed, n_iter in ((2**63 - 1, 2), (2**63, 1), (10**30, 1)):
+        r = client.post(f"{SD}/txt2img", json={**small, "seed": seed, "n_iter": n_iter})
+        assert r.status_code == 422, (seed, r.text)
+        assert r.json()["detail"][0]["loc"] == ["body", "seed"]
+    assert engine.requests == []
+    r = client.post(f"{GW}/txt2img", json={**small, "seed": 2**63 - 2, "n_iter": 2, "async": True})
+    assert r.status_code == 202  # the last seed, 2**63 - 1, still fits
+    r = client.post(f"{SD}/txt2img", json={**small, "seed": 2**63 - 2, "n_iter": 2})
+    assert r.status_code == 200 and info_of(r)["all_seeds"] == [2**63 - 2, 2**63 - 1]
+
+
+def test_a_resize_that_rounds_to_zero_pixels_is_refused(client: TestClient, engine: FakeEngine):
+    body = {"init_images": [png_b64((1, 2000))], "resize_mode": 2, "steps": 1, "width": 64, "height": 64}
+    r = client.post(f"{SD}/img2img", json=body)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "init_images"]
+    assert "0x64" in r.json()["errors"] and engine.requests == []
+    assert client.post(f"{SD}/img2img", json={**body, "resize_mode": 0}).status_code == 200

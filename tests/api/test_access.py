@@ -157,6 +157,57 @@ def test_a1111_basic_auth(tmp_path: Path, registry: Registry) -> None:
         assert server.client.get("/sdapi/v1/sd-models", headers=server.auth(key.secret)).status_code == 200
 
 
+def test_basic_users_are_rate_limited_like_keys(tmp_path: Path, registry: Registry) -> None:
+    for server in make_server(tmp_path, registry, api_auth="ann:pw1,ben:pw2", api_auth_rate_limit=2):
+        wait_for_next_window_if_close()
+        for left in (1, 0):
+            r = server.client.get("/sdapi/v1/sd-models", headers=basic("ann", "pw1"))
+            assert r.status_code == 200
+            assert r.headers["X-RateLimit-Limit"] == "2" and r.headers["X-RateLimit-Remaining"] == str(left)
+            assert int(r.headers["X-RateLimit-Reset"]) > time.time()
+        r = server.client.get("/sdapi/v1/sd-models", headers=basic("ann", "pw1"))
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert set(r.json()) == {"error", "detail", "body", "errors"}  # A1111's shape
+        # Each user has a window of its own.
+        assert server.client.get("/sdapi/v1/sd-models", headers=basic("ben", "pw2")).status_code == 200
+
+
+def test_refusals_carry_no_timing_header(tmp_path: Path, registry: Registry) -> None:
+    for server in make_server(tmp_path, registry, api_auth="ann:pw1"):
+        refused = server.client.get("/sdapi/v1/sd-models", headers=basic("ann", "wrong"))
+        assert refused.status_code == 401 and "X-Process-Time" not in refused.headers
+        assert "X-Process-Time" in server.client.get("/sdapi/v1/sd-models", headers=basic("ann", "pw1")).headers
+
+
+def test_easel_serve_sends_no_server_banner(tmp_path: Path, registry: Registry) -> None:
+    """The uvicorn configuration `easel serve` runs, over a real socket: no `Server: uvicorn` header."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from server.cli import uvicorn_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(data_dir=tmp_path, port=port)
+    app = create_app(settings, engine=FakeEngine(registry), registry=registry)
+    server = uvicorn.Server(uvicorn_config(app, settings, "warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = httpx.get(f"http://127.0.0.1:{port}/livez", timeout=5)
+        assert r.status_code == 200 and "server" not in r.headers, dict(r.headers)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 # Rate limits ------------------------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,15 @@ from pipelines.errors import EngineNotReady, JobCancelled
 from pipelines.registry import Registry
 from server.app import create_app
 from server.settings import Settings
-from tests.reliability.engine_helpers import busy, demo_registry, record_calls, req, start_engine, wait_for_step
+from tests.reliability.engine_helpers import (
+    busy,
+    demo_registry,
+    record_calls,
+    req,
+    start_engine,
+    wait_for_step,
+    wait_until,
+)
 from tests.reliability.http_helpers import RawPost, with_gate
 
 
@@ -86,3 +94,30 @@ def test_a_draining_engine_is_refused_with_503_before_the_body_is_read(
         assert body.startswith(b'{"error":"EngineNotReady"') and b"shutting down" in body
         r = client.post("/v2/image/flux/generate", json={"prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_not_ready"
+
+
+def test_a_synchronous_caller_cancelled_by_the_shutdown_is_told_to_retry(
+    data_dir: Path, registry: Registry, tmp_path: Path
+) -> None:
+    """Issue #14: the drain deadline cancelling a job is no fault of its caller: 503 + Retry-After, not 409."""
+    import threading
+
+    engine = start_engine(data_dir, registry, max_batch=1)
+    app = create_app(Settings(data_dir=tmp_path), engine=engine, registry=registry)
+    answers = []
+    with TestClient(app) as client:
+        running = busy(engine)  # 2000 steps: far past the drain deadline
+        waiter = threading.Thread(
+            target=lambda: answers.append(
+                client.post("/sdapi/v1/txt2img", json={"prompt": "sync", "steps": 2, "width": 64, "height": 64})
+            )
+        )
+        waiter.start()
+        wait_until(lambda: engine.queued_count() == 1, what="the synchronous job queued")
+        engine.drain(timeout_s=0.2)
+        waiter.join(30)
+        assert running.status == JobStatus.CANCELLED
+    (answer,) = answers
+    assert answer.status_code == 503, answer.text
+    assert int(answer.headers["Retry-After"]) > 0 and "shut down" in answer.json()["detail"]
+    assert answer.json()["error"] == "ShutdownCancelled"

@@ -101,7 +101,8 @@ def test_sigterm_drains_cancels_records_and_exits_zero(data_dir: Path, tmp_path:
     # The synchronous caller was answered (the job was cancelled by the shutdown), not dropped.
     assert len(sync_answer) == 1
     answer = sync_answer[0]
-    assert answer.status_code in (409, 503) and "shut down" in answer.text, (answer.status_code, answer.text)
+    assert answer.status_code == 503 and "shut down" in answer.text, (answer.status_code, answer.text)
+    assert int(answer.headers["Retry-After"]) > 0
 
     store = JobStore(f"sqlite:///{(own / 'easel.db').resolve()}")
     try:

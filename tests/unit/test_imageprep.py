@@ -231,3 +231,11 @@ def test_without_composite_the_crop_is_pasted_unblended():
     out = px(prep.finish([Image.new("RGB", (64, 64), RED)])[0])
     x1, y1, x2, y2 = prep.crop_region
     assert (out[y1:y2, x1:x2] == RED).all() and (out[:y1] == px(init)[:y1]).all()
+
+
+def test_resize_and_fill_never_makes_a_zero_pixel_image() -> None:
+    """Issue #14: fitting a 1x2000 sliver into 64x64 rounds its width to 0; it is kept at 1 px and stretched."""
+    from pipelines.imageprep import resize_image
+
+    out = resize_image(Image.new("RGB", (1, 2000), (200, 10, 10)), 64, 64, resize_mode=2)
+    assert out.size == (64, 64) and out.getpixel((32, 32)) == (200, 10, 10)

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from server import preflight
+from server.access.config import AccessSettingError, check_access_settings
+from server.app import create_app
 from server.preflight import StartupProblem
+from server.settings import Settings
 
 EASEL = Path(sys.executable).parent / "easel"
 
@@ -119,3 +122,59 @@ def test_a_healthy_start_passes_every_check(tmp_path: Path) -> None:
     preflight.check_job_database("postgresql+psycopg://easel@db/easel")  # not ours to open here
     preflight.check_port("127.0.0.1", free_port())
     assert preflight.sqlite_path(f"sqlite:///{db}") == db
+
+
+# Access settings fail closed (issue #14): a value that names no usable user stops the server, never opens it.
+
+MALFORMED_AUTH = {
+    "": "empty",
+    "   ": "empty",
+    "garbage": "no ':'",
+    ":nopass": "empty user name",
+    "user:": "empty password",
+    "ann:pw,": "entry 2 is empty",
+    "ann:pw,,ben:pw2": "entry 2 is empty",
+    "ann:pw,ann:other": "listed twice",
+}
+
+
+def test_a_malformed_api_auth_stops_start_up_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EASEL_API_AUTH": "garbage"}
+    result = subprocess.run(
+        [str(EASEL), "serve", "--host", "0.0.0.0", "--port", str(free_port()), "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert_one_line(result, "EASEL_API_AUTH", "no ':'", "user:password")
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("value", list(MALFORMED_AUTH))
+def test_every_malformed_api_auth_is_refused_without_echoing_it(value: str, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, host="0.0.0.0", api_auth=value)
+    with pytest.raises(StartupProblem, match="EASEL_API_AUTH") as refused:
+        preflight.check_access(settings)
+    assert MALFORMED_AUTH[value] in str(refused.value)
+    assert "nopass" not in str(refused.value) and "other" not in str(refused.value)  # passwords are not repeated
+    # An app built some other way (Ray ingress, tests) fails closed too: no app without its authentication.
+    with pytest.raises(AccessSettingError):
+        create_app(settings, engine=object(), registry=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"api_auth_admins": ["ann"]}, "EASEL_API_AUTH has no users"),
+        ({"api_auth": "ben:pw", "api_auth_admins": "ann,ben"}, "not in EASEL_API_AUTH: ann"),
+        ({"webhook_secret": "short"}, "EASEL_WEBHOOK_SECRET"),
+        ({"cors_allow_origins": ["*"], "cors_allow_credentials": True}, "EASEL_CORS_ALLOW_CREDENTIALS"),
+    ],
+)
+def test_other_malformed_access_settings_stop_start_up(overrides: dict, words: str, tmp_path: Path) -> None:
+    with pytest.raises(StartupProblem, match=words):
+        preflight.check_access(Settings(data_dir=tmp_path, **overrides))
+
+
+def test_well_formed_access_settings_pass(tmp_path: Path) -> None:
+    users = check_access_settings(Settings(data_dir=tmp_path, api_auth="ann:p:w, ben:pw2", api_auth_admins="ben"))
+    assert users.passwords == {"ann": "p:w", "ben": "pw2"} and users.admins == {"ben"}
+    preflight.check_access(Settings(data_dir=tmp_path))  # nothing set: API keys only

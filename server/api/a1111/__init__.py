@@ -32,7 +32,8 @@ class ProcessTime:
         started = time.perf_counter()
 
         async def send_with_time(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            # Not on a 401: how long a refused credential took to check is nobody's business (timing side channel).
+            if message["type"] == "http.response.start" and message["status"] != 401:
                 MutableHeaders(scope=message)["X-Process-Time"] = f"{time.perf_counter() - started:.4f}"
             await send(message)
 

@@ -221,6 +221,21 @@ def txt2img_extra_params(body: Txt2ImgRequest, spec: ModelSpec) -> dict[str, Any
     return extra
 
 
+def resize_problem(size: tuple[int, int], target: tuple[int, int], resize_mode: int) -> str | None:
+    """Why an input of `size` cannot be resized to `target` with A1111's `resize_mode`, or None: in "resize and
+    fill" (2) the image is fitted inside the target, and a sliver's short side would round to 0 pixels."""
+    (w, h), (tw, th) = size, target
+    if resize_mode != 2 or w < 1 or h < 1 or tw < 1 or th < 1:
+        return None
+    fitted = (tw, h * tw // w) if tw / th < w / h else (w * th // h, th)
+    if min(fitted) < 1:
+        return (
+            f"a {w}x{h} image fitted into {tw}x{th} (resize_mode 2, resize and fill) would be {fitted[0]}x{fitted[1]} "
+            "pixels: use another resize_mode or a less extreme aspect ratio"
+        )
+    return None
+
+
 def _check_img2img(body: Img2ImgRequest) -> list[FieldError]:
     errors = []
     if body.resize_mode not in (0, 1, 2, 3):

@@ -63,10 +63,11 @@ def latent_upscale_modes() -> list[NameItem]:
     return [NameItem(name=n) for n in LATENT_UPSCALE_MODES]
 
 
-def cmd_flags(settings: Settings) -> dict[str, Any]:
-    """A1111-style flags plus our settings; anything that could be a credential is left out."""
+def cmd_flags(settings: Settings, show_paths: bool = True) -> dict[str, Any]:
+    """A1111-style flags plus our settings; anything that could be a credential is left out, and filesystem paths
+    are shown only to admins (`show_paths`): where the server keeps its files is not every key's business."""
     ours = {
-        k: str(v) if isinstance(v, Path) else v
+        k: (str(v) if show_paths else None) if isinstance(v, Path) else v
         for k, v in settings.model_dump().items()
         if not SECRET_SETTING.search(k)
     }
@@ -77,7 +78,7 @@ def cmd_flags(settings: Settings) -> dict[str, Any]:
         "server_name": settings.host,
         "port": settings.port,
         "ckpt_dir": None,
-        "data_dir": str(settings.data_dir),
+        "data_dir": str(settings.data_dir) if show_paths else None,
         "device_id": None,
         "api_log": False,
         "cors_allow_origins": ",".join(settings.cors_allow_origins) or None,
@@ -86,7 +87,7 @@ def cmd_flags(settings: Settings) -> dict[str, Any]:
     return {**ours, **a1111_style}
 
 
-def progress(engine: EngineClient | None, state: A1111State, skip_current_image: bool = False) -> ProgressResponse:
+def progress(engine: EngineClient | None, state: A1111State, with_preview: bool = False) -> ProgressResponse:
     """A1111 /progress. Idle: progress 0 and job_count 0 (webuiapi's util_wait_for_ready waits for exactly that)."""
     queued = engine.queued_count() if engine is not None else 0
     job = engine.current_job() if engine is not None else None
@@ -111,6 +112,6 @@ def progress(engine: EngineClient | None, state: A1111State, skip_current_image:
             sampling_steps=p.sampling_steps or job.request.steps,
         ),
         textinfo=f"Sampling step {p.sampling_step}/{p.sampling_steps}" if p.sampling_steps else None,
-        current_image=None if skip_current_image or not state.options.get("live_previews_enable") else preview_b64(p),
+        current_image=preview_b64(p) if with_preview else None,
         queued=queued,
     )

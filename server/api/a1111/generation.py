@@ -16,9 +16,10 @@ from pipelines.errors import EngineNotReady, InvalidRequest
 from pipelines.request import GenerationResult
 from server.access.principal import job_owner
 from server.api.a1111 import adapter
+from server.api.a1111 import options as opts
 from server.api.a1111.adapter import InputImages, Prepared
 from server.api.a1111.schemas import GenerationBase, Img2ImgRequest, Txt2ImgRequest
-from server.api.a1111.state import A1111State
+from server.api.a1111.state import Session
 from server.errors import ApiError
 from server.images import b64, decode_image, encode_image
 from server.jobs import JobSpec, StoredImage
@@ -73,6 +74,8 @@ def decode_inputs(body: Img2ImgRequest, settings: Settings, background: str) -> 
             raise ApiError(
                 e.status, e.message.replace("init_images:", f"init_images[{i}]:", 1), field="init_images", code=e.code
             ) from None
+        if (why := adapter.resize_problem(img.size, (body.width, body.height), body.resize_mode)) is not None:
+            raise ApiError(422, f"init_images[{i}]: {why}", field="init_images", code="invalid_request")
         images.append(adapter.flatten_rgb(img, background))
     mask = None
     if body.mask:
@@ -89,11 +92,12 @@ def _engine_field(e: InvalidRequest, model_field: str | None) -> InvalidRequest:
     return e if name == e.field else InvalidRequest(name, e.message)
 
 
-async def prepare(request: Request, body: GenerationBase, state: A1111State) -> tuple[Prepared, str | None]:
+async def prepare(request: Request, body: GenerationBase, session: Session) -> tuple[Prepared, str | None]:
     settings: Settings = request.app.state.settings
     default = GATEWAY_DEFAULT_MODEL if request.url.path.startswith("/v2/") else None
-    choice = adapter.choose_model(body, state.registry, state.current_model, default)
+    choice = adapter.choose_model(body, session.registry, session.current_model, default)
     errors = adapter.check_request(body, settings, choice.spec)
+    errors += opts.check(body.override_settings, prefix="override_settings.")
     if errors:
         raise ApiError.invalid(errors)
     if ignored := ignored_features(body):
@@ -107,18 +111,18 @@ async def prepare(request: Request, body: GenerationBase, state: A1111State) -> 
     if isinstance(body, Img2ImgRequest):
         if not body.init_images:
             raise ApiError(404, "Init image not found", field="init_images", code="init_image_not_found")
-        background = str(state.options.get("img2img_background_color") or "#ffffff")
+        background = str(session.options.get("img2img_background_color") or "#ffffff")
         images = await run_in_threadpool(decode_inputs, body, settings, background)
         extra = adapter.img2img_extra_params(body, images.mask is not None)
     elif isinstance(body, Txt2ImgRequest):
         extra = adapter.txt2img_extra_params(body, choice.spec)
 
-    request = adapter.to_generation_request(body, choice.spec, images, prompts)
-    request.preview_every = preview_interval(state.options)
+    generation = adapter.to_generation_request(body, choice.spec, images, prompts)
+    generation.preview_every = preview_interval(session.options)
     prep = Prepared(
         body=body,
         spec=choice.spec,
-        request=request,
+        request=generation,
         job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
         extra_generation_params=extra,
         subseed=adapter.resolve_subseed(body.subseed),
@@ -126,11 +130,11 @@ async def prepare(request: Request, body: GenerationBase, state: A1111State) -> 
     return prep, choice.field
 
 
-async def run(request: Request, body: GenerationBase, state: A1111State) -> dict[str, Any]:
+async def run(request: Request, body: GenerationBase, session: Session) -> dict[str, Any]:
     """The whole synchronous A1111 call; the job keeps running if the wait times out (504)."""
     settings: Settings = request.app.state.settings
     engine = require_engine(request)
-    prep, model_field = await prepare(request, body, state)
+    prep, model_field = await prepare(request, body, session)
     owner = job_owner(request)
     prep.request.tags["owner"] = owner
     accounting = request.app.state.jobs.accounting
@@ -156,8 +160,8 @@ async def run(request: Request, body: GenerationBase, state: A1111State) -> dict
     if accounting:
         await run_in_threadpool(accounting.count_images, owner, len(result.images))
 
-    keep_overrides(body, state, prep, model_field)
-    return await run_in_threadpool(render, prep, result, dict(state.options), settings.a1111_version)
+    await run_in_threadpool(keep_overrides, body, session, prep, model_field)
+    return await run_in_threadpool(render, prep, result, session.options, settings.a1111_version)
 
 
 def refund(accounting: Any, owner: str | None, credits: int) -> None:
@@ -165,23 +169,25 @@ def refund(accounting: Any, owner: str | None, credits: int) -> None:
         accounting.refund(owner, credits)
 
 
-def keep_overrides(body: GenerationBase, state: A1111State, prep: Prepared, model_field: str | None) -> None:
+def keep_overrides(body: GenerationBase, session: Session, prep: Prepared, model_field: str | None) -> None:
     if not body.override_settings_restore_afterwards and body.override_settings:
-        # A1111 keeps the overrides as the new options when asked not to restore them.
-        if model_field == "override_settings.sd_model_checkpoint":
-            state.current_model_id = prep.spec.id
-        state.store_options(body.override_settings)
+        # A1111 keeps the overrides as the new options when asked not to restore them (checked in `prepare`).
+        model_id = prep.spec.id if model_field == "override_settings.sd_model_checkpoint" else None
+        try:
+            session.update(body.override_settings, model_id, field="override_settings")
+        except ApiError as e:  # over the total size bound: the images are made, the options stay as they were
+            log.warning("override_settings not kept: %s", e.message)
 
 
-async def run_async(request: Request, body: GenerationBase, state: A1111State) -> JSONResponse:
+async def run_async(request: Request, body: GenerationBase, session: Session) -> JSONResponse:
     """`"async": true` (gateway copy): a recorded job, answered 202 with its task address at once.
 
     GET /v2/tasks/{task_address} then returns, as `result`, the body the synchronous call would have returned.
     """
     settings: Settings = request.app.state.settings
     require_engine(request)
-    prep, model_field = await prepare(request, body, state)
-    options, version = dict(state.options), settings.a1111_version
+    prep, model_field = await prepare(request, body, session)
+    options, version = session.options, settings.a1111_version
 
     def render_body(result: GenerationResult, _images: list[StoredImage]) -> dict[str, Any]:
         return render(prep, result, options, version)
@@ -199,7 +205,7 @@ async def run_async(request: Request, body: GenerationBase, state: A1111State) -
         ticket = await submit(request, spec)
     except InvalidRequest as e:
         raise _engine_field(e, model_field) from None
-    keep_overrides(body, state, prep, model_field)
+    await run_in_threadpool(keep_overrides, body, session, prep, model_field)
     return accepted(request, ticket)
 
 

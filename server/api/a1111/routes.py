@@ -9,8 +9,9 @@ from fastapi import APIRouter, Body, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.lora import registry_for
-from server.access.principal import can_see, owner_filter
+from server.access.principal import can_see, is_admin, owner_filter
 from server.api.a1111 import catalog, generation
+from server.api.a1111 import options as opts
 from server.api.a1111.adapter import unknown_model
 from server.api.a1111.infotext import parse_generation_parameters
 from server.api.a1111.schemas import (
@@ -28,7 +29,7 @@ from server.api.a1111.schemas import (
     Txt2ImgRequest,
     UpscalerItem,
 )
-from server.api.a1111.state import A1111State, get_state
+from server.api.a1111.state import A1111State, Session, get_session, get_state, require_admin
 from server.errors import ApiError
 from server.images import decode_image, read_png_info
 from server.jobs.http import TaskAccepted
@@ -73,27 +74,29 @@ def _add_generation_routes(router: APIRouter, gateway: bool) -> None:
 
         @router.post("/txt2img", response_model=GenerationResponse, responses={202: {"model": TaskAccepted}})
         async def txt2img_gateway(
-            request: Request, body: GatewayTxt2ImgRequest, state: A1111State = Depends(get_state)
+            request: Request, body: GatewayTxt2ImgRequest, session: Session = Depends(get_session)
         ) -> Any:
             """Gateway txt2img: `model` picks any models.yaml id/alias/title; defaults steps 20, 512x512, cfg 7.
             `"async": true` answers 202 with a task address (GET /v2/tasks/{task_address})."""
             if body.async_:
-                return await generation.run_async(request, body, state)
-            return await generation.run(request, body, state)
+                return await generation.run_async(request, body, session)
+            return await generation.run(request, body, session)
 
     else:
 
         @router.post("/txt2img", response_model=GenerationResponse)
         async def txt2img(
-            request: Request, body: Txt2ImgRequest, state: A1111State = Depends(get_state)
+            request: Request, body: Txt2ImgRequest, session: Session = Depends(get_session)
         ) -> dict[str, Any]:
             """A1111 txt2img with A1111's API defaults (steps 50, Euler, 512x512, cfg 7)."""
-            return await generation.run(request, body, state)
+            return await generation.run(request, body, session)
 
     @router.post("/img2img", response_model=GenerationResponse)
-    async def img2img(request: Request, body: Img2ImgRequest, state: A1111State = Depends(get_state)) -> dict[str, Any]:
+    async def img2img(
+        request: Request, body: Img2ImgRequest, session: Session = Depends(get_session)
+    ) -> dict[str, Any]:
         """img2img; a `mask` (white = repaint, or RGBA alpha) makes it inpainting."""
-        return await generation.run(request, body, state)
+        return await generation.run(request, body, session)
 
     @router.post("/png-info", response_model=PNGInfoResponse)
     async def png_info(request: Request, body: PNGInfoRequest) -> PNGInfoResponse:
@@ -121,27 +124,34 @@ def _add_model_routes(router: APIRouter) -> None:
         return catalog.sd_models(state.registry)
 
     @router.get("/options")
-    async def get_options(state: A1111State = Depends(get_state)) -> dict[str, Any]:
-        return state.options_view()
+    async def get_options(session: Session = Depends(get_session)) -> dict[str, Any]:
+        """The caller's options: with keys, its own values over the server-wide ones (admins see those)."""
+        return session.options_view()
 
     @router.post("/options")
     async def set_options(
-        request: Request, values: dict[str, Any] = Body(...), state: A1111State = Depends(get_state)
+        request: Request, values: dict[str, Any] = Body(...), session: Session = Depends(get_session)
     ) -> None:
-        """Store options; `sd_model_checkpoint` (any alias) loads that model before answering, as A1111 does."""
+        """Check and store options (422 naming each bad one, nothing stored then); `sd_model_checkpoint` (any
+        alias) loads that model before answering, as A1111 does. With keys, a non-admin caller changes its own
+        session only; admins change the server-wide options."""
+        if errors := opts.check(values):
+            raise ApiError.invalid(errors)
+        model_id = None
         name = values.get("sd_model_checkpoint")
         if name is not None:
-            spec = state.registry.resolve(str(name))
+            spec = session.registry.resolve(str(name))
             if spec is None:
-                raise unknown_model(state.registry, str(name), "sd_model_checkpoint")
+                raise unknown_model(session.registry, str(name), "sd_model_checkpoint")
             await generation.require_engine(request).load_model(spec.id)
-            state.current_model_id = spec.id
-        state.store_options(values)
+            model_id = spec.id
+        await run_in_threadpool(session.update, values, model_id)
         return None
 
     @router.post("/refresh-checkpoints")
     async def refresh_checkpoints(request: Request, state: A1111State = Depends(get_state)) -> None:
-        """Rescan the checkpoints folder (models.yaml entries stay as they are)."""
+        """Rescan the checkpoints folder (models.yaml entries stay as they are). Admins only, with keys."""
+        require_admin(request, "refresh-checkpoints")
         await run_in_threadpool(request.app.state.rescan_checkpoints)
         if state.current_model_id not in state.registry.models:  # its file went away
             state.current_model_id = state.registry.default_model
@@ -149,24 +159,30 @@ def _add_model_routes(router: APIRouter) -> None:
 
     @router.post("/unload-checkpoint")
     async def unload_checkpoint(request: Request) -> dict[str, Any]:
+        require_admin(request, "unload-checkpoint")
         await run_in_threadpool(generation.require_engine(request).unload_models)
         return {}
 
     @router.post("/reload-checkpoint")
     async def reload_checkpoint(request: Request, state: A1111State = Depends(get_state)) -> dict[str, Any]:
-        await generation.require_engine(request).load_model(state.current_model_id)
+        require_admin(request, "reload-checkpoint")
+        await generation.require_engine(request).load_model(state.current_model.id)
         return {}
 
 
 def _add_control_routes(router: APIRouter) -> None:
     @router.get("/progress", response_model=ProgressResponse)
     async def progress(
-        request: Request, skip_current_image: bool = False, state: A1111State = Depends(get_state)
+        request: Request,
+        skip_current_image: bool = False,
+        state: A1111State = Depends(get_state),
+        session: Session = Depends(get_session),
     ) -> ProgressResponse:
         engine = request.app.state.engine
         if engine is not None and owner_filter(request) is not None:
             engine = OwnJobsView(engine, request)  # another key's job (and its preview) is not shown
-        return await run_in_threadpool(catalog.progress, engine, state, skip_current_image)
+        previews = not skip_current_image and bool(session.options.get("live_previews_enable"))
+        return await run_in_threadpool(catalog.progress, engine, state, previews)
 
     @router.post("/interrupt")
     async def interrupt(request: Request, state: A1111State = Depends(get_state)) -> dict[str, Any]:
@@ -200,7 +216,7 @@ def _add_listing_routes(router: APIRouter) -> None:
 
     @router.get("/cmd-flags")
     async def cmd_flags(request: Request) -> dict[str, Any]:
-        return catalog.cmd_flags(request.app.state.settings)
+        return catalog.cmd_flags(request.app.state.settings, show_paths=is_admin(request))
 
     @router.get("/scripts")
     async def scripts() -> dict[str, list[str]]:
@@ -234,6 +250,7 @@ def _add_listing_routes(router: APIRouter) -> None:
 
     @router.post("/refresh-loras")
     async def refresh_loras(request: Request) -> None:
+        require_admin(request, "refresh-loras")
         lora_dir = request.app.state.settings.lora_dir
         if lora_dir:
             await run_in_threadpool(registry_for(lora_dir).scan)
@@ -263,7 +280,9 @@ class OwnJobsView:
         return own[0] if own else None
 
     def queued_count(self) -> int:
-        return self._engine.queued_count()
+        """Only the caller's own queued jobs: how busy other keys are is theirs to know."""
+        owners = self._engine.queued_owners() if hasattr(self._engine, "queued_owners") else []
+        return sum(1 for owner in owners if can_see(self._request, owner))
 
 
 def _own_running(request: Request, engine: Any) -> list[Any]:

@@ -1,19 +1,30 @@
 """The A1111 dialect's own state: the current checkpoint and the options dict (A1111's `opts`).
 
-Only this dialect has a "current model"; other dialects name their model per request. State lives on
-`app.state.a1111` and is created on first use, so it is per app (tests build many apps).
+Only this dialect has a "current model"; other dialects name their model per request. There is one server-wide
+session (`A1111State`, on `app.state.a1111`, created on first use so it is per app): on an open server it is the
+only one, exactly A1111's behaviour. With keys or Basic users, each non-admin caller has its own session
+(`OwnSession`, persisted in the `a1111_sessions` table) over the server-wide one: its frontend switching models or
+formats touches nobody else. Admins (and everyone on an open server) change the server-wide session, which is
+what callers without their own values see.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from fastapi import Request
+from sqlalchemy.engine import Engine
 
 from pipelines.registry import ModelSpec, Registry
+from server.access.db import A1111Session
+from server.access.principal import current
+from server.api.a1111 import options as opts
+from server.errors import ApiError
+from server.jobs.db import make_session_factory, utcnow
 from server.settings import Settings
 
 log = logging.getLogger("easel.a1111")
@@ -30,86 +41,216 @@ DERIVED_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash")
 
 def default_options(settings: Settings) -> dict[str, Any]:
     """The A1111 options clients read, with values describing what this server actually does."""
-    return {
-        "samples_format": "png",
-        "jpeg_quality": 80,
-        "webp_lossless": False,
-        "enable_pnginfo": True,
-        "add_model_hash_to_info": True,
-        "add_model_name_to_info": True,
-        "add_version_to_infotext": True,
-        "return_grid": True,
-        "grid_only_if_multiple": True,
-        "n_rows": -1,
-        "return_mask": False,
-        "return_mask_composite": False,
-        "sd_vae": "Automatic",
-        "sd_checkpoints_limit": settings.cache_max_models,
-        "sd_checkpoint_cache": 0,
-        "CLIP_stop_at_last_layers": 1,
-        "eta_noise_seed_delta": 0,
-        "randn_source": "GPU",
-        "eta_ancestral": 1.0,
-        "eta_ddim": 0.0,
-        "s_churn": 0.0,
-        "s_tmin": 0.0,
-        "s_noise": 1.0,
-        "k_sched_type": "Automatic",
-        "sigma_min": 0.0,
-        "sigma_max": 0.0,
-        "rho": 0.0,
-        "img2img_background_color": "#ffffff",
-        "inpainting_mask_weight": 1.0,
-        "initial_noise_multiplier": 1.0,
-        "face_restoration": False,
-        "face_restoration_model": None,
-        "tiling": False,
-        # Live previews (pipelines.previews, A1111's "Approx cheap"): /progress shows one every N steps while a job
-        # runs; 0 or A1111's -1 ("after each batch") make none.
-        "show_progress_every_n_steps": 10,
-        "live_previews_enable": True,
-        "api_enable_requests": False,
-        "api_forbid_local_requests": True,
-    }
+    return opts.defaults(sd_checkpoints_limit=settings.cache_max_models)
+
+
+def storable(values: dict[str, Any]) -> dict[str, Any]:
+    """The options of a (checked) POST that are kept: not the derived keys, nothing that looks like a credential."""
+    kept = {}
+    for key, value in values.items():
+        if key in DERIVED_OPTIONS:
+            continue
+        if SECRET_NAME.search(key):
+            log.warning("POST /options: option '%s' looks like a credential and was not stored", key)
+            continue
+        kept[key] = opts.normalise(key, value)
+    return kept
+
+
+class Session(Protocol):
+    """What the A1111 routes use: the caller's current checkpoint and options, and how to change them."""
+
+    state: A1111State
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def current_model(self) -> ModelSpec: ...
+
+    @property
+    def options(self) -> dict[str, Any]: ...
+
+    def options_view(self) -> dict[str, Any]: ...
+
+    def update(self, values: dict[str, Any], model_id: str | None = None, field: str = "options") -> None: ...
+
+
+def _view(spec: ModelSpec, options: dict[str, Any]) -> dict[str, Any]:
+    """GET /options: stored options plus the checkpoint keys, which always describe the current model."""
+    return {**options, "sd_model_checkpoint": spec.title, "sd_checkpoint_hash": spec.sha256}
 
 
 @dataclass
 class A1111State:
+    """The server-wide session, and what A1111 shows of the engine (which job was interrupted or skipped)."""
+
     registry: Registry
     current_model_id: str
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any]
+    sessions: SessionStore | None = None
     interrupted_job_id: str | None = None
     skipped_job_id: str | None = None
 
     @property
+    def state(self) -> A1111State:
+        return self
+
+    @property
     def current_model(self) -> ModelSpec:
+        if self.current_model_id not in self.registry.models:  # its checkpoint file went away
+            self.current_model_id = self.registry.default_model
         return self.registry.get(self.current_model_id)
 
+    @property
+    def effective_options(self) -> dict[str, Any]:
+        return opts.effective(self.options)
+
     def options_view(self) -> dict[str, Any]:
-        """GET /options: stored options plus the checkpoint keys, which always describe the current model."""
-        spec = self.current_model
-        return {**self.options, "sd_model_checkpoint": spec.title, "sd_checkpoint_hash": spec.sha256}
+        return _view(self.current_model, self.effective_options)
 
-    def store_options(self, values: dict[str, Any]) -> None:
-        """Keep any option a client sets (A1111 clients set many we do not use), except secrets and derived keys."""
-        for key, value in values.items():
-            if key in DERIVED_OPTIONS:
-                continue
-            if SECRET_NAME.search(key):
-                log.warning("POST /options: option '%s' looks like a credential and was not stored", key)
-                continue
-            self.options[key] = value
+    def update(self, values: dict[str, Any], model_id: str | None = None, field: str = "options") -> None:
+        """Keep checked `values` (and the checkpoint) as the server-wide options."""
+        merged = {**self.options, **storable(values)}
+        if errors := opts.check_total(merged, field):
+            raise ApiError.invalid(errors)
+        self.options = merged
+        if model_id is not None:
+            self.current_model_id = model_id
 
 
-def create_state(registry: Registry, settings: Settings) -> A1111State:
-    return A1111State(registry=registry, current_model_id=registry.default_model, options=default_options(settings))
+class ServerSession:
+    """The server-wide session as a caller sees it (open server, admins)."""
+
+    def __init__(self, state: A1111State):
+        self.state = state
+
+    @property
+    def registry(self) -> Registry:
+        return self.state.registry
+
+    @property
+    def current_model(self) -> ModelSpec:
+        return self.state.current_model
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.state.effective_options
+
+    def options_view(self) -> dict[str, Any]:
+        return self.state.options_view()
+
+    def update(self, values: dict[str, Any], model_id: str | None = None, field: str = "options") -> None:
+        self.state.update(values, model_id, field)
+
+
+class SessionStore:
+    """Per-caller sessions in the job database, so they survive restarts and every ingress replica sees them."""
+
+    def __init__(self, engine: Engine):
+        self._session = make_session_factory(engine)
+
+    def load(self, owner: str) -> tuple[str | None, dict[str, Any]]:
+        with self._session() as session:
+            row = session.get(A1111Session, owner)
+            if row is None:
+                return None, {}
+            return row.checkpoint, _decode(row.options)
+
+    def update(self, owner: str, values: dict[str, Any], model_id: str | None, field: str) -> None:
+        """Merge `values` into the owner's stored options in one transaction (bounded in total)."""
+        with self._session.begin() as session:
+            row = session.get(A1111Session, owner)
+            if row is None:
+                row = A1111Session(owner=owner, checkpoint=None, options="{}", updated_at=utcnow())
+                session.add(row)
+            merged = {**_decode(row.options), **values}
+            if errors := opts.check_total(merged, field):
+                raise ApiError.invalid(errors)
+            row.options = json.dumps(merged, ensure_ascii=False)
+            if model_id is not None:
+                row.checkpoint = model_id
+            row.updated_at = utcnow()
+
+
+def _decode(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class OwnSession:
+    """A caller's own session over the server-wide one: its own values win, the rest are the server's."""
+
+    def __init__(self, state: A1111State, store: SessionStore, owner: str):
+        self.state = state
+        self._store = store
+        self.owner = owner
+        self._checkpoint, self._options = store.load(owner)
+
+    @property
+    def registry(self) -> Registry:
+        return self.state.registry
+
+    @property
+    def current_model(self) -> ModelSpec:
+        spec = self.registry.models.get(self._checkpoint) if self._checkpoint else None
+        return spec if spec is not None else self.state.current_model  # gone since: the server's
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return opts.effective({**self.state.options, **self._options})
+
+    def options_view(self) -> dict[str, Any]:
+        return _view(self.current_model, self.options)
+
+    def update(self, values: dict[str, Any], model_id: str | None = None, field: str = "options") -> None:
+        kept = storable(values)
+        self._store.update(self.owner, kept, model_id, field)
+        self._options.update(kept)
+        if model_id is not None:
+            self._checkpoint = model_id
+
+
+def create_state(registry: Registry, settings: Settings, engine: Engine | None = None) -> A1111State:
+    return A1111State(
+        registry=registry,
+        current_model_id=registry.default_model,
+        options=default_options(settings),
+        sessions=SessionStore(engine) if engine is not None else None,
+    )
 
 
 def get_state(request: Request) -> A1111State:
-    """FastAPI dependency: the dialect state of this app, created on first use."""
+    """The server-wide A1111 state of this app, created on first use."""
     app_state = request.app.state
     state = getattr(app_state, "a1111", None)
     if state is None:
-        state = create_state(app_state.registry, app_state.settings)
+        jobs = getattr(app_state, "jobs", None)
+        state = create_state(app_state.registry, app_state.settings, jobs.store.engine if jobs else None)
         app_state.a1111 = state
     return state
+
+
+def get_session(request: Request) -> Session:
+    """FastAPI dependency: the caller's A1111 session. Open server and admins: the server-wide one; any other
+    caller (API key, Basic user): its own."""
+    state = get_state(request)
+    principal = current(request)
+    if principal is None or principal.admin or state.sessions is None:
+        return ServerSession(state)
+    return OwnSession(state, state.sessions, principal.id)
+
+
+def require_admin(request: Request, action: str) -> None:
+    """403 in A1111's shape for a server-wide action by a caller who is not an admin."""
+    principal = current(request)
+    if principal is not None and not principal.admin:
+        raise ApiError(
+            403,
+            f"{action} acts on the whole server: it needs an admin key (easel keys create --admin) or an admin "
+            "Basic user (EASEL_API_AUTH_ADMINS)",
+            code="forbidden",
+        )
