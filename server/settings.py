@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(16, ge=1)  # batch_size * n_iter
     max_body_bytes: int = Field(50 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)  # decoded input images (decompression bombs)
+    # Every image made from the inputs before generation (resize/crop to the output, masks, the "only masked"
+    # paste-back, stitched references): refused with a 422 naming the field before it is allocated.
+    max_work_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    # Requests decoding and preparing input images at once (the rest wait, up to queue_size, then 429): what bounds
+    # the memory image decoding can take, as the admission queue bounds generation.
+    image_prep_concurrency: int = Field(2, ge=1)
     max_prompt_chars: int = Field(20_000, ge=1)
 
     # Engine

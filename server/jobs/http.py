@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.access.principal import job_owner
 from server.errors import ApiError
+from server.imagework import check_work
 from server.jobs.db import JobRecord
 from server.jobs.service import JobSpec, Ticket
 
@@ -55,6 +56,7 @@ async def submit(request: Request, spec: JobSpec) -> Ticket:
     from server.api.a1111.generation import require_engine  # the one "engine not ready" error for every dialect
 
     jobs = request.app.state.jobs
+    check_work(request, spec.request)  # as the engine would: refused before any credit or queue slot is taken
     spec.owner = job_owner(request)
     spec.base_url = spec.base_url or base_url(request)
     return await run_in_threadpool(jobs.submit, require_engine(request), spec)

@@ -7,8 +7,8 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
+from server import imagework
 from server.api.gateway import adapter
 from server.api.gateway.schemas import (
     FluxRequest,
@@ -33,7 +33,7 @@ ASYNC_RESPONSE: dict[int | str, dict[str, Any]] = {
 
 async def _run(request: Request, body: Body, plan_for: Callable[[Body, adapter.Context], adapter.Plan]) -> Response:
     ctx = adapter.Context(request.app.state.registry, request.app.state.settings)
-    plan = await run_in_threadpool(plan_for, body, ctx)  # decodes (and may fetch) images: keep it off the loop
+    plan = await imagework.prepare(request, plan_for, body, ctx)  # decodes (may fetch) images: bounded, off the loop
     return await run_job(request, plan, body.async_)
 
 

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipelines.errors import EngineError, InvalidRequest
 from pipelines.registry import ModelSpec, Registry
+from server import imagework
 from server.api.gateway.adapter import Context
 from server.api.openai_images import adapter
 from server.api.openai_images.multipart import MAX_FIELDS, MAX_FILES, read_edit_form
@@ -126,7 +127,8 @@ def build_router() -> APIRouter:
         pixels mark the area to edit. Same extensions as generations."""
         async with request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS) as form:
             parsed = await read_edit_form(form, request.headers.get("content-type"))
-        plan = await run_in_threadpool(adapter.edit_plan, parsed.fields, parsed.images, parsed.mask, _context(request))
+        ctx = _context(request)
+        plan = await imagework.prepare(request, adapter.edit_plan, parsed.fields, parsed.images, parsed.mask, ctx)
         return await run_plan(request, plan)
 
     @router.get("/models", response_model=ModelList)
