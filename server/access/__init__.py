@@ -34,5 +34,10 @@ def install_access(app: FastAPI, settings: Settings, jobs: JobService) -> None:
         return keys
 
     basic = parse_basic_users(settings.api_auth.get_secret_value() if settings.api_auth else None)
-    app.add_middleware(AccessControl, keys=ready_keys, limiter=lambda: limiter, basic_users=basic)
+    from server.jobs.service import RESULTS_PATH
+
+    signed = None if jobs.links is None else RESULTS_PATH + "/"
+    app.add_middleware(
+        AccessControl, keys=ready_keys, limiter=lambda: limiter, basic_users=basic, signed_results_prefix=signed
+    )
     app.include_router(routes.build_router())

@@ -1,4 +1,4 @@
-"""Tables of the access layer, in the job database: `api_keys` and `rate_windows`."""
+"""Tables of the access layer, in the job database: `api_keys`, `rate_windows` and `credit_reservations`."""
 
 from __future__ import annotations
 
@@ -40,3 +40,19 @@ class RateWindow(Base):
     key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     window_start: Mapped[int] = mapped_column(Integer, primary_key=True)  # unix minute (epoch seconds // 60)
     count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class CreditReservation(Base):
+    """Credits taken from a key's quota for work not yet finished. Reserved at submission (the key's
+    `credits_used` already counts them, so concurrent requests cannot overdraw), deleted when the work completes
+    (the credits stay charged) or when it fails, is cancelled or is found interrupted at restart (they are given
+    back). Deleting the row and giving the credits back happen in one transaction: never twice."""
+
+    __tablename__ = "credit_reservations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), index=True)
+    credits: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str | None] = mapped_column(String(32), index=True)  # None: a synchronous A1111 call
+    runner: Mapped[str | None] = mapped_column(String(32))  # the server process that reserved them
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from server.access.principal import job_owner
-from server.errors import ApiError
+from server.errors import stored_job_error
 from server.imagework import check_work
 from server.jobs.db import JobRecord
 from server.jobs.service import JobSpec, Ticket
@@ -71,7 +71,7 @@ async def run_to_completion(request: Request, spec: JobSpec, timeout_s: float | 
     if record.status != "completed":
         if ticket.handle.error is not None:
             raise ticket.handle.error
-        raise ApiError(500, record.error or "the job failed", code=record.error_code or "generation_failed")
+        raise stored_job_error(record.error_code, record.error)
     return record
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from datetime import datetime
 from typing import Any
 
@@ -11,9 +13,10 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from pipelines.engine_api import EngineClient
+from pipelines.engine_api import EngineClient, JobHandle, JobStatus
 from pipelines.errors import EngineNotReady, InvalidRequest
 from pipelines.request import GenerationResult
+from server import imagework
 from server.access.principal import job_owner
 from server.api.a1111 import adapter
 from server.api.a1111.adapter import InputImages, Prepared
@@ -98,7 +101,7 @@ async def prepare(request: Request, body: GenerationBase, state: A1111State) -> 
         if not body.init_images:
             raise ApiError(404, "Init image not found", field="init_images", code="init_image_not_found")
         background = str(state.options.get("img2img_background_color") or "#ffffff")
-        images = await run_in_threadpool(decode_inputs, body, settings, background)
+        images = await imagework.prepare(request, decode_inputs, body, settings, background)
         extra = adapter.img2img_extra_params(body, images.mask is not None)
     elif isinstance(body, Txt2ImgRequest):
         extra = adapter.txt2img_extra_params(body, choice.spec)
@@ -111,6 +114,10 @@ async def prepare(request: Request, body: GenerationBase, state: A1111State) -> 
         extra_generation_params=extra,
         subseed=adapter.resolve_subseed(body.subseed),
     )
+    try:
+        imagework.check_work(request, prep.request)
+    except InvalidRequest as e:
+        raise _engine_field(e, choice.field) from None
     return prep, choice.field
 
 
@@ -121,14 +128,26 @@ async def run(request: Request, body: GenerationBase, state: A1111State) -> dict
     prep, model_field = await prepare(request, body, state)
     owner = job_owner(request)
     prep.request.tags["owner"] = owner
-    accounting = request.app.state.jobs.accounting
-    credits = await run_in_threadpool(accounting.charge, owner, prep.request.total_images) if accounting else 0
+    jobs = request.app.state.jobs
+    accounting = jobs.accounting
+    reservation = None
+    if accounting is not None:
+        reserve = accounting.reserve
+        reservation = await run_in_threadpool(reserve, owner, prep.request.total_images, None, jobs.runner_id)
     try:
         job = engine.submit(prep.request)
+    except InvalidRequest as e:
+        await run_in_threadpool(release, accounting, reservation)
+        raise _engine_field(e, model_field) from None
+    except BaseException:
+        await run_in_threadpool(release, accounting, reservation)
+        raise
+    if accounting is not None:  # charged when it completes, given back otherwise; also after a 504 (it runs on)
+        job.add_done_callback(lambda done: _settle_later(accounting, reservation, done))
+    try:
         async with cancel_on_disconnect(request, job.cancel):  # a client that hung up wants no images
             result = await job.wait(timeout=settings.sync_timeout_s)
     except InvalidRequest as e:
-        await run_in_threadpool(refund, accounting, owner, credits)
         raise _engine_field(e, model_field) from None
     except TimeoutError:
         raise ApiError(
@@ -137,19 +156,30 @@ async def run(request: Request, body: GenerationBase, state: A1111State) -> dict
             "(watch /sdapi/v1/progress, stop it with /sdapi/v1/interrupt)",
             code="timeout",
         ) from None
-    except BaseException:
-        await run_in_threadpool(refund, accounting, owner, credits)
-        raise
-    if accounting:
-        await run_in_threadpool(accounting.count_images, owner, len(result.images))
 
     keep_overrides(body, state, prep, model_field)
     return await run_in_threadpool(render, prep, result, dict(state.options), settings.a1111_version)
 
 
-def refund(accounting: Any, owner: str | None, credits: int) -> None:
-    if accounting is not None:
-        accounting.refund(owner, credits)
+def release(accounting: Any, reservation: Any) -> None:
+    if accounting is not None and reservation is not None:
+        accounting.release(reservation)
+
+
+def _settle_later(accounting: Any, reservation: Any, job: JobHandle) -> None:
+    """Done-callback (engine worker thread): the database write goes to a thread of its own."""
+
+    def settle() -> None:
+        try:
+            if job.status == JobStatus.COMPLETED and job.error is None:
+                images = len(asyncio.run(job.wait(timeout=None)).images)  # done: returns at once
+                accounting.complete(reservation, images)
+            else:
+                accounting.release(reservation)
+        except Exception:  # the reservation stays open; the next start-up closes it
+            log.exception("settling the credits of an A1111 call failed")
+
+    threading.Thread(target=settle, name="easel-a1111-credits", daemon=True).start()
 
 
 def keep_overrides(body: GenerationBase, state: A1111State, prep: Prepared, model_field: str | None) -> None:

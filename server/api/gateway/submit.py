@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipelines.errors import InvalidRequest
 from server.api.gateway.adapter import Plan
-from server.errors import ApiError, ErrorInfo, render_gateway
+from server.errors import ApiError, ErrorInfo, render_gateway, stored_job_error
 from server.jobs import JobService, get_job_service
 from server.jobs.http import accepted, base_url, submit, task_url, wait_watching
 from server.settings import Settings
@@ -60,6 +60,6 @@ async def run_job(request: Request, plan: Plan, run_async: bool) -> Response:
         error = ticket.handle.error
         if error is not None:
             raise _wire_field(error, plan)
-        raise ApiError(500, record.error or "the job failed", code=record.error_code or "generation_failed")
+        raise stored_job_error(record.error_code, record.error)
     body = await run_in_threadpool(jobs.result_body, record, base_url(request))
     return JSONResponse(body)

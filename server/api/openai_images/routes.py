@@ -29,7 +29,7 @@ from server.api.openai_images.schemas import (
     ModelList,
     edit_form_openapi,
 )
-from server.errors import ApiError
+from server.errors import ApiError, stored_job_error
 from server.jobs import get_job_service
 from server.jobs.http import base_url, submit, task_url, wait_watching
 
@@ -70,7 +70,7 @@ async def run_plan(request: Request, plan: adapter.Plan) -> Response:
             raise InvalidRequest(plan.wire_field(error.field), error.message) from None
         if isinstance(error, EngineError):  # queue full, cancelled, generation failed...: their own status
             raise error
-        raise ApiError(500, record.error or "the job failed", code=record.error_code or "generation_failed")
+        raise stored_job_error(record.error_code, record.error)
     body = await run_in_threadpool(jobs.result_body, record, base_url(request))
     return JSONResponse(body)
 
