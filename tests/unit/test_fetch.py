@@ -8,9 +8,9 @@ from __future__ import annotations
 import gzip
 import ipaddress
 import threading
+import time
 import tracemalloc
 import zlib
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
