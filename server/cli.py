@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from pipelines.registry import Registry, RegistryError, load_registry
+from server.http_protocol import with_header_timeout
 from server.logs import LEVELS, configure_logging, debugging
 from server.preflight import StartupProblem, check_startup
 from server.settings import Settings
@@ -73,17 +74,7 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings, registry=registry)
     # On SIGTERM uvicorn stops accepting, waits for open requests (their jobs drain meanwhile), then runs the app's
     # shutdown (the rest of the drain): the wait covers the drain and the grace for a running step to stop.
-    graceful_s = math.ceil(settings.drain_timeout_s) + DRAIN_GRACE_S
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        log_config=None,  # uvicorn's lines go through the root logger's format (server.logs)
-        timeout_graceful_shutdown=graceful_s,
-        server_header=False,
-    )
-    server = DrainingServer(config, app)
+    server = DrainingServer(uvicorn_config(app, settings, args.log_level), app)
     # uvicorn re-raises the signal it shut down on once it is done; a drained shutdown is a clean exit (0) instead.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
@@ -91,6 +82,21 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return server.exit_code if server.started else 3  # 3: start-up failed (uvicorn's STARTUP_FAILURE)
+
+
+def uvicorn_config(app: FastAPI, settings: Settings, log_level: str | None = None) -> uvicorn.Config:
+    graceful_s = math.ceil(settings.drain_timeout_s) + DRAIN_GRACE_S
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        log_config=None,  # uvicorn's lines go through the root logger's format (server.logs)
+        timeout_graceful_shutdown=graceful_s,
+        server_header=False,
+        # h11 with a deadline for the request headers (slowloris); uvicorn itself has none.
+        http=with_header_timeout(settings.header_timeout_s),
+    )
 
 
 def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
