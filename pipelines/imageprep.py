@@ -15,6 +15,7 @@ Approximations, all in pixel space because diffusers' inpaint pipelines take a p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -75,6 +76,27 @@ def check_request_work(req: GenerationRequest, max_pixels: int | None) -> None:
         mode = 0 if mode == 3 else mode
         what = f"resizing the mask ({req.mask.width}x{req.mask.height}) to {req.width}x{req.height} (mode {mode})"
         check_work(resize_work_pixels(req.mask.size, req.width, req.height, mode), max_pixels, "mask", what)
+
+
+PRESIZE_MIN_PIXELS = 1024 * 1024  # inputs below this stay as they are: the saving would not matter
+
+
+def presize_inputs(req: GenerationRequest) -> GenerationRequest:
+    """`req` with large img2img / edit inputs already resized to the output, exactly as the engine's preparation
+    would (the engine's own resize of an image already at the output size is then a copy): a queued job holds
+    output-sized images, not the 4096x4096 inputs it was sent. Inpainting keeps its inputs (the result is pasted
+    back into the original)."""
+    if req.task not in (Task.IMG2IMG, Task.EDIT) or not needs_presize(req):
+        return req
+    images = [resize_image(flatten(im), req.width, req.height, req.resize_mode) for im in req.init_images]
+    return dataclasses.replace(req, init_images=images)
+
+
+def needs_presize(req: GenerationRequest) -> bool:
+    out = req.width * req.height
+    return req.task in (Task.IMG2IMG, Task.EDIT) and any(
+        im.width * im.height > max(out, PRESIZE_MIN_PIXELS) for im in req.init_images
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------

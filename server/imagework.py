@@ -16,8 +16,9 @@ import anyio
 from fastapi import Request
 
 from pipelines.errors import QueueFull
-from pipelines.imageprep import check_request_work
+from pipelines.imageprep import check_request_work, needs_presize, presize_inputs
 from pipelines.request import GenerationRequest
+from server.settings import Settings
 
 T = TypeVar("T")
 
@@ -54,6 +55,21 @@ def prep_gate(request: Request) -> PrepGate:
 async def prepare(request: Request, fn: Callable[..., T], *args: Any) -> T:
     """Run `fn(*args)`, which decodes or prepares images, under the app's preparation limit."""
     return await prep_gate(request).run(fn, *args)
+
+
+def checked_and_presized(settings: Settings, generation: GenerationRequest) -> GenerationRequest:
+    """For the thread that decoded the inputs, before it leaves the preparation limit: refuse intermediates above
+    max_work_pixels (InvalidRequest naming the field), then resize large img2img / edit inputs to the output, so
+    the job holds output-sized images while it waits in the queue (pipelines.imageprep.presize_inputs)."""
+    check_request_work(generation, settings.max_work_pixels)
+    return presize_inputs(generation) if needs_presize(generation) else generation
+
+
+async def presize(request: Request, generation: GenerationRequest) -> GenerationRequest:
+    """`checked_and_presized` for a request whose inputs were prepared elsewhere (a no-op when they are small)."""
+    if not needs_presize(generation):
+        return generation
+    return await prepare(request, checked_and_presized, request.app.state.settings, generation)
 
 
 def check_work(request: Request, generation: GenerationRequest) -> None:

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.access.principal import job_owner
 from server.errors import stored_job_error
-from server.imagework import check_work
+from server.imagework import check_work, presize
 from server.jobs.db import JobRecord
 from server.jobs.service import JobSpec, Ticket
 
@@ -57,6 +57,7 @@ async def submit(request: Request, spec: JobSpec) -> Ticket:
 
     jobs = request.app.state.jobs
     check_work(request, spec.request)  # as the engine would: refused before any credit or queue slot is taken
+    spec.request = await presize(request, spec.request)
     spec.owner = job_owner(request)
     spec.base_url = spec.base_url or base_url(request)
     return await run_in_threadpool(jobs.submit, require_engine(request), spec)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import threading
 import time
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -204,3 +206,32 @@ def test_a1111_image_decoding_runs_under_the_prep_limit(make_client, monkeypatch
         t.join(30)
     assert peak == 1  # never two decodes at once
     assert sorted(statuses) == [200, 200, 429, 429], statuses  # one running, one waiting, the rest refused
+
+
+# Queued jobs hold output-sized inputs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_presizing_is_exactly_the_engines_resize(mode: int) -> None:
+    from pipelines.imageprep import flatten, presize_inputs
+    from pipelines.request import GenerationRequest, Task
+
+    rng = np.random.default_rng(mode)
+    big = Image.fromarray(rng.integers(0, 255, (1100, 1300, 3), dtype=np.uint8), mode="RGB")
+    req = GenerationRequest(model="m", prompt="p", width=64, height=48, task=Task.IMG2IMG, init_images=[big])
+    req = dataclasses.replace(req, resize_mode=mode)
+    presized = presize_inputs(req)
+    assert presized.init_images[0].size == (64, 48)
+    direct = resize_image(flatten(big), 64, 48, mode)
+    again = resize_image(flatten(presized.init_images[0]), 64, 48, mode)  # what the engine then does
+    assert np.array_equal(np.asarray(direct), np.asarray(again))
+
+
+def test_large_img2img_inputs_are_queued_at_the_output_size(make_client) -> None:
+    client, engine = make_client()
+    body = {"init_images": [png_b64(1500, 1500)], "width": 64, "height": 64, "steps": 1}
+    assert client.post("/sdapi/v1/img2img", json=body).status_code == 200
+    assert engine.requests[-1].init_images[0].size == (64, 64)
+    small = {**body, "init_images": [png_b64(80, 80)]}  # small inputs stay as sent
+    assert client.post("/sdapi/v1/img2img", json=small).status_code == 200
+    assert engine.requests[-1].init_images[0].size == (80, 80)

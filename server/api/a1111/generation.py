@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipelines.engine_api import EngineClient, JobHandle, JobStatus
 from pipelines.errors import EngineNotReady, InvalidRequest
-from pipelines.request import GenerationResult
+from pipelines.request import GenerationRequest, GenerationResult
 from server import imagework
 from server.access.principal import job_owner
 from server.api.a1111 import adapter
@@ -95,29 +95,37 @@ async def prepare(request: Request, body: GenerationBase, state: A1111State) -> 
     if prompts.unknown:  # A1111 skips unknown style names silently; the log at least says so
         log.warning("%s: unknown styles ignored: %s", request.url.path, ", ".join(prompts.unknown))
 
-    images = None
     extra: dict[str, Any] = {}
     if isinstance(body, Img2ImgRequest):
         if not body.init_images:
             raise ApiError(404, "Init image not found", field="init_images", code="init_image_not_found")
         background = str(state.options.get("img2img_background_color") or "#ffffff")
-        images = await imagework.prepare(request, decode_inputs, body, settings, background)
-        extra = adapter.img2img_extra_params(body, images.mask is not None)
-    elif isinstance(body, Txt2ImgRequest):
-        extra = adapter.txt2img_extra_params(body, choice.spec)
+
+        def build() -> tuple[GenerationRequest, bool]:
+            # One call under the preparation limit: the decoded inputs are checked and, when large, resized to
+            # the output before the limit is released (server.imagework).
+            images = decode_inputs(body, settings, background)
+            generation = adapter.to_generation_request(body, choice.spec, images, prompts)
+            return imagework.checked_and_presized(settings, generation), images.mask is not None
+
+        try:
+            generation, masked = await imagework.prepare(request, build)
+        except InvalidRequest as e:
+            raise _engine_field(e, choice.field) from None
+        extra = adapter.img2img_extra_params(body, masked)
+    else:
+        generation = adapter.to_generation_request(body, choice.spec, None, prompts)
+        if isinstance(body, Txt2ImgRequest):
+            extra = adapter.txt2img_extra_params(body, choice.spec)
 
     prep = Prepared(
         body=body,
         spec=choice.spec,
-        request=adapter.to_generation_request(body, choice.spec, images, prompts),
+        request=generation,
         job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
         extra_generation_params=extra,
         subseed=adapter.resolve_subseed(body.subseed),
     )
-    try:
-        imagework.check_work(request, prep.request)
-    except InvalidRequest as e:
-        raise _engine_field(e, choice.field) from None
     return prep, choice.field
 
 

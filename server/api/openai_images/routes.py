@@ -128,7 +128,17 @@ def build_router() -> APIRouter:
         async with request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS) as form:
             parsed = await read_edit_form(form, request.headers.get("content-type"))
         ctx = _context(request)
-        plan = await imagework.prepare(request, adapter.edit_plan, parsed.fields, parsed.images, parsed.mask, ctx)
+
+        def planned() -> adapter.Plan:
+            # Decoding and stitching under the preparation limit; large inputs leave it resized to the output.
+            plan = adapter.edit_plan(parsed.fields, parsed.images, parsed.mask, ctx)
+            try:
+                plan.spec.request = imagework.checked_and_presized(ctx.settings, plan.spec.request)
+            except InvalidRequest as e:
+                raise InvalidRequest(plan.wire_field(e.field), e.message) from None
+            return plan
+
+        plan = await imagework.prepare(request, planned)
         return await run_plan(request, plan)
 
     @router.get("/models", response_model=ModelList)
