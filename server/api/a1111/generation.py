@@ -150,8 +150,9 @@ async def run(request: Request, body: GenerationBase, state: A1111State) -> dict
     except BaseException:
         await run_in_threadpool(release, accounting, reservation)
         raise
+    settle = _SettleOnce(accounting, reservation, job)
     if accounting is not None:  # charged when it completes, given back otherwise; also after a 504 (it runs on)
-        job.add_done_callback(lambda done: _settle_later(accounting, reservation, done))
+        job.add_done_callback(lambda _: threading.Thread(target=settle, name="easel-credits", daemon=True).start())
     try:
         async with cancel_on_disconnect(request, job.cancel):  # a client that hung up wants no images
             result = await job.wait(timeout=settings.sync_timeout_s)
@@ -164,6 +165,8 @@ async def run(request: Request, body: GenerationBase, state: A1111State) -> dict
             "(watch /sdapi/v1/progress, stop it with /sdapi/v1/interrupt)",
             code="timeout",
         ) from None
+    if accounting is not None:
+        await run_in_threadpool(settle)  # settled before the answer: /v1/account right after it is up to date
 
     keep_overrides(body, state, prep, model_field)
     return await run_in_threadpool(render, prep, result, dict(state.options), settings.a1111_version)
@@ -174,20 +177,29 @@ def release(accounting: Any, reservation: Any) -> None:
         accounting.release(reservation)
 
 
-def _settle_later(accounting: Any, reservation: Any, job: JobHandle) -> None:
-    """Done-callback (engine worker thread): the database write goes to a thread of its own."""
+class _SettleOnce:
+    """Charge (completed) or give back (anything else) a synchronous call's credits once the job is done: from the
+    route when it answers, or from the job's done-callback when the caller is gone (504, hang-up). Whoever comes
+    second waits for the first to finish, then does nothing."""
 
-    def settle() -> None:
-        try:
-            if job.status == JobStatus.COMPLETED and job.error is None:
-                images = len(asyncio.run(job.wait(timeout=None)).images)  # done: returns at once
-                accounting.complete(reservation, images)
-            else:
-                accounting.release(reservation)
-        except Exception:  # the reservation stays open; the next start-up closes it
-            log.exception("settling the credits of an A1111 call failed")
+    def __init__(self, accounting: Any, reservation: Any, job: JobHandle):
+        self.accounting, self.reservation, self.job = accounting, reservation, job
+        self._lock = threading.Lock()
+        self._done = False
 
-    threading.Thread(target=settle, name="easel-a1111-credits", daemon=True).start()
+    def __call__(self) -> None:
+        with self._lock:
+            if self._done or self.accounting is None:
+                return
+            self._done = True
+            try:
+                if self.job.status == JobStatus.COMPLETED and self.job.error is None:
+                    images = len(asyncio.run(self.job.wait(timeout=None)).images)  # done: returns at once
+                    self.accounting.complete(self.reservation, images)
+                else:
+                    self.accounting.release(self.reservation)
+            except Exception:  # the reservation stays open; the next start-up closes it
+                log.exception("settling the credits of an A1111 call failed")
 
 
 def keep_overrides(body: GenerationBase, state: A1111State, prep: Prepared, model_field: str | None) -> None:
