@@ -181,18 +181,19 @@ def test_a1111_image_decoding_runs_under_the_prep_limit(make_client, monkeypatch
     decode = generation.decode_inputs
     running = peak = 0
     lock = threading.Lock()
+    release = threading.Event()
 
-    def slow_decode(*args: Any) -> Any:
+    def held_decode(*args: Any) -> Any:
         nonlocal running, peak
         with lock:
             running += 1
             peak = max(peak, running)
-        time.sleep(0.3)
+        release.wait(20)  # held until the refusals are seen: no timing assumptions
         with lock:
             running -= 1
         return decode(*args)
 
-    monkeypatch.setattr(generation, "decode_inputs", slow_decode)
+    monkeypatch.setattr(generation, "decode_inputs", held_decode)
     body = {"init_images": [png_b64(64, 64)], "width": 64, "height": 64, "steps": 1}
     statuses: list[int] = []
 
@@ -202,10 +203,16 @@ def test_a1111_image_decoding_runs_under_the_prep_limit(make_client, monkeypatch
     threads = [threading.Thread(target=call) for _ in range(4)]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 20
+    while len(statuses) < 2:  # one decoding, one waiting for the limit: the other two are refused at once
+        assert time.monotonic() < deadline, statuses
+        time.sleep(0.01)
+    assert statuses == [429, 429] and peak == 1
+    release.set()
     for t in threads:
         t.join(30)
     assert peak == 1  # never two decodes at once
-    assert sorted(statuses) == [200, 200, 429, 429], statuses  # one running, one waiting, the rest refused
+    assert sorted(statuses) == [200, 200, 429, 429], statuses
 
 
 # Queued jobs hold output-sized inputs ------------------------------------------------------------------------------

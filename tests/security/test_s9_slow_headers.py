@@ -47,7 +47,7 @@ def port() -> Iterator[int]:
     thread.join(10)
 
 
-def closed_after(sock: socket.socket, dribble: bytes | None, limit_s: float = 5.0) -> float:
+def closed_after(sock: socket.socket, dribble: bytes | None, limit_s: float = 10.0) -> float:
     """Seconds until the server closes `sock`, sending `dribble` every 0.2 s meanwhile (each byte used to reset
     uvicorn's timer)."""
     started = time.monotonic()
@@ -74,13 +74,13 @@ def test_dribbled_headers_are_cut_off(port: int) -> None:
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
         elapsed = closed_after(sock, b"X-A: b\r\n"[:1])
-    assert TIMEOUT_S * 0.8 <= elapsed < TIMEOUT_S + 1.5
+    assert TIMEOUT_S * 0.8 <= elapsed < TIMEOUT_S + 5  # generous: a loaded machine runs timers late
 
 
 def test_silent_connection_is_cut_off(port: int) -> None:
     with socket.create_connection(("127.0.0.1", port)) as sock:
         elapsed = closed_after(sock, None)
-    assert elapsed < TIMEOUT_S + 1.5
+    assert elapsed < TIMEOUT_S + 5
 
 
 def test_complete_requests_are_served_and_kept_alive_connections_get_a_fresh_deadline(port: int) -> None:
