@@ -16,7 +16,7 @@ from server.cli import uvicorn_config
 from server.http_protocol import HeaderDeadlineProtocol
 from server.settings import Settings
 
-TIMEOUT_S = 1.0
+TIMEOUT_S = 1.5
 
 
 def free_port() -> int:
