@@ -48,7 +48,7 @@ from pipelines.errors import (
 from pipelines.families import adapter_for
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, StepReporter, UnsupportedTask
 from pipelines.hires import HIRES_UPSCALERS
-from pipelines.imageprep import flatten, prepare_inpaint, resize_image
+from pipelines.imageprep import check_request_work, flatten, prepare_inpaint, resize_image
 from pipelines.job_state import CompletableJob
 from pipelines.library_logging import describe_components, quiet_libraries
 from pipelines.lora import LoraManager, registry_for
@@ -85,6 +85,8 @@ class EngineConfig:
     # The share of the GPU's memory this process may allocate (torch.cuda.set_per_process_memory_fraction), for a
     # card shared with other programs; an allocation past it fails as out-of-memory. None = all of it.
     cuda_memory_fraction: float | None = None
+    # Largest image made from an input while preparing it (resize, crop, mask, paste-back); None = unbounded.
+    max_work_pixels: int | None = 4096 * 4096
 
     @property
     def demo_root(self) -> Path:
@@ -464,6 +466,7 @@ class Engine:
                 raise InvalidRequest("hr_upscaler", f"unknown upscaler; one of: {', '.join(HIRES_UPSCALERS)}")
             if not 0.0 <= req.hires.denoising_strength <= 1.0:
                 raise InvalidRequest("denoising_strength", "must be between 0 and 1")
+        check_request_work(req, self.config.max_work_pixels)  # before any input is resized on the worker
 
     def _load_model(self, spec: ModelSpec) -> LoadedModel:
         if spec.is_demo:
@@ -678,7 +681,7 @@ class Engine:
                 job.timings["load_s"] = load_s
                 try:
                     t_prep = time.perf_counter()
-                    job.prepared, job.finish_images = self._prepare_images(job.request)
+                    job.prepared, job.finish_images = self._prepare_images(job.request, self.config.max_work_pixels)
                     job.timings["prepare_s"] = time.perf_counter() - t_prep
                 except Exception as e:
                     self._fail(job, e)
@@ -871,11 +874,11 @@ class Engine:
         )
 
     @staticmethod
-    def _prepare_images(req: GenerationRequest):
+    def _prepare_images(req: GenerationRequest, max_pixels: int | None = None):
         """Resize inputs to the target size; for inpainting, crop/blur the mask and composite the result back."""
         if req.task == Task.INPAINT:
             prepared = prepare_inpaint(
-                req.init_images[0], req.mask, req.width, req.height, req.inpaint, req.resize_mode
+                req.init_images[0], req.mask, req.width, req.height, req.inpaint, req.resize_mode, max_pixels
             )
             req = dataclasses.replace(req, init_images=[prepared.image], mask=prepared.mask)
             return req, prepared.finish

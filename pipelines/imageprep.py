@@ -15,16 +15,89 @@ Approximations, all in pixel space because diffusers' inpaint pipelines take a p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from pipelines.request import InpaintOptions
+from pipelines.errors import InvalidRequest
+from pipelines.request import GenerationRequest, InpaintOptions, Task
 
 LANCZOS = Image.Resampling.LANCZOS
 Box = tuple[int, int, int, int]  # (x1, y1, x2, y2), PIL crop convention
+
+# --------------------------------------------------------------------------------------------------------------------
+# Work-size bounds: every image made from an input is sized before it is allocated. A 1x2000 PNG is 91 bytes, but
+# "crop and resize" to 512x512 scales it to cover the frame first: 512x1024000 pixels, 2 GiB.
+# --------------------------------------------------------------------------------------------------------------------
+
+Size = tuple[int, int]
+
+
+def _cover_size(src: Size, width: int, height: int) -> Size:
+    """The size `_crop_and_resize` scales `src` to before cutting out width x height (A1111's arithmetic)."""
+    sw, sh = src
+    ratio, src_ratio = width / height, sw / sh
+    return (width if ratio > src_ratio else sw * height // sh, height if ratio <= src_ratio else sh * width // sw)
+
+
+def resize_work_pixels(src: Size, width: int, height: int, resize_mode: int = 0) -> int:
+    """The largest image `resize_image(src -> width x height, resize_mode)` allocates, in pixels. Mode 2 fits
+    inside the frame, so only mode 1 (cover, then crop) can make more than the output."""
+    out = width * height
+    if resize_mode == 1 and src[0] > 0 and src[1] > 0:
+        w, h = _cover_size(src, width, height)
+        return max(out, w * h)
+    return out
+
+
+def check_work(pixels: int, max_pixels: int | None, field: str, what: str) -> None:
+    """InvalidRequest (422 naming `field`) when an intermediate image would exceed `max_pixels`."""
+    if max_pixels is not None and pixels > max_pixels:
+        raise InvalidRequest(
+            field,
+            f"{what} would make an intermediate image of {pixels} pixels, above max_work_pixels={max_pixels}; "
+            "send an image closer to the output's aspect ratio or use resize_mode 0 or 2",
+        )
+
+
+def check_request_work(req: GenerationRequest, max_pixels: int | None) -> None:
+    """Every intermediate image the preparation of `req` will make whose size is known from the sizes alone
+    (resizing each init image and the mask); "only masked" inpainting checks its crop when the mask is read."""
+    if max_pixels is None or req.task not in (Task.IMG2IMG, Task.INPAINT, Task.EDIT):
+        return
+    mode = req.resize_mode
+    for i, im in enumerate(req.init_images):
+        what = f"resizing init image {i} ({im.width}x{im.height}) to {req.width}x{req.height} (mode {mode})"
+        check_work(resize_work_pixels(im.size, req.width, req.height, mode), max_pixels, "init_images", what)
+    if req.task == Task.INPAINT and req.mask is not None and not (req.inpaint and req.inpaint.full_res):
+        mode = 0 if mode == 3 else mode
+        what = f"resizing the mask ({req.mask.width}x{req.mask.height}) to {req.width}x{req.height} (mode {mode})"
+        check_work(resize_work_pixels(req.mask.size, req.width, req.height, mode), max_pixels, "mask", what)
+
+
+PRESIZE_MIN_PIXELS = 1024 * 1024  # inputs below this stay as they are: the saving would not matter
+
+
+def presize_inputs(req: GenerationRequest) -> GenerationRequest:
+    """`req` with large img2img / edit inputs already resized to the output, exactly as the engine's preparation
+    would (the engine's own resize of an image already at the output size is then a copy): a queued job holds
+    output-sized images, not the 4096x4096 inputs it was sent. Inpainting keeps its inputs (the result is pasted
+    back into the original)."""
+    if req.task not in (Task.IMG2IMG, Task.EDIT) or not needs_presize(req):
+        return req
+    images = [resize_image(flatten(im), req.width, req.height, req.resize_mode) for im in req.init_images]
+    return dataclasses.replace(req, init_images=images)
+
+
+def needs_presize(req: GenerationRequest) -> bool:
+    out = req.width * req.height
+    return req.task in (Task.IMG2IMG, Task.EDIT) and any(
+        im.width * im.height > max(out, PRESIZE_MIN_PIXELS) for im in req.init_images
+    )
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Resizing
@@ -46,9 +119,7 @@ def resize_image(img: Image.Image, width: int, height: int, resize_mode: int = 0
 
 
 def _crop_and_resize(img: Image.Image, width: int, height: int) -> Image.Image:
-    ratio, src_ratio = width / height, img.width / img.height
-    src_w = width if ratio > src_ratio else img.width * height // img.height
-    src_h = height if ratio <= src_ratio else img.height * width // img.width
+    src_w, src_h = _cover_size(img.size, width, height)
     resized = img.resize((src_w, src_h), resample=LANCZOS)
     res = Image.new(img.mode, (width, height))
     res.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
@@ -277,8 +348,10 @@ def prepare_inpaint(
     height: int,
     opts: InpaintOptions,
     resize_mode: int = 0,
+    max_pixels: int | None = None,
 ) -> PreparedInpaint:
-    """A1111 `StableDiffusionProcessingImg2Img.init` for one init image with a mask, in pixel space."""
+    """A1111 `StableDiffusionProcessingImg2Img.init` for one init image with a mask, in pixel space. Intermediate
+    images above `max_pixels` are refused (InvalidRequest) before they are made."""
     image = flatten(init)
     mask = binarize_mask(mask)
     if opts.invert:
@@ -288,7 +361,7 @@ def prepare_inpaint(
     mask = blur_mask(mask, opts.mask_blur)
     region = get_crop_region(mask, opts.full_res_padding) if opts.full_res else None
     if region is not None:
-        prepared = _prepare_only_masked(image, mask, region, width, height)
+        prepared = _prepare_only_masked(image, mask, region, width, height, max_pixels)
     else:
         # Also A1111's fallback when "only masked" gets a blank mask (it then switches to whole-picture img2img).
         prepared = _prepare_whole_picture(image, mask, width, height, 0 if resize_mode == 3 else resize_mode)
@@ -315,9 +388,14 @@ def _prepare_whole_picture(
 
 
 def _prepare_only_masked(
-    image: Image.Image, mask: Image.Image, region: Box, width: int, height: int
+    image: Image.Image, mask: Image.Image, region: Box, width: int, height: int, max_pixels: int | None = None
 ) -> PreparedInpaint:
     region = expand_crop_region(region, width, height, mask.width, mask.height)
+    # `finish` covers the region with the width x height result ("crop and resize"): a thin region stuck to the
+    # image's edge would scale it far past both sizes.
+    rw, rh = region[2] - region[0], region[3] - region[1]
+    what = f"pasting the {width}x{height} result back into the {rw}x{rh} masked region"
+    check_work(resize_work_pixels((width, height), rw, rh, 1), max_pixels, "init_images", what)
     return PreparedInpaint(
         image=resize_image(image.crop(region), width, height, 2),
         mask=resize_image(mask.crop(region), width, height, 2),

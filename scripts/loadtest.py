@@ -18,6 +18,13 @@ Target: by default a fresh `easel serve` on a free loopback port with the demo m
 admission queue, so overload shows up as 429s sooner); --url takes a running server instead. Only loopback targets
 are accepted: this is a load generator, not something to point at other people's machines.
 
+--memory mode (docs/reliability.md S7): instead of the mix, the worst-case small requests for memory, --copies of
+each sent at once: A1111 img2img "crop and resize" to 512x512 of a 1x2000 and a 1x100000 PNG (~100-byte bodies that made
+2 GiB intermediates), an OpenAI edit stitching a 1x16000 and a 4096x4096 image, and the largest accepted input (a
+4096x4096 init image) resized to --size. Reports the server's resident memory before, its peak during (VmHWM from
+/proc, else polled with psutil) and the answers; exits 1 on any 5xx or transport error, or if the peak grows more
+than --max-rss-growth-mib over the baseline. Needs its own server, or --url with --server-pid.
+
 Reports p50/p95/p99 latency (sync requests answered 2xx; async submissions; async jobs from submission to completion;
 429s), throughput, the count of 2xx / 429 / other 4xx / 5xx / transport errors, and lost jobs: accepted (202) but not
 terminal by the end of the grace period, or answering 404 while polled. Exits 1 on any 5xx, transport error (timeout,
@@ -40,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # local_server.py next to this script
 from bench import percentile  # noqa: E402
@@ -232,6 +240,129 @@ async def load(url: str, args: argparse.Namespace) -> dict[str, Any]:
     return summarize(run, sending_s, wall_s, args)
 
 
+# --- memory mode -----------------------------------------------------------------------------------------------------
+
+MEMORY_KINDS = ("a1111_sliver_2000", "a1111_sliver_100000", "openai_stitch", "a1111_largest_input")
+
+
+def png_b64(width: int, height: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (120, 60, 200)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def memory_requests(size: int) -> dict[str, dict[str, Any]]:
+    """kind -> httpx request arguments (path plus json or multipart). Bodies are built once and reused."""
+    import base64
+
+    img2img = {"prompt": "memory probe", "steps": 1, "width": size, "height": size, "seed": 1}
+    sliver = {**img2img, "width": 512, "height": 512, "resize_mode": 1}  # the reported case: refused, never run
+    big = png_b64(4096, 4096)
+    return {
+        "a1111_sliver_2000": {
+            "url": "/sdapi/v1/img2img",
+            "json": {**sliver, "init_images": [png_b64(1, 2000)]},
+        },
+        "a1111_sliver_100000": {
+            "url": "/sdapi/v1/img2img",
+            "json": {**sliver, "init_images": [png_b64(1, 100_000)]},
+        },
+        "openai_stitch": {
+            "url": "/v1/images/edits",
+            "data": {"prompt": "memory probe", "model": "demo-qwen-image-edit", "size": "512x512"},
+            "files": [
+                ("image[]", ("a.png", base64.b64decode(png_b64(1, 16_000)), "image/png")),
+                ("image[]", ("b.png", base64.b64decode(big), "image/png")),
+            ],
+        },
+        "a1111_largest_input": {"url": "/sdapi/v1/img2img", "json": {**img2img, "init_images": [big]}},
+    }
+
+
+def peak_rss_bytes(pid: int) -> int | None:
+    """The process's peak resident set (VmHWM) on Linux; None elsewhere."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+async def memory_probe(url: str, pid: int, args: argparse.Namespace) -> dict[str, Any]:
+    proc = psutil.Process(pid)
+    requests = memory_requests(args.size)
+    async with httpx.AsyncClient(base_url=url, timeout=args.timeout) as client:
+        # Warm-up, not counted: the model load and the first request's allocations are not what is measured.
+        warm = await client.post("/sdapi/v1/img2img", json={**requests["a1111_largest_input"]["json"]})
+        baseline = proc.memory_info().rss
+        hwm_before = peak_rss_bytes(pid)
+        polled = baseline
+        done = asyncio.Event()
+
+        async def poll() -> None:
+            nonlocal polled
+            while not done.is_set():
+                polled = max(polled, proc.memory_info().rss)
+                await asyncio.sleep(0.01)
+
+        async def one(kind: str) -> tuple[str, int | None]:
+            try:
+                r = await client.post(**requests[kind])
+                return kind, r.status_code
+            except httpx.HTTPError:
+                return kind, None
+
+        poller = asyncio.create_task(poll())
+        started = time.monotonic()
+        answers = await asyncio.gather(*(one(kind) for kind in MEMORY_KINDS for _ in range(args.copies)))
+        wall_s = time.monotonic() - started
+        done.set()
+        await poller
+    hwm = peak_rss_bytes(pid)
+    # VmHWM counts since the process started: it is this burst's peak only if it grew during the burst.
+    peak = max(polled, hwm if hwm is not None and hwm != hwm_before else 0)
+    by_kind: dict[str, Counter[str]] = {kind: Counter() for kind in MEMORY_KINDS}
+    for kind, status in answers:
+        by_kind[kind][str(status) if status is not None else "transport_error"] += 1
+    mib = 1024 * 1024
+    report = {
+        "mode": "memory",
+        "copies": args.copies,
+        "requests": len(answers),
+        "warmup_status": warm.status_code,
+        "wall_s": round(wall_s, 3),
+        "baseline_rss_mib": round(baseline / mib, 1),
+        "peak_rss_mib": round(peak / mib, 1),
+        "growth_mib": round((peak - baseline) / mib, 1),
+        "answers": {kind: dict(sorted(c.items())) for kind, c in by_kind.items()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+    }
+    bad = [f"{kind}: {status}" for kind, status in answers if status is None or status >= 500]
+    report["problems"] = [f"{len(bad)} 5xx/transport error(s): {sorted(set(bad))}"] if bad else []
+    if report["growth_mib"] > args.max_rss_growth_mib:
+        report["problems"].append(f"peak RSS grew {report['growth_mib']} MiB > {args.max_rss_growth_mib} MiB")
+    return report
+
+
+def format_memory_report(report: dict[str, Any]) -> str:
+    lines = [
+        f"memory probe: {report['requests']} worst-case requests at once ({report['copies']} of each kind), "
+        f"{report['wall_s']} s",
+        f"  server RSS: baseline {report['baseline_rss_mib']} MiB, peak {report['peak_rss_mib']} MiB "
+        f"(+{report['growth_mib']} MiB)",
+    ]
+    lines += [f"  {kind}: {answers}" for kind, answers in report["answers"].items()]
+    lines.append("FAIL: " + "; ".join(report["problems"]) if report["problems"] else "PASS")
+    return "\n".join(lines)
+
+
 # --- report ----------------------------------------------------------------------------------------------------------
 
 
@@ -384,7 +515,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-env", action="append", default=[], metavar="EASEL_X=V", help="own server: a setting")
     p.add_argument("--demo-models", type=Path, default=DEFAULT_DEMO_MODELS, help="own server: demo-models folder")
     p.add_argument("--json-out", type=Path, help="write the report here as JSON")
+    p.add_argument("--memory", action="store_true", help="send the worst-case requests for memory; report peak RSS")
+    p.add_argument("--copies", type=int, default=4, help="--memory: requests of each worst-case kind sent at once")
+    p.add_argument("--max-rss-growth-mib", type=float, default=2048.0, help="--memory: fail above this growth")
+    p.add_argument("--server-pid", type=int, help="--memory with --url: the server's process id")
     args = p.parse_args(argv)
+    if args.memory and args.url and not args.server_pid:
+        p.error("--memory with --url needs --server-pid (the resident memory of that process is measured)")
     if args.url and not is_loopback_url(args.url):
         p.error(f"--url must be a loopback server (127.0.0.1, ::1, localhost), not {args.url}")
     if args.url and (args.queue_size or args.server_env):
@@ -400,8 +537,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def main_memory(args: argparse.Namespace) -> int:
+    if args.url:
+        report = asyncio.run(memory_probe(args.url.rstrip("/"), args.server_pid, args))
+    else:
+        env = dict(item.split("=", 1) for item in args.server_env)
+        with local_server(env, demo_models=args.demo_models) as server:
+            print(f"easel serve on {server.url} (pid {server.pid}) {json.dumps(env)}", flush=True)
+            report = asyncio.run(memory_probe(server.url, server.pid, args))
+            report["server_env"] = env
+    print(format_memory_report(report))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2))
+    return 1 if report["problems"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.memory:
+        return main_memory(args)
     if args.url:
         report = asyncio.run(load(args.url.rstrip("/"), args))
     else:

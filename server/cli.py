@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from pipelines.registry import Registry, RegistryError, load_registry
+from server.http_protocol import with_header_timeout
 from server.logs import LEVELS, configure_logging, debugging
 from server.preflight import StartupProblem, check_startup
 from server.settings import Settings
@@ -83,7 +84,7 @@ def serve(args: argparse.Namespace) -> int:
     return server.exit_code if server.started else 3  # 3: start-up failed (uvicorn's STARTUP_FAILURE)
 
 
-def uvicorn_config(app: FastAPI, settings: Settings, log_level: str) -> uvicorn.Config:
+def uvicorn_config(app: FastAPI, settings: Settings, log_level: str | None = None) -> uvicorn.Config:
     """How `easel serve` runs uvicorn. No `Server: uvicorn` banner: what runs here is nobody else's business."""
     graceful_s = math.ceil(settings.drain_timeout_s) + DRAIN_GRACE_S
     return uvicorn.Config(
@@ -94,6 +95,8 @@ def uvicorn_config(app: FastAPI, settings: Settings, log_level: str) -> uvicorn.
         log_config=None,  # uvicorn's lines go through the root logger's format (server.logs)
         timeout_graceful_shutdown=graceful_s,
         server_header=False,
+        # h11 with a deadline for the request headers (slowloris); uvicorn itself has none.
+        http=with_header_timeout(settings.header_timeout_s),
     )
 
 

@@ -30,6 +30,7 @@ def engine_config(settings: Settings, **overrides: Any) -> Any:
         request_timeout_s=settings.request_timeout_s,
         max_consecutive_ooms=settings.max_consecutive_ooms,
         cuda_memory_fraction=settings.cuda_memory_fraction,
+        max_work_pixels=settings.max_work_pixels,
     )
     values.update(overrides)
     known = {f.name for f in dataclasses.fields(EngineConfig)}

@@ -8,6 +8,7 @@ nothing about the server's internals (no traceback, no paths); the details go to
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 from collections.abc import Callable
@@ -165,7 +166,40 @@ def _error_info(exc: BaseException) -> ErrorInfo:
         return ErrorInfo(500, str(exc) or "engine error", name, "engine_error")
     if isinstance(exc, StarletteHTTPException):
         return ErrorInfo(exc.status_code, str(exc.detail), "HTTPException", headers=dict(exc.headers or {}))
+    if storage_full(exc):
+        headers = {"Retry-After": str(STORAGE_FULL_RETRY_AFTER_S)}
+        return ErrorInfo(507, STORAGE_FULL_MESSAGE, name, INSUFFICIENT_STORAGE, headers=headers)
     return ErrorInfo(500, f"internal server error ({name}); the details are in the server log", name, "internal_error")
+
+
+# A full disk (results directory or database): 507 Insufficient Storage, never a 500. Nothing is wrong with the
+# request, and the server serves again as soon as space is freed (the sweep deletes expired results).
+INSUFFICIENT_STORAGE = "insufficient_storage"
+STORAGE_FULL_MESSAGE = "the server's disk is full: nothing could be stored; retry later"
+STORAGE_FULL_RETRY_AFTER_S = 60
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def storage_full(exc: BaseException | None) -> bool:
+    """Whether `exc` (or what caused it) is a full disk or quota: an OSError ENOSPC/EDQUOT, or SQLite's "database
+    or disk is full" (as sqlite3 or SQLAlchemy raise it)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        if "database or disk is full" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "orig", None)
+        seen += 1
+    return False
+
+
+def stored_job_error(error_code: str | None, message: str | None) -> ApiError:
+    """The error a synchronous caller gets for a job recorded as failed without an engine error to re-raise."""
+    if error_code == INSUFFICIENT_STORAGE:
+        headers = {"Retry-After": str(STORAGE_FULL_RETRY_AFTER_S)}
+        return ApiError(507, message or STORAGE_FULL_MESSAGE, code=INSUFFICIENT_STORAGE, headers=headers)
+    return ApiError(500, message or "the job failed", code=error_code or "generation_failed")
 
 
 # Renderers ---------------------------------------------------------------------------------------------------------
@@ -235,7 +269,7 @@ def renderer_for(app: Any, path: str) -> Renderer:
 def error_response(request: Request, exc: BaseException) -> JSONResponse:
     info = error_info(exc)
     if info.status >= 500:
-        if isinstance(exc, EngineError | ApiError):
+        if isinstance(exc, EngineError | ApiError) or info.code == INSUFFICIENT_STORAGE:
             log.warning("%s %s -> %d: %s", request.method, request.url.path, info.status, info.message)
         else:
             log.error("%s %s failed", request.method, request.url.path, exc_info=exc)

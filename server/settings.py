@@ -55,7 +55,16 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(16, ge=1)  # batch_size * n_iter
     max_body_bytes: int = Field(50 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)  # decoded input images (decompression bombs)
+    # Every image made from the inputs before generation (resize/crop to the output, masks, the "only masked"
+    # paste-back, stitched references): refused with a 422 naming the field before it is allocated.
+    max_work_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    # Requests decoding and preparing input images at once (the rest wait, up to queue_size, then 429): what bounds
+    # the memory image decoding can take, as the admission queue bounds generation.
+    image_prep_concurrency: int = Field(2, ge=1)
     max_prompt_chars: int = Field(20_000, ge=1)
+    # A connection must send its complete request headers within this long of opening (or of the previous
+    # response), or it is closed: clients that never finish their headers (slowloris) cannot hold connections.
+    header_timeout_s: float = Field(10.0, gt=0)
 
     # Engine
     queue_size: int = Field(64, ge=1)  # bounded admission queue; full -> 429
@@ -101,6 +110,12 @@ class Settings(BaseSettings):
     public_base_url: str | None = None  # e.g. https://images.example.com; default: the request's base URL
     result_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)  # result URLs and finished job records live this long
     result_ttl_s_by_route: dict[str, float] = Field(default_factory=dict)  # per route, e.g. {"flux": 86400}
+    # Result URLs are capability URLs (signed, expiring with the result): they load with no Authorization header,
+    # in an <img> tag or a chat client. True: every result fetch needs credentials, as any other route.
+    result_urls_require_auth: bool = False
+    # Signs result URLs; default: a random secret kept in <data_dir>/result_url_secret. Changing it voids every
+    # URL handed out.
+    result_url_secret: SecretStr | None = None
     sweep_interval_s: float = Field(300.0, gt=0)  # how often expired results and records are deleted
     max_output_pixels: int = Field(2048 * 2048, ge=64 * 64)  # gemini-3 image_size is capped to this
     # gpt-image quality -> denoising steps, as a factor of the model's default steps (models.yaml defaults.steps);

@@ -35,11 +35,15 @@ def install_access(app: FastAPI, settings: Settings, jobs: JobService) -> None:
         return keys
 
     users = check_access_settings(settings)  # fails closed: a malformed setting raises instead of opening the app
+    from server.jobs.service import RESULTS_PATH
+
+    signed = None if jobs.links is None else RESULTS_PATH + "/"
     app.add_middleware(
         AccessControl,
         keys=ready_keys,
         limiter=lambda: limiter,
         basic_users=users,
         basic_rate_limit=settings.api_auth_rate_limit,
+        signed_results_prefix=signed,
     )
     app.include_router(routes.build_router())

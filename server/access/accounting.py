@@ -1,13 +1,35 @@
-"""Credits: one per image by default, taken from the key's quota when a job is submitted (before any GPU work),
-given back when the job produces nothing, and images counted when it completes. Only API keys have quotas; other
-owners (HTTP Basic users, an open server) are not charged."""
+"""Credits: one per image by default, for API keys only (HTTP Basic users and an open server are not charged).
+
+Reserved when the work is submitted (before any GPU work; 402 when the quota does not cover it), charged when it
+completes, given back when it fails, is cancelled, or is found interrupted when the server restarts (seed 003
+charges on completion; the reservation is what keeps concurrent requests from overdrawing a quota). Each
+reservation is a row in `credit_reservations`, closed exactly once.
+"""
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
 
 from server.access.keys import KeyStore
 from server.errors import ApiError
 
 KEY_ID_PREFIX = "key_"
+
+log = logging.getLogger("easel.access")
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Credits held for one piece of work; `id` None when nothing was reserved (an owner without a quota)."""
+
+    id: str | None = None
+    owner: str | None = None
+    credits: int = 0
+
+
+NOTHING = Reservation()
 
 
 class Accounting:
@@ -19,12 +41,15 @@ class Accounting:
     def _charged(owner: str | None) -> bool:
         return owner is not None and owner.startswith(KEY_ID_PREFIX)
 
-    def charge(self, owner: str | None, images: int) -> int:
-        """Take the credits for `images`; returns what was charged. 402 when the quota does not cover them."""
+    def reserve(
+        self, owner: str | None, images: int, job_id: str | None = None, runner: str | None = None
+    ) -> Reservation:
+        """Hold the credits for `images`. 402 when the quota does not cover them."""
         if not self._charged(owner):
-            return 0
+            return NOTHING
         credits = images * self.credits_per_image
-        if not self.keys.charge(owner, credits):
+        reservation_id = self.keys.reserve(owner, credits, job_id, runner) if credits else None
+        if credits and reservation_id is None:
             key = self.keys.get(owner)
             left = key.credits_remaining if key is not None else 0
             raise ApiError(
@@ -32,12 +57,28 @@ class Accounting:
                 f"quota exhausted: this request needs {credits} credit(s) and the key has {left} left",
                 code="quota_exceeded",
             )
-        return credits
+        return Reservation(reservation_id, owner, credits)
 
-    def refund(self, owner: str | None, credits: int) -> None:
-        if credits and self._charged(owner):
-            self.keys.refund(owner, credits)
+    def complete(self, reservation: Reservation, images: int) -> None:
+        """The work completed with `images` images: the reserved credits are charged."""
+        if reservation.id is not None or (images and self._charged(reservation.owner)):
+            self.keys.settle(reservation.id, reservation.owner if self._charged(reservation.owner) else None, images)
 
-    def count_images(self, owner: str | None, images: int) -> None:
-        if images and self._charged(owner):
-            self.keys.count_images(owner, images)
+    def release(self, reservation: Reservation) -> None:
+        """The work produced nothing (refused, failed, cancelled, interrupted): the credits go back, once."""
+        if reservation.id is not None:
+            self.keys.release(reservation.id)
+
+    def release_job(self, job_id: str) -> None:
+        """Give back what a job holds, whoever reserved it (a job cancelled that no live process runs)."""
+        reservation_id = self.keys.reservation_of_job(job_id)
+        if reservation_id is not None:
+            self.keys.release(reservation_id)
+
+    def recover(self, stale_before: datetime | None = None) -> None:
+        """At start-up (and, with a shared database, now and then): close what stopped processes left open."""
+        charged, returned = self.keys.recover_reservations(stale_before)
+        if returned:
+            log.warning("gave back %d credit(s) held by work a stopped server left unfinished", returned)
+        if charged:
+            log.info("charged %d completed job(s) whose credits a stopped server left reserved", charged)

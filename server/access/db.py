@@ -1,4 +1,5 @@
-"""Tables of the access layer, in the job database: `api_keys`, `rate_windows` and `a1111_sessions`."""
+"""Tables of the access layer, in the job database: `api_keys`, `rate_windows`, `a1111_sessions` and
+`credit_reservations`."""
 
 from __future__ import annotations
 
@@ -52,3 +53,19 @@ class A1111Session(Base):
     checkpoint: Mapped[str | None] = mapped_column(Text)  # a models.yaml id; None: the server-wide current one
     options: Mapped[str] = mapped_column(Text, default="{}")  # JSON object, checked and bounded when set
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class CreditReservation(Base):
+    """Credits taken from a key's quota for work not yet finished. Reserved at submission (the key's
+    `credits_used` already counts them, so concurrent requests cannot overdraw), deleted when the work completes
+    (the credits stay charged) or when it fails, is cancelled or is found interrupted at restart (they are given
+    back). Deleting the row and giving the credits back happen in one transaction: never twice."""
+
+    __tablename__ = "credit_reservations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), index=True)
+    credits: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str | None] = mapped_column(String(32), index=True)  # None: a synchronous A1111 call
+    runner: Mapped[str | None] = mapped_column(String(32))  # the server process that reserved them
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -12,11 +12,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.engine import Engine
 
-from server.access.db import ApiKey
-from server.jobs.db import make_session_factory, utcnow
+from server.access.db import ApiKey, CreditReservation
+from server.jobs.db import JobRecord, make_session_factory, utcnow
 
 SECRET_PREFIX = "esk_"  # recognisable in logs and secret scanners
 PLANS: dict[str, int] = {"starter": 10, "pro": 30, "studio": 60}  # requests per minute (seed 001)
@@ -188,6 +188,82 @@ class KeyStore:
                 .where(ApiKey.id == key_id, ApiKey.credits_used >= credits)
                 .values(credits_used=ApiKey.credits_used - credits)
             )
+
+    def reserve(self, key_id: str, credits: int, job_id: str | None, runner: str | None) -> str | None:
+        """Take `credits` from the quota and record the reservation, in one transaction. Its id, or None if the
+        quota does not cover them."""
+        reservation_id = uuid.uuid4().hex
+        with self._session.begin() as session:
+            result = session.execute(
+                update(ApiKey)
+                .where(ApiKey.id == key_id)
+                .where(ApiKey.quota.is_(None) | (ApiKey.credits_used + credits <= ApiKey.quota))
+                .values(credits_used=ApiKey.credits_used + credits)
+            )
+            if not result.rowcount:
+                return None
+            row = CreditReservation(
+                id=reservation_id, key_id=key_id, credits=credits, job_id=job_id, runner=runner, created_at=utcnow()
+            )
+            session.add(row)
+        return reservation_id
+
+    def settle(self, reservation_id: str | None, key_id: str | None = None, images: int = 0) -> bool:
+        """The work completed: the reserved credits stay charged, and `images` are counted to `key_id`, in one
+        transaction. False if the reservation was already closed (nothing is counted then)."""
+        with self._session.begin() as session:
+            if reservation_id is not None:
+                result = session.execute(delete(CreditReservation).where(CreditReservation.id == reservation_id))
+                if not result.rowcount:
+                    return False
+            if key_id is not None and images:
+                session.execute(
+                    update(ApiKey).where(ApiKey.id == key_id).values(images_generated=ApiKey.images_generated + images)
+                )
+            return True
+
+    def release(self, reservation_id: str) -> int:
+        """The work produced nothing: give the reserved credits back, exactly once. Returns the credits returned."""
+        with self._session.begin() as session:
+            row = session.get(CreditReservation, reservation_id, with_for_update=True)
+            if row is None:
+                return 0
+            gone = session.execute(delete(CreditReservation).where(CreditReservation.id == reservation_id))
+            if not gone.rowcount:  # closed by another process meanwhile
+                return 0
+            session.execute(
+                update(ApiKey)
+                .where(ApiKey.id == row.key_id, ApiKey.credits_used >= row.credits)
+                .values(credits_used=ApiKey.credits_used - row.credits)
+            )
+            return row.credits
+
+    def reservation_of_job(self, job_id: str) -> str | None:
+        with self._session() as session:
+            return session.scalar(select(CreditReservation.id).where(CreditReservation.job_id == job_id))
+
+    def recover_reservations(self, stale_before: datetime | None = None) -> tuple[int, int]:
+        """Close the reservations a stopped process left: those of completed jobs are charged, those of jobs that
+        failed, were cancelled or were interrupted (and of vanished ones) are given back. Reservations without a
+        job (synchronous A1111 calls) are given back when made before `stale_before`, or all of them when it is
+        None (the only process on the database is starting: nothing of its own runs yet). Jobs still unfinished
+        (run by another process) keep theirs. Returns (reservations charged, credits returned)."""
+        query = select(CreditReservation, JobRecord.status).outerjoin(
+            JobRecord, JobRecord.id == CreditReservation.job_id
+        )
+        with self._session() as session:
+            rows = [(r.id, r.job_id, r.created_at, status) for r, status in session.execute(query)]
+        charged = returned = 0
+        for reservation_id, job_id, created_at, status in rows:
+            if status in ("queued", "running"):
+                continue
+            if job_id is None and stale_before is not None and created_at >= stale_before:
+                continue
+            if status == "completed":
+                charged += int(self.settle(reservation_id))
+            else:
+                returned += self.release(reservation_id)
+        return charged, returned
 
     def count_images(self, key_id: str, images: int) -> None:
         with self._session.begin() as session:

@@ -38,8 +38,12 @@ class AccessControl:
         limiter: Callable[[], RateLimiter],
         basic_users: BasicUsers,
         basic_rate_limit: int,
+        signed_results_prefix: str | None = None,
     ):
         self.app = app
+        # Result URLs carrying a signature are capabilities: they pass without credentials, and the results route
+        # checks the signature, the expiry, the generation and its key (server.jobs.links). None: turned off.
+        self.signed_results_prefix = signed_results_prefix
         self._keys = keys  # factories: the stores open the database lazily, once the app has started
         self._limiter = limiter
         self.basic_users = basic_users.passwords
@@ -59,6 +63,10 @@ class AccessControl:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        if self._capability(scope):
+            scope.setdefault("state", {})["capability"] = True
+            await self.app(scope, receive, send)
+            return
         headers = dict(scope["headers"])
         authorization = headers.get(b"authorization", b"").decode("latin-1")
         a1111 = path.startswith(A1111_PREFIXES)
@@ -92,6 +100,15 @@ class AccessControl:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _capability(self, scope: Scope) -> bool:
+        prefix = self.signed_results_prefix
+        return (
+            prefix is not None
+            and scope["method"] in ("GET", "HEAD")
+            and scope["path"].startswith(prefix)
+            and b"sig=" in scope.get("query_string", b"")
+        )
 
     def _authenticate(self, authorization: str, a1111: bool) -> Principal | None | bool:
         """The caller; None when the server runs open; False when credentials are missing or wrong."""

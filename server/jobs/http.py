@@ -15,7 +15,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from server.access.principal import job_owner
-from server.errors import ApiError
+from server.errors import stored_job_error
+from server.imagework import check_work, presize
 from server.jobs.db import JobRecord
 from server.jobs.service import JobSpec, Ticket
 from server.timing import record_engine
@@ -56,6 +57,8 @@ async def submit(request: Request, spec: JobSpec) -> Ticket:
     from server.api.a1111.generation import require_engine  # the one "engine not ready" error for every dialect
 
     jobs = request.app.state.jobs
+    check_work(request, spec.request)  # as the engine would: refused before any credit or queue slot is taken
+    spec.request = await presize(request, spec.request)
     spec.owner = job_owner(request)
     spec.base_url = spec.base_url or base_url(request)
     if not spec.request.preview_every:  # live previews for the task's event stream, unless the dialect chose
@@ -72,7 +75,7 @@ async def run_to_completion(request: Request, spec: JobSpec, timeout_s: float | 
     if record.status != "completed":
         if ticket.handle.error is not None:
             raise ticket.handle.error
-        raise ApiError(500, record.error or "the job failed", code=record.error_code or "generation_failed")
+        raise stored_job_error(record.error_code, record.error)
     return record
 
 

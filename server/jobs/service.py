@@ -34,11 +34,12 @@ from PIL import Image
 from pipelines.engine_api import EngineClient, JobHandle, JobStatus
 from pipelines.errors import JobCancelled
 from pipelines.request import GenerationRequest, GenerationResult
-from server.errors import error_info
+from server.errors import INSUFFICIENT_STORAGE, STORAGE_FULL_MESSAGE, error_info, storage_full, stored_job_error
 from server.images import b64, encode_image
 from server.jobs.db import JobRecord, ResultFile, utcnow
 from server.jobs.files import CONTENT_TYPES, EXTENSIONS, ResultFiles, WrittenFile
-from server.jobs.store import FINISHED, RESTART_ERROR, JobStore, NewFile, NewJob
+from server.jobs.links import ResultLinks
+from server.jobs.store import FINISHED, RESTART_ERROR, UNFINISHED, JobStore, NewFile, NewJob
 
 log = logging.getLogger("easel.jobs")
 
@@ -73,13 +74,18 @@ Listener = Callable[[JobRecord], None]
 
 
 class Accounting(Protocol):
-    """Credits for the owner of a job (server.access.accounting): charged before the engine sees the job."""
+    """Credits for the owner of a job (server.access.accounting): reserved before the engine sees the job, charged
+    when it completes, given back when it produces nothing (also when a restart finds it interrupted)."""
 
-    def charge(self, owner: str | None, images: int) -> int: ...
+    def reserve(self, owner: str | None, images: int, job_id: str | None = None, runner: str | None = None) -> Any: ...
 
-    def refund(self, owner: str | None, credits: int) -> None: ...
+    def complete(self, reservation: Any, images: int) -> None: ...
 
-    def count_images(self, owner: str | None, images: int) -> None: ...
+    def release(self, reservation: Any) -> None: ...
+
+    def release_job(self, job_id: str) -> None: ...
+
+    def recover(self, stale_before: datetime | None = None) -> None: ...
 
 
 @dataclass
@@ -114,7 +120,7 @@ class Ticket:
     cancel_requested: bool = False
     persisted_running: bool = False
     persisted_progress: float = 0.0
-    credits: int = 0  # charged to the owner's quota at submission
+    reservation: Any = None  # the owner's credits held for it (server.access.accounting.Reservation)
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,8 @@ class JobService:
         shared_database: bool = False,
         heartbeat_interval_s: float = 5.0,
         stale_after_s: float = 60.0,
+        unattached_stale_after_s: float = 3600.0,
+        links: ResultLinks | None = None,
     ):
         self.store = store
         self.accounting = accounting
@@ -162,8 +170,12 @@ class JobService:
         self.shared_database = shared_database
         self.heartbeat_interval_s = heartbeat_interval_s
         self.stale_after_s = stale_after_s
+        # Credits reserved by a synchronous call that has no job record (A1111) and whose process stopped: with a
+        # shared database they are given back once no call could still be running (request_timeout_s).
+        self.unattached_stale_after_s = unattached_stale_after_s
         self.runner_id = uuid.uuid4().hex
         self.files = files
+        self.links = links  # signs result URLs (capability URLs); None: plain URLs that need credentials
         self.default_ttl_s = default_ttl_s
         self.sweep_interval_s = sweep_interval_s
         self.progress_interval_s = progress_interval_s
@@ -210,6 +222,7 @@ class JobService:
                     ticket.job_id, status="failed", error_code="interrupted", error=SHUTDOWN_ERROR, now=utcnow()
                 )
                 self._settle(ticket)
+                self._release(ticket.reservation)
         self.store.close()
 
     def add_listener(self, fn: Listener) -> None:
@@ -223,13 +236,14 @@ class JobService:
         self.ensure_started()
         spec.request.tags["owner"] = spec.owner  # the engine-side views (A1111 progress, interrupt) scope by it
         images = spec.request.batch_size * spec.request.n_iter
-        credits = self.accounting.charge(spec.owner, images) if self.accounting else 0
+        job_id = uuid.uuid4().hex
+        reservation = self.accounting.reserve(spec.owner, images, job_id, self.runner_id) if self.accounting else None
         try:
             handle = engine.submit(spec.request)
         except BaseException:
-            self._refund(spec.owner, credits)
+            self._release(reservation)
             raise
-        ticket = Ticket(uuid.uuid4().hex, secrets.token_urlsafe(ADDRESS_BYTES), spec, handle, credits=credits)
+        ticket = Ticket(job_id, secrets.token_urlsafe(ADDRESS_BYTES), spec, handle, reservation=reservation)
         new = NewJob(
             id=ticket.job_id,
             task_address=ticket.task_address,
@@ -245,9 +259,11 @@ class JobService:
         )
         try:
             self.store.add(new, utcnow())
-        except BaseException:
+        except BaseException as e:
             handle.cancel()  # an unrecorded job must not run
-            self._refund(spec.owner, credits)
+            self._release(reservation)
+            if isinstance(e, Exception) and storage_full(e):
+                raise stored_job_error(INSUFFICIENT_STORAGE, None) from e  # 507, not a 500
             raise
         self._live[ticket.job_id] = ticket
         handle.add_done_callback(lambda _: self._on_done(ticket))
@@ -316,9 +332,12 @@ class JobService:
         if ticket is not None:
             ticket.cancel_requested = True
             ticket.handle.cancel()
-        if self.store.get(job_id) is None:
+        record = self.store.get(job_id)
+        if record is None:
             return False
         self.files.remove(self.store.delete(job_id))
+        if ticket is None and record.status in UNFINISHED and self.accounting is not None:
+            self.accounting.release_job(job_id)  # nothing here will finish it
         return True
 
     def result_body(self, record: JobRecord, base_url: str) -> dict[str, Any] | None:
@@ -342,9 +361,16 @@ class JobService:
         if stored is None:
             return None
         if kind == "url":
-            return file_url(base_url, stored.token, stored.content_type)
+            return self.file_url(base_url, stored)
         data = self.files.read(stored.path)
         return b64(data) if data is not None else None
+
+    def file_url(self, base_url: str, stored: ResultFile) -> str:
+        """The absolute URL of a result file: signed, so it loads without credentials, when links are on."""
+        url = file_url(base_url, stored.token, stored.content_type)
+        if self.links is None:
+            return url
+        return f"{url}?{self.links.query(url.rpartition('/')[2], stored.expires_at)}"
 
     def file(self, token: str) -> tuple[ResultFile, bytes] | None:
         """A result file and its bytes, if it exists and has not expired."""
@@ -368,9 +394,11 @@ class JobService:
         if record.status in FINISHED:
             return TaskView(record, record.status, record.progress, record.started_at)
         if ticket is None:  # unfinished but not ours: nothing runs it any more
-            self.store.finish_failed(
+            cancelled = self.store.finish_failed(
                 record.id, status="cancelled", error_code="cancelled", error="the task was cancelled", now=utcnow()
             )
+            if cancelled and self.accounting is not None:
+                self.accounting.release_job(record.id)
             return self.task(task_address)
         ticket.cancel_requested = True
         ticket.handle.cancel()
@@ -392,14 +420,7 @@ class JobService:
             else:
                 self._store_error(ticket, ticket.handle.error)
         except Exception as e:
-            log.exception("storing the result of job %s failed", ticket.task_address)
-            self.store.finish_failed(
-                ticket.job_id,
-                status="failed",
-                error_code="result_storage_failed",
-                error=f"the result could not be stored ({type(e).__name__}); the details are in the server log",
-                now=utcnow(),
-            )
+            self._record_storage_failure(ticket, e)
         finally:
             record = self._settle(ticket)
         self._account(ticket, record)
@@ -410,19 +431,42 @@ class JobService:
                 except Exception:
                     log.exception("job listener failed for %s", ticket.task_address)
 
-    def _refund(self, owner: str | None, credits: int) -> None:
-        if self.accounting is not None and credits:
-            self.accounting.refund(owner, credits)
+    def _record_storage_failure(self, ticket: Ticket, error: Exception) -> None:
+        """The result (or the error) could not be stored: record that; a full disk is a 507 for the caller, and if
+        the database cannot record it either, the waiter gets the error directly (a restart marks the job)."""
+        if storage_full(error):
+            log.error("job %s: %s (%s)", ticket.task_address, STORAGE_FULL_MESSAGE, error)
+            code, message = INSUFFICIENT_STORAGE, STORAGE_FULL_MESSAGE
+        else:
+            log.exception("storing the result of job %s failed", ticket.task_address)
+            code = "result_storage_failed"
+            message = f"the result could not be stored ({type(error).__name__}); the details are in the server log"
+        try:
+            self.store.finish_failed(ticket.job_id, status="failed", error_code=code, error=message, now=utcnow())
+        except Exception as again:
+            log.error("job %s: the failure could not be recorded either (%s)", ticket.task_address, again)
+            if not ticket.finished.done():
+                full = code == INSUFFICIENT_STORAGE or storage_full(again)
+                ticket.finished.set_exception(stored_job_error(INSUFFICIENT_STORAGE if full else code, message))
+
+    def _release(self, reservation: Any) -> None:
+        if self.accounting is None or reservation is None:
+            return
+        try:
+            self.accounting.release(reservation)
+        except Exception:  # the reservation stays; the next start-up gives it back
+            log.exception("giving back reserved credits failed")
 
     def _account(self, ticket: Ticket, record: JobRecord | None) -> None:
-        """Completed: count the images. Anything else produced nothing: give the credits back."""
-        if self.accounting is None:
+        """Completed: charge the reserved credits and count the images. Anything else produced nothing: give them
+        back."""
+        if self.accounting is None or ticket.reservation is None:
             return
         try:
             if record is not None and record.status == "completed":
-                self.accounting.count_images(ticket.spec.owner, len(record.seeds or []))
+                self.accounting.complete(ticket.reservation, len(record.seeds or []))
             else:
-                self._refund(ticket.spec.owner, ticket.credits)
+                self.accounting.release(ticket.reservation)
         except Exception:
             log.exception("accounting failed for job %s", ticket.task_address)
 
@@ -504,11 +548,18 @@ class JobService:
     # Housekeeping ------------------------------------------------------------------------------------------------
 
     def _recover(self) -> int:
+        """Fail the jobs a stopped process left unfinished, then close the credit reservations it left open."""
         now = utcnow()
         if not self.shared_database:
-            return self.store.recover_interrupted(now, RESTART_ERROR)
+            recovered = self.store.recover_interrupted(now, RESTART_ERROR)
+            if self.accounting is not None:
+                self.accounting.recover()  # the only process, starting: none of the open reservations is live
+            return recovered
         stale_before = now - timedelta(seconds=self.stale_after_s)
-        return self.store.recover_interrupted(now, RESTART_ERROR, stale_before=stale_before)
+        recovered = self.store.recover_interrupted(now, RESTART_ERROR, stale_before=stale_before)
+        if self.accounting is not None:
+            self.accounting.recover(now - timedelta(seconds=self.unattached_stale_after_s))
+        return recovered
 
     def _housekeeping(self) -> None:
         next_sweep = next_beat = time.monotonic()

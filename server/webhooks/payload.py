@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from server.jobs.db import JobRecord, ResultFile
@@ -32,12 +33,22 @@ def public_base_url(record: JobRecord, settings: Settings) -> str:
     return (record.base_url or settings.public_base_url or f"http://{settings.host}:{settings.port}").rstrip("/")
 
 
-def build_payload(record: JobRecord, files: list[ResultFile], settings: Settings) -> dict[str, Any]:
-    """The payload of a completed or failed job (without "timestamp": each attempt stamps its own)."""
+def build_payload(
+    record: JobRecord,
+    files: list[ResultFile],
+    settings: Settings,
+    url_of: Callable[[str, ResultFile], str] | None = None,
+) -> dict[str, Any]:
+    """The payload of a completed or failed job (without "timestamp": each attempt stamps its own). `url_of`
+    (JobService.file_url) makes the image URL a signed one the receiver can load without credentials."""
     completed = record.status == "completed"
     image_url = None
     if completed and files:
-        image_url = file_url(public_base_url(record, settings), files[0].token, files[0].content_type)
+        base = public_base_url(record, settings)
+        if url_of is not None:
+            image_url = url_of(base, files[0])
+        else:
+            image_url = file_url(base, files[0].token, files[0].content_type)
     payload: dict[str, Any] = {
         "event": EVENTS[record.status],
         "generation_id": generation_id(record),

@@ -142,7 +142,7 @@ class WebhookService:
         if not record.webhook_url or record.status not in EVENTS:
             return None
         files = self.jobs.store.files_of(record.id) if record.status == "completed" else []
-        payload = build_payload(record, files, self.settings)
+        payload = build_payload(record, files, self.settings, self.jobs.file_url)
         new = NewDelivery(
             job_id=record.id,
             owner=record.owner,

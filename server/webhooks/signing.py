@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
-import secrets
 import time
-from pathlib import Path
 
+from server.secretfile import persistent_secret
 from server.settings import Settings
 
 SIGNATURE_VERSION = "v1"
@@ -75,32 +73,4 @@ def server_secret(settings: Settings) -> str:
     <data_dir>/webhook_secret (mode 0600; every process sharing the data directory signs with the same one)."""
     if settings.webhook_secret is not None:
         return settings.webhook_secret.get_secret_value()
-    path = settings.data_dir / SECRET_FILE
-    existing = _read_secret(path)
-    if existing:
-        return existing
-    path.parent.mkdir(parents=True, exist_ok=True)
-    candidate = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("whsec_" + secrets.token_urlsafe(32) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(candidate, path)  # atomic, and fails if another process got there first: theirs wins
-        except FileExistsError:
-            pass
-    finally:
-        candidate.unlink(missing_ok=True)
-    secret = _read_secret(path)
-    if not secret:
-        raise RuntimeError(f"the webhook secret file {path} is empty")
-    return secret
-
-
-def _read_secret(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8").strip() or None
-    except FileNotFoundError:
-        return None
+    return persistent_secret(settings.data_dir / SECRET_FILE, "whsec_")

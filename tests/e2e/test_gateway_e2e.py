@@ -163,7 +163,7 @@ def test_qwen_async_then_fetch_the_url(live: httpx.Client) -> None:
     assert task["status"] == "completed", task
     assert task["seeds"] == [3] and task["model"] == "demo-qwen-image" and task["expires_at"]
     (url,) = task["result"]["urls"]
-    assert url.startswith(f"{str(live.base_url).rstrip('/')}/v2/results/") and url.endswith(".png")
+    assert url.startswith(f"{str(live.base_url).rstrip('/')}/v2/results/") and url.partition("?")[0].endswith(".png")
     image = live.get(url)
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     assert image.headers["x-content-type-options"] == "nosniff"

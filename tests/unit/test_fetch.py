@@ -5,9 +5,12 @@ refusal happens before a connection is opened, and the fake resolvers never hand
 
 from __future__ import annotations
 
+import gzip
 import ipaddress
 import threading
 import time
+import tracemalloc
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -28,6 +31,7 @@ from server.fetch import (
 ip = ipaddress.ip_address
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 PNG = b"\x89PNG\r\n\x1a\n" + b"x" * 100
+GZIP_BOMB = gzip.compress(b"\0" * (64 * 1024 * 1024), compresslevel=9)  # ~64 KB on the wire, 64 MiB inflated
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -42,6 +46,23 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, PNG)
         elif self.path == "/host":
             self._send(200, self.headers.get("Host", "").encode())
+        elif self.path in ("/gzip-bomb", "/gzip-image", "/deflate-image"):
+            body = {
+                "/gzip-bomb": GZIP_BOMB,
+                "/gzip-image": gzip.compress(PNG),
+                "/deflate-image": zlib.compress(PNG),
+            }[self.path]
+            self.send_response(200)
+            self.send_header("Content-Encoding", "deflate" if self.path == "/deflate-image" else "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/brotli":
+            self.send_response(200)
+            self.send_header("Content-Encoding", "br")
+            self.send_header("Content-Length", "4")
+            self.end_headers()
+            self.wfile.write(b"\x0b\x00\x80\x03")
         elif self.path == "/declared-big":
             self.send_response(200)
             self.send_header("Content-Length", str(10_000_000))
@@ -231,6 +252,27 @@ def test_size_cap_from_content_length(server: str) -> None:
 def test_size_cap_while_streaming(server: str) -> None:
     with pytest.raises(FetchTooLarge, match="larger than the limit"):
         fetch(f"{server}/streamed-big", policy(max_bytes=8 * 1024), resolver=no_dns)
+
+
+def test_gzip_bomb_counts_decoded_bytes_as_it_inflates(server: str) -> None:
+    """64 MiB of zeros in ~64 KB of gzip against a 1 MB cap: refused having inflated about the cap, not 64 MiB
+    (httpx's own decoding inflates each network chunk whole)."""
+    assert len(GZIP_BOMB) < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(FetchTooLarge, match="larger than the limit"):
+            fetch(f"{server}/gzip-bomb", policy(max_bytes=1_000_000), resolver=no_dns)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB while refusing a 1 MB cap"
+
+
+def test_compressed_images_are_inflated(server: str) -> None:
+    assert fetch(f"{server}/gzip-image", policy(), resolver=no_dns) == PNG
+    assert fetch(f"{server}/deflate-image", policy(), resolver=no_dns) == PNG
+    with pytest.raises(FetchFailed, match="unsupported Content-Encoding"):
+        fetch(f"{server}/brotli", policy(), resolver=no_dns)
 
 
 def test_timeout(server: str) -> None:

@@ -79,3 +79,24 @@ def test_short_run_against_its_own_server(demo_root: Path, tmp_path: Path) -> No
     assert report["lost_jobs"] == [] and report["problems"] == []
     assert report["latency_sync_2xx"]["n"] == 8 - kinds["gateway"]["sent"] and report["throughput_per_s"] > 0
     assert "PASS" in r.stdout
+
+
+def test_memory_mode_against_its_own_server(demo_root: Path, tmp_path: Path) -> None:
+    """--memory: the worst-case small requests at once; each is refused with its 4xx or served, none is a 5xx, and
+    the server's resident memory is reported (docs/reliability.md S12 records a full run)."""
+    loadtest = load_script()
+    with pytest.raises(SystemExit):
+        loadtest.parse_args(["--memory", "--url", "http://127.0.0.1:1"])  # whose memory? needs --server-pid
+    out = tmp_path / "memory.json"
+    args = ["--memory", "--copies", "1", "--demo-models", str(demo_root), "--json-out", str(out)]
+    r = run_script(*args, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["answers"] == {
+        "a1111_sliver_2000": {"422": 1},
+        "a1111_sliver_100000": {"422": 1},
+        "openai_stitch": {"400": 1},
+        "a1111_largest_input": {"200": 1},
+    }
+    assert 0 < report["baseline_rss_mib"] <= report["peak_rss_mib"] and report["growth_mib"] < 1024
+    assert report["problems"] == [] and "PASS" in r.stdout

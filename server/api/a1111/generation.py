@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from datetime import datetime
 from typing import Any
 
@@ -11,9 +13,10 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from pipelines.engine_api import EngineClient
+from pipelines.engine_api import EngineClient, JobHandle, JobStatus
 from pipelines.errors import EngineNotReady, InvalidRequest
-from pipelines.request import GenerationResult
+from pipelines.request import GenerationRequest, GenerationResult
+from server import imagework
 from server.access.principal import job_owner
 from server.api.a1111 import adapter
 from server.api.a1111 import options as opts
@@ -106,18 +109,29 @@ async def prepare(request: Request, body: GenerationBase, session: Session) -> t
     if prompts.unknown:  # A1111 skips unknown style names silently; the log at least says so
         log.warning("%s: unknown styles ignored: %s", request.url.path, ", ".join(prompts.unknown))
 
-    images = None
     extra: dict[str, Any] = {}
     if isinstance(body, Img2ImgRequest):
         if not body.init_images:
             raise ApiError(404, "Init image not found", field="init_images", code="init_image_not_found")
         background = str(session.options.get("img2img_background_color") or "#ffffff")
-        images = await run_in_threadpool(decode_inputs, body, settings, background)
-        extra = adapter.img2img_extra_params(body, images.mask is not None)
-    elif isinstance(body, Txt2ImgRequest):
-        extra = adapter.txt2img_extra_params(body, choice.spec)
 
-    generation = adapter.to_generation_request(body, choice.spec, images, prompts)
+        def build() -> tuple[GenerationRequest, bool]:
+            # One call under the preparation limit: the decoded inputs are checked and, when large, resized to
+            # the output before the limit is released (server.imagework).
+            images = decode_inputs(body, settings, background)
+            generation = adapter.to_generation_request(body, choice.spec, images, prompts)
+            return imagework.checked_and_presized(settings, generation), images.mask is not None
+
+        try:
+            generation, masked = await imagework.prepare(request, build)
+        except InvalidRequest as e:
+            raise _engine_field(e, choice.field) from None
+        extra = adapter.img2img_extra_params(body, masked)
+    else:
+        generation = adapter.to_generation_request(body, choice.spec, None, prompts)
+        if isinstance(body, Txt2ImgRequest):
+            extra = adapter.txt2img_extra_params(body, choice.spec)
+
     generation.preview_every = preview_interval(session.options)
     prep = Prepared(
         body=body,
@@ -137,15 +151,28 @@ async def run(request: Request, body: GenerationBase, session: Session) -> dict[
     prep, model_field = await prepare(request, body, session)
     owner = job_owner(request)
     prep.request.tags["owner"] = owner
-    accounting = request.app.state.jobs.accounting
-    credits = await run_in_threadpool(accounting.charge, owner, prep.request.total_images) if accounting else 0
+    jobs = request.app.state.jobs
+    accounting = jobs.accounting
+    reservation = None
+    if accounting is not None:
+        reserve = accounting.reserve
+        reservation = await run_in_threadpool(reserve, owner, prep.request.total_images, None, jobs.runner_id)
     try:
         job = engine.submit(prep.request)
+    except InvalidRequest as e:
+        await run_in_threadpool(release, accounting, reservation)
+        raise _engine_field(e, model_field) from None
+    except BaseException:
+        await run_in_threadpool(release, accounting, reservation)
+        raise
+    settle = _SettleOnce(accounting, reservation, job)
+    if accounting is not None:  # charged when it completes, given back otherwise; also after a 504 (it runs on)
+        job.add_done_callback(lambda _: threading.Thread(target=settle, name="easel-credits", daemon=True).start())
+    try:
         async with cancel_on_disconnect(request, job.cancel):  # a client that hung up wants no images
             result = await job.wait(timeout=settings.sync_timeout_s)
         record_engine(result.timings)
     except InvalidRequest as e:
-        await run_in_threadpool(refund, accounting, owner, credits)
         raise _engine_field(e, model_field) from None
     except TimeoutError:
         raise ApiError(
@@ -154,19 +181,41 @@ async def run(request: Request, body: GenerationBase, session: Session) -> dict[
             "(watch /sdapi/v1/progress, stop it with /sdapi/v1/interrupt)",
             code="timeout",
         ) from None
-    except BaseException:
-        await run_in_threadpool(refund, accounting, owner, credits)
-        raise
-    if accounting:
-        await run_in_threadpool(accounting.count_images, owner, len(result.images))
+    if accounting is not None:
+        await run_in_threadpool(settle)  # settled before the answer: /v1/account right after it is up to date
 
     await run_in_threadpool(keep_overrides, body, session, prep, model_field)
     return await run_in_threadpool(render, prep, result, session.options, settings.a1111_version)
 
 
-def refund(accounting: Any, owner: str | None, credits: int) -> None:
-    if accounting is not None:
-        accounting.refund(owner, credits)
+def release(accounting: Any, reservation: Any) -> None:
+    if accounting is not None and reservation is not None:
+        accounting.release(reservation)
+
+
+class _SettleOnce:
+    """Charge (completed) or give back (anything else) a synchronous call's credits once the job is done: from the
+    route when it answers, or from the job's done-callback when the caller is gone (504, hang-up). Whoever comes
+    second waits for the first to finish, then does nothing."""
+
+    def __init__(self, accounting: Any, reservation: Any, job: JobHandle):
+        self.accounting, self.reservation, self.job = accounting, reservation, job
+        self._lock = threading.Lock()
+        self._done = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if self._done or self.accounting is None:
+                return
+            self._done = True
+            try:
+                if self.job.status == JobStatus.COMPLETED and self.job.error is None:
+                    images = len(asyncio.run(self.job.wait(timeout=None)).images)  # done: returns at once
+                    self.accounting.complete(self.reservation, images)
+                else:
+                    self.accounting.release(self.reservation)
+            except Exception:  # the reservation stays open; the next start-up closes it
+                log.exception("settling the credits of an A1111 call failed")
 
 
 def keep_overrides(body: GenerationBase, session: Session, prep: Prepared, model_field: str | None) -> None:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.lora import registry_for
+from server import imagework
 from server.access.principal import can_see, is_admin, owner_filter
 from server.api.a1111 import catalog, generation
 from server.api.a1111 import options as opts
@@ -101,8 +102,8 @@ def _add_generation_routes(router: APIRouter, gateway: bool) -> None:
     @router.post("/png-info", response_model=PNGInfoResponse)
     async def png_info(request: Request, body: PNGInfoRequest) -> PNGInfoResponse:
         settings = request.app.state.settings
-        img = await run_in_threadpool(
-            decode_image, body.image, "image", settings.max_body_bytes, settings.max_image_pixels
+        img = await imagework.prepare(
+            request, decode_image, body.image, "image", settings.max_body_bytes, settings.max_image_pixels
         )
         info = read_png_info(img) or ""
         items = {k: v for k, v in img.info.items() if k not in IGNORED_INFO_KEYS and isinstance(v, str)}

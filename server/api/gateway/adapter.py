@@ -132,11 +132,21 @@ def load_image(value: str, field: str, settings: Settings) -> Image.Image:
     return decode_base64_image(base64.b64encode(data).decode("ascii"), field, settings)
 
 
-def stitch(images: list[Image.Image]) -> Image.Image:
+def stitch(images: list[Image.Image], max_pixels: int, field: str) -> Image.Image:
     """Reference images side by side at the first one's height: the usual way to give several references to a
-    model that conditions on one image (FLUX Kontext, Qwen-Image-Edit)."""
+    model that conditions on one image (FLUX Kontext, Qwen-Image-Edit). Sized before anything is allocated: a
+    1x16000 first image would scale a 4096x4096 second one to 16000x16000; above `max_pixels` it is a 422 naming
+    `field`."""
     height = images[0].height
-    scaled = [im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height)) for im in images]
+    widths = [max(1, round(im.width * height / im.height)) for im in images]
+    if sum(widths) * height > max_pixels:
+        sizes = " + ".join(f"{im.width}x{im.height}" for im in images)
+        message = (
+            f"the images ({sizes}) side by side at the first one's height make {sum(widths)}x{height} = "
+            f"{sum(widths) * height} pixels, above max_work_pixels={max_pixels}; send images of similar heights"
+        )
+        raise ApiError.invalid([FieldError(field, message)])
+    scaled = [im.convert("RGB").resize((w, height)) for im, w in zip(images, widths, strict=True)]
     canvas = Image.new("RGB", (sum(im.width for im in scaled), height), "white")
     x = 0
     for im in scaled:
@@ -213,13 +223,14 @@ def flux(body: FluxRequest, ctx: Context) -> Plan:
     check_prompt(body, ctx.settings)
     sizes.check_size(body.width, body.height, spec, ctx.settings, ("width", "height"), _flux_multiple(spec))
     references = [(name, decode_base64_image(data, name, ctx.settings)) for name, data in body.reference_images()]
+    max_work = ctx.settings.max_work_pixels
     fields: dict[str, Any] = {"width": body.width, "height": body.height, "seed": seed_of(body.seed)}
     if not references:
         require_text_to_image(spec, route)
     elif spec.family in EDIT_FAMILIES:
-        fields.update(task=Task.EDIT, init_images=[stitch([im for _, im in references])])
+        fields.update(task=Task.EDIT, init_images=[stitch([im for _, im in references], max_work, "input_image")])
     elif is_kontext(spec):  # the flux adapter runs Kontext's IMG2IMG as reference editing
-        fields.update(task=Task.IMG2IMG, init_images=[stitch([im for _, im in references])])
+        fields.update(task=Task.IMG2IMG, init_images=[stitch([im for _, im in references], max_work, "input_image")])
     else:
         images = [im for _, im in references]
         strength = ctx.settings.gateway_img2img_strength

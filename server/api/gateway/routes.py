@@ -7,8 +7,9 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
+from pipelines.errors import InvalidRequest
+from server import imagework
 from server.api.gateway import adapter
 from server.api.gateway.schemas import (
     FluxRequest,
@@ -21,7 +22,7 @@ from server.api.gateway.schemas import (
     QwenRequest,
     UrlsResponse,
 )
-from server.api.gateway.submit import run_job
+from server.api.gateway.submit import run_job, wire_field
 from server.jobs.http import TaskAccepted
 
 Body = TypeVar("Body", bound=GatewayRequest)
@@ -33,7 +34,17 @@ ASYNC_RESPONSE: dict[int | str, dict[str, Any]] = {
 
 async def _run(request: Request, body: Body, plan_for: Callable[[Body, adapter.Context], adapter.Plan]) -> Response:
     ctx = adapter.Context(request.app.state.registry, request.app.state.settings)
-    plan = await run_in_threadpool(plan_for, body, ctx)  # decodes (and may fetch) images: keep it off the loop
+
+    def planned() -> adapter.Plan:
+        # Decodes (and may fetch) images: under the preparation limit, off the loop; large inputs leave it resized.
+        plan = plan_for(body, ctx)
+        try:
+            plan.spec.request = imagework.checked_and_presized(ctx.settings, plan.spec.request)
+        except InvalidRequest as e:
+            raise wire_field(e, plan) from None
+        return plan
+
+    plan = await imagework.prepare(request, planned)
     return await run_job(request, plan, body.async_)
 
 

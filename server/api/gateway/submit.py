@@ -13,13 +13,13 @@ from starlette.concurrency import run_in_threadpool
 
 from pipelines.errors import InvalidRequest
 from server.api.gateway.adapter import Plan
-from server.errors import ApiError, ErrorInfo, render_gateway
+from server.errors import ApiError, ErrorInfo, render_gateway, stored_job_error
 from server.jobs import JobService, get_job_service
 from server.jobs.http import accepted, base_url, submit, task_url, wait_watching
 from server.settings import Settings
 
 
-def _wire_field(error: BaseException, plan: Plan) -> BaseException:
+def wire_field(error: BaseException, plan: Plan) -> BaseException:
     """An engine InvalidRequest names GenerationRequest fields; the client needs the field it sent. The gateway has
     no `model` field: the engine refusing the model for the task means the route is mapped to the wrong model."""
     if not isinstance(error, InvalidRequest):
@@ -49,7 +49,7 @@ async def run_job(request: Request, plan: Plan, run_async: bool) -> Response:
     try:
         ticket = await submit(request, plan.spec)
     except InvalidRequest as e:
-        raise _wire_field(e, plan) from None
+        raise wire_field(e, plan) from None
     if run_async:
         return accepted(request, ticket)
     try:
@@ -59,7 +59,7 @@ async def run_job(request: Request, plan: Plan, run_async: bool) -> Response:
     if record.status != "completed":
         error = ticket.handle.error
         if error is not None:
-            raise _wire_field(error, plan)
-        raise ApiError(500, record.error or "the job failed", code=record.error_code or "generation_failed")
+            raise wire_field(error, plan)
+        raise stored_job_error(record.error_code, record.error)
     body = await run_in_threadpool(jobs.result_body, record, base_url(request))
     return JSONResponse(body)

@@ -16,11 +16,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from server.access.accounting import KEY_ID_PREFIX
 from server.access.principal import can_see, owner_filter
 from server.api.gateway.events import task_events
 from server.errors import ApiError
 from server.jobs import JobService, TaskView, Ticket, get_job_service
-from server.jobs.db import utcnow
+from server.jobs.db import ResultFile, utcnow
 from server.jobs.files import EXTENSIONS
 from server.jobs.http import TASKS_PATH, base_url, task_url
 from server.jobs.service import RESULTS_PATH
@@ -152,19 +153,53 @@ def build_router() -> APIRouter:
 
     @router.api_route(f"{RESULTS_PATH}/{{filename}}", methods=["GET", "HEAD"], response_class=Response)
     async def result_file(request: Request, filename: str) -> Response:
-        """A result image, until its URL expires."""
+        """A result image, until its URL expires. A signed URL (as every result URL is, unless
+        result_urls_require_auth) needs no credentials: it is checked here instead."""
         token, _, ext = filename.rpartition(".")
         jobs = get_job_service(request)
+        if getattr(request.state, "capability", False):
+            return await _signed_result(request, jobs, filename, token, ext)
         found = await run_in_threadpool(jobs.file, token) if token else None
         if found is not None and owner_filter(request) is not None:
             record = await run_in_threadpool(jobs.store.get, found[0].job_id)
             if record is None or not can_see(request, record.owner):
                 found = None
-        if found is None or EXTENSIONS.get(found[0].content_type) != ext:
-            raise ApiError(404, "result not found (unknown, or expired)", code="result_not_found")
-        stored, data = found
-        max_age = max(0, int((stored.expires_at - utcnow()).total_seconds()))
-        headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": f"private, max-age={max_age}"}
-        return Response(data, media_type=stored.content_type, headers=headers)
+        return _file_response(found, ext)
 
     return router
+
+
+def _file_response(found: tuple[ResultFile, bytes] | None, ext: str) -> Response:
+    if found is None or EXTENSIONS.get(found[0].content_type) != ext:
+        raise ApiError(404, "result not found (unknown, or expired)", code="result_not_found")
+    stored, data = found
+    max_age = max(0, int((stored.expires_at - utcnow()).total_seconds()))
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": f"private, max-age={max_age}"}
+    return Response(data, media_type=stored.content_type, headers=headers)
+
+
+async def _signed_result(request: Request, jobs: JobService, filename: str, token: str, ext: str) -> Response:
+    """A capability URL: valid signature and expiry, the generation still there, its key not revoked. Anything
+    else is the same 404 as an unknown result: a link that does not work says nothing about why."""
+    query = request.query_params
+    if jobs.links is None or not jobs.links.verify(filename, query.get("expires"), query.get("sig")):
+        return _file_response(None, ext)
+
+    def lookup() -> tuple[ResultFile, bytes] | None:
+        found = jobs.file(token) if token else None
+        if found is None:
+            return None
+        record = jobs.store.get(found[0].job_id)
+        if record is None or not _owner_active(request, record.owner):
+            return None
+        return found
+
+    return _file_response(await run_in_threadpool(lookup), ext)
+
+
+def _owner_active(request: Request, owner: str | None) -> bool:
+    """A job of an API key is served by link only while the key is active (revoking a key voids its links)."""
+    if owner is None or not owner.startswith(KEY_ID_PREFIX):
+        return True
+    key = request.app.state.keys.get(owner)
+    return key is not None and key.revoked_at is None

@@ -22,7 +22,7 @@ from server.api.genpicz.schemas import (
     StyleItem,
     StyleList,
 )
-from server.errors import ApiError, ErrorInfo, FieldError
+from server.errors import ApiError, ErrorInfo, FieldError, stored_job_error
 from server.jobs import JobService, TaskView
 from server.jobs.db import JobRecord
 from server.jobs.http import base_url, submit, wait_watching
@@ -130,7 +130,7 @@ def build_router() -> APIRouter:
         if record.status != "completed":
             if ticket.handle.error is not None:
                 raise _wire_field(ticket.handle.error)
-            raise ApiError(500, record.error or "the generation failed", code=record.error_code or "generation_failed")
+            raise stored_job_error(record.error_code, record.error)
         return JSONResponse(await run_in_threadpool(_body, _jobs(request), record, base_url(request)))
 
     @router.get("/generations/{generation_id}", response_model=Generation, responses=ERRORS)

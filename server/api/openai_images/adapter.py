@@ -307,9 +307,9 @@ def edit_plan(body: EditFields, parts: list[ImagePart], mask_part: ImagePart | N
             inpaint=InpaintOptions(mask_blur=MASK_BLUR, inpainting_fill=1, full_res=False, composite_original=True),
         )
     elif spec.family in EDIT_FAMILIES:
-        fields.update(task=Task.EDIT, init_images=[stitch(images)])
+        fields.update(task=Task.EDIT, init_images=[stitch(images, ctx.settings.max_work_pixels, "image")])
     elif is_kontext(spec):  # the flux adapter runs Kontext's IMG2IMG as reference editing
-        fields.update(task=Task.IMG2IMG, init_images=[stitch(images)])
+        fields.update(task=Task.IMG2IMG, init_images=[stitch(images, ctx.settings.max_work_pixels, "image")])
     else:
         fields.update(task=Task.IMG2IMG, init_images=[images[0]], strength=ctx.settings.gateway_img2img_strength)
     request = _request(spec, body, EDIT_ROUTE, ctx.settings, **fields)

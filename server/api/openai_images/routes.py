@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipelines.errors import EngineError, InvalidRequest
 from pipelines.registry import ModelSpec, Registry
+from server import imagework
 from server.api.gateway.adapter import Context
 from server.api.openai_images import adapter
 from server.api.openai_images.multipart import MAX_FIELDS, MAX_FILES, read_edit_form
@@ -30,7 +31,7 @@ from server.api.openai_images.schemas import (
     edit_form_openapi,
 )
 from server.api.openai_images.streaming import stream_plan
-from server.errors import ApiError
+from server.errors import ApiError, stored_job_error
 from server.jobs import get_job_service
 from server.jobs.http import base_url, submit, task_url, wait_watching
 
@@ -74,7 +75,7 @@ async def run_plan(request: Request, plan: adapter.Plan) -> Response:
             raise InvalidRequest(plan.wire_field(error.field), error.message) from None
         if isinstance(error, EngineError):  # queue full, cancelled, generation failed...: their own status
             raise error
-        raise ApiError(500, record.error or "the job failed", code=record.error_code or "generation_failed")
+        raise stored_job_error(record.error_code, record.error)
     body = await run_in_threadpool(jobs.result_body, record, base_url(request))
     return JSONResponse(body)
 
@@ -131,7 +132,18 @@ def build_router() -> APIRouter:
         pixels mark the area to edit. Same extensions as generations."""
         async with request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS) as form:
             parsed = await read_edit_form(form, request.headers.get("content-type"))
-        plan = await run_in_threadpool(adapter.edit_plan, parsed.fields, parsed.images, parsed.mask, _context(request))
+        ctx = _context(request)
+
+        def planned() -> adapter.Plan:
+            # Decoding and stitching under the preparation limit; large inputs leave it resized to the output.
+            plan = adapter.edit_plan(parsed.fields, parsed.images, parsed.mask, ctx)
+            try:
+                plan.spec.request = imagework.checked_and_presized(ctx.settings, plan.spec.request)
+            except InvalidRequest as e:
+                raise InvalidRequest(plan.wire_field(e.field), e.message) from None
+            return plan
+
+        plan = await imagework.prepare(request, planned)
         return await run_plan(request, plan)
 
     @router.get("/models", response_model=ModelList)

@@ -1,0 +1,94 @@
+"""S9: a client that never finishes its request headers (slowloris) is dropped after `header_timeout_s`, with
+`easel serve`'s own uvicorn configuration (server.cli.uvicorn_config), on loopback, with a raw socket."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from server.cli import uvicorn_config
+from server.http_protocol import HeaderDeadlineProtocol
+from server.settings import Settings
+
+TIMEOUT_S = 1.5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    app = FastAPI()
+
+    @app.get("/")
+    async def root() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    settings = Settings(host="127.0.0.1", port=free_port(), header_timeout_s=TIMEOUT_S)
+    config = uvicorn_config(app, settings, "warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield settings.port
+    server.should_exit = True
+    thread.join(10)
+
+
+def closed_after(sock: socket.socket, dribble: bytes | None, limit_s: float = 10.0) -> float:
+    """Seconds until the server closes `sock`, sending `dribble` every 0.2 s meanwhile (each byte used to reset
+    uvicorn's timer)."""
+    started = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - started < limit_s:
+        try:
+            if dribble:
+                sock.sendall(dribble)
+            if sock.recv(1024) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - started
+    raise AssertionError(f"the connection was still open after {limit_s} s")
+
+
+def test_serve_uses_the_header_deadline_protocol() -> None:
+    config = uvicorn_config(FastAPI(), Settings(header_timeout_s=7))
+    assert issubclass(config.http, HeaderDeadlineProtocol) and config.http.header_timeout_s == 7
+
+
+def test_dribbled_headers_are_cut_off(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+        elapsed = closed_after(sock, b"X-A: b\r\n"[:1])
+    assert TIMEOUT_S * 0.8 <= elapsed < TIMEOUT_S + 5  # generous: a loaded machine runs timers late
+
+
+def test_silent_connection_is_cut_off(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        elapsed = closed_after(sock, None)
+    assert elapsed < TIMEOUT_S + 5
+
+
+def test_complete_requests_are_served_and_kept_alive_connections_get_a_fresh_deadline(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(5)
+        time.sleep(TIMEOUT_S * 0.6)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(TIMEOUT_S * 0.6)  # past the first deadline, within the one the response re-armed
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
