@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from pipelines import log_context
 from pipelines.engine_api import EngineClient
 from pipelines.errors import EngineNotReady, InvalidRequest
 from pipelines.request import GenerationResult
@@ -133,6 +134,7 @@ async def run(request: Request, body: GenerationBase, state: A1111State) -> dict
     prep, model_field = await prepare(request, body, state)
     owner = job_owner(request)
     prep.request.tags["owner"] = owner
+    prep.request.tags[log_context.REQUEST_ID_TAG] = log_context.request_id.get()
     accounting = request.app.state.jobs.accounting
     credits = await run_in_threadpool(accounting.charge, owner, prep.request.total_images) if accounting else 0
     try:
