@@ -95,14 +95,22 @@ def route_template(scope: Scope) -> str:
     return _RouteTable.of(app).match(scope) if app is not None else UNMATCHED
 
 
+def _full_paths(app: Any) -> list[str]:
+    """Every route's full path template, included routers' too."""
+    try:  # FastAPI >= 0.16x keeps included routers whole: their routes' full paths come from their contexts
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # older FastAPI copies included routes onto the app under their full paths
+        return [r.path for r in app.router.routes if isinstance(getattr(r, "path", None), str)]
+    return [c.path for c in iter_route_contexts(app.router.routes) if isinstance(c.path, str)]
+
+
 class _RouteTable:
     """Every route's full template, compiled, for requests answered before the router ran. Built once per app."""
 
     def __init__(self, app: Any):
         self.plain = [r for r in app.router.routes if isinstance(getattr(r, "path", None), str)]
         known = {r.path for r in self.plain}
-        # Included routers' routes under their full paths: what the OpenAPI document lists.
-        templates = [t for t in app.openapi().get("paths", {}) if t not in known]
+        templates = sorted({t for t in _full_paths(app) if t not in known})
         templates.sort(key=lambda t: (t.count("{"), -len(t)))  # literal segments win over parameters
         self.templates = [(compile_path(t)[0], t) for t in templates]
 

@@ -95,12 +95,14 @@ def test_with_keys_only_admin_keys_read_metrics(app_engine) -> None:
     user = keys.create("alice")
     admin = keys.create("ops", admin=True)
     assert client.get("/metrics").status_code == 401
+    assert client.get("/v2/tasks/some-task").status_code == 401  # refused before routing
     r = client.get("/metrics", headers={"Authorization": f"Bearer {user.secret}"})
     assert r.status_code == 403 and "admin" in r.json()["detail"]
     r = client.get("/metrics", headers={"Authorization": f"Bearer {admin.secret}"})
     assert r.status_code == 200 and "easel_http_requests_total" in r.text
     assert value(r.text, "easel_http_requests_total", route="/metrics", status="401") == 1
     assert value(r.text, "easel_http_requests_total", route="/metrics", status="403") == 1
+    assert value(r.text, "easel_http_requests_total", route="/v2/tasks/{task_address}", status="401") == 1
 
 
 def test_request_id_is_echoed_generated_and_kept_on_the_job(app_engine) -> None:
