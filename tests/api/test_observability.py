@@ -106,7 +106,7 @@ def test_with_keys_only_admin_keys_read_metrics(app_engine) -> None:
 
 
 def test_request_id_is_echoed_generated_and_kept_on_the_job(app_engine) -> None:
-    client, _ = app_engine
+    client, engine = app_engine
     r = client.get("/livez", headers={"X-Request-ID": "trace-abc.123"})
     assert r.headers["x-request-id"] == "trace-abc.123"
     generated = client.get("/livez").headers["x-request-id"]
@@ -123,6 +123,11 @@ def test_request_id_is_echoed_generated_and_kept_on_the_job(app_engine) -> None:
     assert record.request_id == "job-req-1"
     polled = client.get(f"/v2/tasks/{record.task_address}", headers={"X-Request-ID": "poll-1"})
     assert polled.headers["x-request-id"] == "poll-1"  # each call has its own; the record keeps the submitter's
+    # The engine gets the id (and the record's id) in the request's tags, for its worker's log lines.
+    assert engine.requests[-1].tags["request_id"] == "job-req-1"
+    assert engine.requests[-1].tags["job_id"] == record.id
+    assert client.post("/sdapi/v1/txt2img", json=A1111, headers={"X-Request-ID": "sync-1"}).status_code == 200
+    assert engine.requests[-1].tags["request_id"] == "sync-1"  # A1111's synchronous calls keep no record
 
 
 def test_unhandled_errors_answer_500_with_the_request_id_and_log_it(app_engine, monkeypatch) -> None:
