@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -15,6 +16,7 @@ import torch
 from pipelines.errors import ModelLoadError
 from pipelines.families.base import LoadedModel
 from pipelines.registry import ModelSpec
+from pipelines.telemetry import CacheCounts
 
 log = logging.getLogger("easel.cache")
 
@@ -43,6 +45,12 @@ class PipelineCache:
         self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
         self._loading: dict[str, Future[LoadedModel]] = {}
         self.load_count: dict[str, int] = {}  # how many times each model was really loaded (tests, metrics)
+        # Metrics (pipelines.telemetry), monotonic for the process: read at scrape time.
+        self.load_seconds: dict[str, float] = {}
+        self.evictions: dict[str, int] = {}  # LRU evictions and unloads per model
+        self.hits = 0
+        self.misses = 0  # the model was not loaded: this request loaded it or waited for another's load
+        self._retired_text: dict[str, CacheCounts] = {}  # text-cache counts of models no longer loaded
 
     def get(self, spec: ModelSpec) -> LoadedModel:
         """The loaded model; loads it (once, even under concurrency) if absent. Raises ModelLoadError."""
@@ -50,7 +58,9 @@ class PipelineCache:
             entry = self._entries.get(spec.id)
             if entry is not None:
                 self._entries.move_to_end(spec.id)
+                self.hits += 1
                 return entry
+            self.misses += 1
             pending = self._loading.get(spec.id)
             owner = pending is None
             if owner:
@@ -58,6 +68,7 @@ class PipelineCache:
                 self._loading[spec.id] = pending
         if not owner:
             return pending.result()  # another thread is loading it: share its result or its error
+        started = time.perf_counter()
         try:
             loaded = self._load(spec)
         except BaseException as e:
@@ -69,6 +80,7 @@ class PipelineCache:
             self._loading.pop(spec.id, None)
             self._entries[spec.id] = loaded
             self.load_count[spec.id] = self.load_count.get(spec.id, 0) + 1
+            self.load_seconds[spec.id] = self.load_seconds.get(spec.id, 0.0) + time.perf_counter() - started
             evicted = self._evict_locked(keep=spec.id)
         if evicted:
             log.info("evicted %s", ", ".join(evicted))
@@ -99,7 +111,7 @@ class PipelineCache:
 
         while len(self._entries) > 1 and over_budget():
             victim = next(k for k in self._entries if k != keep)
-            del self._entries[victim]
+            self._retire_locked(victim)
             evicted.append(victim)
         return evicted
 
@@ -107,7 +119,9 @@ class PipelineCache:
         """Drop one model (or all); memory is returned once running jobs release their references."""
         with self._lock:
             ids = [model_id] if model_id else list(self._entries)
-            dropped = [i for i in ids if self._entries.pop(i, None) is not None]
+            dropped = [i for i in ids if i in self._entries]
+            for i in dropped:
+                self._retire_locked(i)
         if dropped:
             free_device_memory()
         return dropped
@@ -115,3 +129,19 @@ class PipelineCache:
     def loaded_ids(self) -> list[str]:
         with self._lock:
             return list(self._entries)
+
+    def _retire_locked(self, model_id: str) -> None:
+        """Drop an entry, keeping its text-cache counts so the totals never go down."""
+        entry = self._entries.pop(model_id)
+        old, text = self._retired_text.get(model_id, CacheCounts()), entry.text_cache
+        self._retired_text[model_id] = CacheCounts(old.hits + text.hits, old.misses + text.misses)
+        self.evictions[model_id] = self.evictions.get(model_id, 0) + 1
+
+    def text_cache_counts(self) -> dict[str, CacheCounts]:
+        """Text-embedding cache hits and misses per model, over every load of it since the process started."""
+        with self._lock:
+            counts = dict(self._retired_text)
+            for model_id, entry in self._entries.items():
+                old = counts.get(model_id, CacheCounts())
+                counts[model_id] = CacheCounts(old.hits + entry.text_cache.hits, old.misses + entry.text_cache.misses)
+        return counts

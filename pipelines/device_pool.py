@@ -27,6 +27,7 @@ from pipelines.engine import DrainReport, Engine, EngineConfig, Job
 from pipelines.errors import EngineDead, EngineError, EngineNotReady, ModelNotFound, QueueFull
 from pipelines.registry import Registry
 from pipelines.request import GenerationRequest
+from pipelines.telemetry import EngineSnapshot, Observer
 
 log = logging.getLogger("easel.devices")
 
@@ -307,6 +308,18 @@ class DevicePool:
     @property
     def calls(self) -> int:
         return sum(e.calls for e in self.engines)
+
+    def add_observer(self, fn: Observer) -> None:
+        for engine in self.engines:
+            engine.add_observer(fn)
+
+    def remove_observer(self, fn: Observer) -> None:
+        for engine in self.engines:
+            engine.remove_observer(fn)
+
+    def metrics_snapshot(self) -> list[EngineSnapshot]:
+        """One snapshot per device."""
+        return [snap for engine in self.engines for snap in engine.metrics_snapshot()]
 
 
 def _running(engine: Engine) -> list[Job]:

@@ -26,7 +26,7 @@ import psutil
 import torch
 from PIL import Image
 
-from pipelines import checkpoints, demo
+from pipelines import checkpoints, demo, log_context
 from pipelines.batching import batch_key
 from pipelines.cache import PipelineCache, free_device_memory
 from pipelines.checkpoints import NO_TXT2IMG_VARIANTS
@@ -58,6 +58,16 @@ from pipelines.registry import ModelSpec, Registry
 from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task, wants_preview
 from pipelines.sampler_names import SamplerChoice
 from pipelines.samplers import build_scheduler, resolve_sampler, scheduler_label_for_info
+from pipelines.telemetry import (
+    CacheCounts,
+    DeviceMemory,
+    EngineSnapshot,
+    JobEnded,
+    Observer,
+    Observers,
+    PipelineCall,
+    StepClock,
+)
 
 log = logging.getLogger("easel.engine")
 
@@ -244,6 +254,7 @@ class Engine:
         self._consecutive_ooms = 0
         self._next_sweep = 0.0
         self.calls = 0  # pipeline calls made (tests and metrics: batching shows as fewer calls than jobs)
+        self.observers = Observers()  # metrics exporters (server.metrics): JobEnded, PipelineCall
 
     # Lifecycle ---------------------------------------------------------------------------------------------------
 
@@ -355,6 +366,7 @@ class Engine:
             self._waiting[job.id] = job
             self._unfinished[job.id] = job
         job.add_done_callback(self._forget)
+        job.add_done_callback(self._report_end)
         self._queue.put(job)
         return job
 
@@ -369,6 +381,59 @@ class Engine:
             self._waiting.pop(job.id, None)
             self._unfinished.pop(job.id, None)
             self._changed.notify_all()
+
+    def _report_end(self, job: Job) -> None:
+        ended = time.time()
+        started = job.progress.started_at
+        self.observers.emit(
+            JobEnded(
+                model=job.request.model,
+                kind=job.request.task.value,
+                status=job.status.value,
+                queued_s=max(0.0, (started or ended) - job.created_at),
+                running_s=max(0.0, ended - started) if started else None,
+                total_s=max(0.0, ended - job.created_at),
+            )
+        )
+
+    # Metrics -----------------------------------------------------------------------------------------------------
+
+    def add_observer(self, fn: Observer) -> None:
+        """Call `fn(event)` for each job that ends and each pipeline call (pipelines.telemetry). It runs on the
+        thread that ended the job, usually the worker: keep it short."""
+        self.observers.add(fn)
+
+    def remove_observer(self, fn: Observer) -> None:
+        self.observers.remove(fn)
+
+    def metrics_snapshot(self) -> list[EngineSnapshot]:
+        """The engine's state for a metrics scrape: queue, caches, device memory. Cheap; any thread."""
+        cache = self.cache
+        memory = None
+        if self.device.type == "cuda":
+            stats = torch.cuda.memory_stats(self.device)
+            memory = DeviceMemory(
+                allocated=stats.get("allocated_bytes.all.current", 0),
+                reserved=stats.get("reserved_bytes.all.current", 0),
+                peak_allocated=stats.get("allocated_bytes.all.peak", 0),
+                peak_reserved=stats.get("reserved_bytes.all.peak", 0),
+                total=torch.cuda.get_device_properties(self.device).total_memory,
+            )
+        return [
+            EngineSnapshot(
+                device=str(self.device),
+                queued=self.queued_count(),
+                running=len(self._current_batch),
+                free_slots=self.free_slots,
+                loaded_models=cache.loaded_ids(),
+                model_loads=dict(cache.load_count),
+                model_load_seconds=dict(cache.load_seconds),
+                model_evictions=dict(cache.evictions),
+                pipeline_cache=CacheCounts(cache.hits, cache.misses),
+                text_cache=cache.text_cache_counts(),
+                memory=memory,
+            )
+        ]
 
     def current_job(self) -> Job | None:
         batch = self._current_batch
@@ -540,7 +605,8 @@ class Engine:
                     return
                 batch = self._gather(first, was_idle)
                 try:
-                    self._run_batch(batch)
+                    with log_context.for_jobs(job for job, _ in batch):  # its log lines name its requests
+                        self._run_batch(batch)
                 finally:
                     self._current_batch = []
         except BaseException as e:  # a bug in the worker itself: say so, instead of hanging every request
@@ -769,9 +835,11 @@ class Engine:
 
     def _out_of_memory(self, unit: Unit) -> InsufficientMemory:
         req = unit[0].request
-        log.warning(
-            "job %s ran out of memory alone: %d image(s) at %dx%d", unit[0].id, req.batch_size, req.width, req.height
-        )
+        with log_context.for_jobs([unit[0]]):
+            log.warning(
+                "job %s ran out of memory alone: %d image(s) at %dx%d", unit[0].id, req.batch_size, req.width,
+                req.height,
+            )  # fmt: skip
         return InsufficientMemory(
             f"out of GPU memory for this request ({req.batch_size} image(s) at {req.width}x{req.height}): "
             "try a smaller size or batch, or retry later"
@@ -807,18 +875,22 @@ class Engine:
 
         n_images = sum(len(it.seeds) for it in items)
         width, height = job0.request.width, job0.request.height
-        reporter = self._reporter(loaded, spec, units, on_step)
+        clock = StepClock(on_step)  # steps per second, for metrics
+        reporter = self._reporter(loaded, spec, units, clock)
         prepare_call(loaded.base, spec, self.device, width, height, n_images)
         self.calls += 1
         compiled = any(step.startswith("compile") for step in loaded.optimizations)
         with torch.inference_mode(), watch_compiles(spec.id, compiled, width, height, n_images):
             if job0.request.hires is not None:  # hires jobs run alone (batching.batch_key)
-                return [adapter.run_hires(loaded, items[0].request, items[0].seeds, make_scheduler, on_step)]
-            try:
-                return adapter.run_batch(loaded, items, make_scheduler(), reporter)
-            finally:
-                if reporter.previews is not None:
-                    reporter.previews.flush()
+                outputs = [adapter.run_hires(loaded, items[0].request, items[0].seeds, make_scheduler, clock)]
+            else:
+                try:
+                    outputs = adapter.run_batch(loaded, items, make_scheduler(), reporter)
+                finally:
+                    if reporter.previews is not None:
+                        reporter.previews.flush()
+        self.observers.emit(PipelineCall(spec.id, str(self.device), n_images, clock.steps, clock.steps_per_s()))
+        return outputs
 
     @staticmethod
     def _reporter(loaded: LoadedModel, spec: ModelSpec, units: list[Unit], on_step: StepCallback) -> StepReporter:
@@ -848,7 +920,8 @@ class Engine:
         elif isinstance(error, EngineError):
             pass
         else:
-            log.error("job %s failed: %s: %s", job.id, type(error).__name__, error, exc_info=error)
+            with log_context.for_jobs([job]):
+                log.error("job %s failed: %s: %s", job.id, type(error).__name__, error, exc_info=error)
             error = GenerationFailed(f"generation failed: {type(error).__name__}: {error}")
         status = JobStatus.CANCELLED if isinstance(error, JobCancelled) else JobStatus.FAILED
         job._finish(status, error=error)

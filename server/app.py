@@ -25,7 +25,9 @@ from server.engine_factory import build_engine
 from server.errors import client_safe, register_error_handlers
 from server.jobs import create_job_service
 from server.logs import debugging
+from server.metrics import install_metrics
 from server.middleware import AdmissionGate, BodySizeLimit, TextGuard
+from server.request_id import RequestId
 from server.settings import Settings
 from server.styles import load_styles
 from server.timing import ServerTiming
@@ -113,6 +115,7 @@ def _start_real_engine(app: FastAPI, settings: Settings, registry: Registry) -> 
         try:
             app.state.rescan_checkpoints()  # hashing new checkpoint files can take a while: not on the event loop
             engine = build_engine(registry, settings)  # torch is imported there, not by the HTTP package
+            app.state.metrics.attach(engine)
             engine.start()
             app.state.engine = engine
             log.info("engine running on %s", engine.device)
@@ -187,7 +190,11 @@ def create_app(
             allow_credentials=settings.cors_allow_credentials,
         )
     app.add_middleware(NoSniff)
-    app.add_middleware(ServerTiming)  # outermost: its total covers every layer
+    app.add_middleware(ServerTiming)  # its total covers every layer below
+    metrics = install_metrics(app)  # counts every answer, the refusals of the layers above included; GET /metrics
+    if engine is not None:
+        metrics.attach(engine)
+    app.add_middleware(RequestId)  # outermost: every answer carries X-Request-ID, every log line of it names it
 
     @app.get("/livez", tags=["health"])
     async def livez() -> Response:

@@ -16,7 +16,7 @@ import uvicorn
 
 from pipelines.registry import Registry, RegistryError, load_registry
 from server.http_protocol import with_header_timeout
-from server.logs import LEVELS, configure_logging, debugging
+from server.logs import LEVELS, LOG_FORMATS, LogFormat, configure_logging, debugging
 from server.preflight import StartupProblem, check_startup
 from server.settings import Settings
 
@@ -257,6 +257,16 @@ def prefetch_configs(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _log_format(args: argparse.Namespace) -> LogFormat:
+    chosen = getattr(args, "log_format", None)
+    if chosen:
+        return chosen
+    try:
+        return Settings().log_format
+    except ValueError:  # an invalid setting: the command itself reports it
+        return "text"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="easel", description="Self-hosted image-generation server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -272,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         "--insecure-no-auth",
         action="store_true",
         help="serve a non-loopback address without API keys (anyone who can reach it can use it)",
+    )
+    p_serve.add_argument(
+        "--log-format", choices=LOG_FORMATS, help="text, or json: one JSON object per line (EASEL_LOG_FORMAT)"
     )
     _add_ray_arguments(p_serve)
     p_serve.set_defaults(func=serve)
@@ -300,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p_pre.set_defaults(func=prefetch_configs)
 
     args = parser.parse_args(argv)
-    configure_logging(getattr(args, "log_level", "info"))
+    configure_logging(getattr(args, "log_level", "info"), _log_format(args))
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # fail as out of GPU memory (503). Unset: all of it.
     cuda_memory_fraction: float | None = Field(None, gt=0, le=1)
 
+    # Logging: text (one line each, naming the request and job) or json (one object per line, for log collectors)
+    log_format: Literal["text", "json"] = "text"
+
     # A1111 dialect
     a1111_version: str = "v1.10.1"
 

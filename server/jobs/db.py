@@ -83,6 +83,7 @@ class JobRecord(Base):
     result_json: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     webhook_url: Mapped[str | None] = mapped_column(Text)  # delivered by server.webhooks when the job finishes
     base_url: Mapped[str | None] = mapped_column(Text)  # the base URL the client used: for URLs in webhooks
+    request_id: Mapped[str | None] = mapped_column(String(128))  # X-Request-ID of the call that submitted it
     # The server process running the job and when it last said so: with a database shared by several processes,
     # only jobs whose runner stopped beating are failed as interrupted (server.jobs.service, shared_database).
     runner: Mapped[str | None] = mapped_column(String(32))

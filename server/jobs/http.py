@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from pipelines import log_context
 from server.access.principal import job_owner
 from server.errors import stored_job_error
 from server.imagework import check_work, presize
@@ -63,7 +64,10 @@ async def submit(request: Request, spec: JobSpec) -> Ticket:
     spec.base_url = spec.base_url or base_url(request)
     if not spec.request.preview_every:  # live previews for the task's event stream, unless the dialect chose
         spec.request.preview_every = request.app.state.settings.preview_every_n_steps
-    return await run_in_threadpool(jobs.submit, require_engine(request), spec)
+    spec.request_id = spec.request_id or log_context.request_id.get()
+    ticket: Ticket = await run_in_threadpool(jobs.submit, require_engine(request), spec)
+    log_context.job_id.set(ticket.job_id)  # the rest of this request's log lines name its job (reset by RequestId)
+    return ticket
 
 
 async def run_to_completion(request: Request, spec: JobSpec, timeout_s: float | None = None) -> JobRecord:

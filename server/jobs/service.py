@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from pipelines import log_context
 from pipelines.engine_api import EngineClient, JobHandle, JobStatus
 from pipelines.errors import JobCancelled
 from pipelines.request import GenerationRequest, GenerationResult
@@ -104,6 +105,7 @@ class JobSpec:
     owner: str | None = None  # who submitted it (API key id, user), for per-owner listings
     webhook_url: str | None = None  # POSTed to when the job finishes (server.webhooks)
     base_url: str | None = None  # the base URL the client used (server.jobs.http.submit fills it in)
+    request_id: str | None = None  # the X-Request-ID of the submitting call (server.jobs.http.submit fills it in)
     # Applied to each image before it is stored (e.g. GenPicz `upscale`); runs on a service thread, not the GPU's.
     postprocess: Callable[[Image.Image], Image.Image] | None = None
 
@@ -235,8 +237,12 @@ class JobService:
         """Submit and record a job. Blocking (database): call from a thread. Engine refusals propagate, unrecorded."""
         self.ensure_started()
         spec.request.tags["owner"] = spec.owner  # the engine-side views (A1111 progress, interrupt) scope by it
-        images = spec.request.batch_size * spec.request.n_iter
         job_id = uuid.uuid4().hex
+        # The engine's worker names these in its log lines about the job.
+        spec.request.tags[log_context.JOB_ID_TAG] = job_id
+        if spec.request_id is not None:
+            spec.request.tags[log_context.REQUEST_ID_TAG] = spec.request_id
+        images = spec.request.batch_size * spec.request.n_iter
         reservation = self.accounting.reserve(spec.owner, images, job_id, self.runner_id) if self.accounting else None
         try:
             handle = engine.submit(spec.request)
@@ -256,6 +262,7 @@ class JobService:
             webhook_url=spec.webhook_url,
             base_url=spec.base_url,
             runner=self.runner_id,
+            request_id=spec.request_id,
         )
         try:
             self.store.add(new, utcnow())
@@ -414,6 +421,10 @@ class JobService:
             log.warning("job %s finished during shutdown; not stored", ticket.task_address)
 
     def _finish(self, ticket: Ticket) -> None:
+        with log_context.bound(ticket.spec.request_id, ticket.job_id):  # its log lines name the request and job
+            self._finish_bound(ticket)
+
+    def _finish_bound(self, ticket: Ticket) -> None:
         try:
             if ticket.handle.error is None and ticket.handle.status == JobStatus.COMPLETED:
                 self._store_result(ticket)

@@ -35,6 +35,7 @@ class NewJob:
     webhook_url: str | None = None
     base_url: str | None = None
     runner: str | None = None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class JobStore:
             webhook_url=new.webhook_url,
             base_url=new.base_url,
             runner=new.runner,
+            request_id=new.request_id,
             heartbeat_at=now,
             ttl_s=new.ttl_s,
             created_at=now,

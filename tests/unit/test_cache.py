@@ -102,3 +102,21 @@ def test_memory_budget_evicts_least_recently_used_cuda_models():
     assert cache.loaded_ids() == ["a"]
     cache.get(spec("b"))
     assert cache.loaded_ids() == ["b"]
+
+
+def test_metrics_counters_survive_evictions_and_unloads():
+    cache = PipelineCache(CountingLoader(), max_models=1)
+    a = cache.get(spec("a"))
+    a.text_cache.get("prompt")  # miss
+    a.text_cache.put("prompt", (torch.zeros(2),))
+    a.text_cache.get("prompt")  # hit
+    assert cache.get(spec("a")) is a
+    cache.get(spec("b"))  # evicts a: its text-cache counts are kept
+    cache.get(spec("a"))  # loads a again, with a fresh text cache
+    cache.unload("b")
+    cache.unload("a")
+    assert (cache.hits, cache.misses) == (1, 3)
+    assert cache.load_count == {"a": 2, "b": 1} and set(cache.load_seconds) == {"a", "b"}
+    assert cache.evictions == {"a": 2, "b": 1}
+    counts = cache.text_cache_counts()
+    assert (counts["a"].hits, counts["a"].misses) == (1, 1) and (counts["b"].hits, counts["b"].misses) == (0, 0)

@@ -137,3 +137,18 @@ def test_a1111_progress_and_interrupt_with_two_running_jobs(pool: DevicePool, re
         assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0
         mem = client.get("/sdapi/v1/memory").json()
         assert set(mem) >= {"ram", "cuda", "devices"}
+
+
+def test_metrics_snapshot_and_observers_cover_every_device(registry: Registry) -> None:
+    from pipelines.telemetry import PipelineCall
+
+    pool = DevicePool([Engine(registry, EngineConfig(device="cpu")) for _ in range(2)])  # not started: no loads
+    snaps = pool.metrics_snapshot()
+    assert [s.device for s in snaps] == ["cpu", "cpu"]
+    assert all(s.queued == 0 and s.running == 0 and s.memory is None and not s.loaded_models for s in snaps)
+    seen = []
+    pool.add_observer(seen.append)
+    for engine in pool.engines:
+        engine.observers.emit(PipelineCall("m", str(engine.device), images=2, steps=3, steps_per_s=1.5))
+    assert [e.images for e in seen] == [2, 2]
+    pool.remove_observer(seen.append)

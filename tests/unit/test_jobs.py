@@ -368,3 +368,21 @@ def test_missing_nullable_columns_are_added_to_an_older_database(tmp_path: Path)
     assert store.finish_completed("j1", seeds=[1], result_json={}, files=[], now=utcnow(), timings={"run_s": 1.5})
     assert store.get("j1").timings == {"run_s": 1.5}
     store.close()
+
+
+def test_request_id_column_is_added_to_an_older_database(tmp_path: Path) -> None:
+    import contextlib
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    store = JobStore(f"sqlite:///{path}")
+    store.create_tables()
+    store.close()
+    with contextlib.closing(sqlite3.connect(path)) as con:  # a database made before the `request_id` column existed
+        con.execute("ALTER TABLE jobs DROP COLUMN request_id")
+        con.commit()
+    store = JobStore(f"sqlite:///{path}")
+    store.create_tables()
+    store.add(new_job(request_id="req-42"), utcnow())
+    assert store.get("j1").request_id == "req-42"
+    store.close()

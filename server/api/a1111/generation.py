@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from pipelines import log_context
 from pipelines.engine_api import EngineClient, JobHandle, JobStatus
 from pipelines.errors import EngineNotReady, InvalidRequest
 from pipelines.request import GenerationRequest, GenerationResult
@@ -151,6 +152,7 @@ async def run(request: Request, body: GenerationBase, session: Session) -> dict[
     prep, model_field = await prepare(request, body, session)
     owner = job_owner(request)
     prep.request.tags["owner"] = owner
+    prep.request.tags[log_context.REQUEST_ID_TAG] = log_context.request_id.get()
     jobs = request.app.state.jobs
     accounting = jobs.accounting
     reservation = None
