@@ -306,6 +306,22 @@ def test_unknown_model_is_404_model_not_found(api: Api) -> None:
     assert "dall-e-9" in error["message"]
 
 
+@pytest.mark.parametrize(
+    "name, model_id, fmt",
+    [("openai/dall-e-3", "demo-sdxl", "url"), ("openai/gpt-image-1", "demo-sdxl", "b64_json")]
+    + [("google/demo-flux", "demo-flux", "b64_json"), ("OpenAI/DALL-E-2", "demo-sdxl", "url")],
+)
+def test_provider_prefixed_model_names_resolve(api: Api, name: str, model_id: str, fmt: str) -> None:
+    """IndoxHub's `provider/name` form (seed 002's OpenAI SDK example) on /v1: the name after the slash runs."""
+    r = api.generate(model=name)
+    assert r.status_code == 200, r.text
+    assert api.last.model == model_id and set(r.json()["data"][0]) == {fmt}
+    assert api.client.get(f"/v1/models/{name}").json()["root"] == model_id
+    r = api.edit([("image", ("in.png", png(), "image/png"))], model=name if model_id != "demo-flux" else "demo-sd15")
+    assert r.status_code == 200, r.text
+    assert_openai_error(api.generate(model="openai/dall-e-9"), "model", status=404, code="model_not_found")
+
+
 def test_invalid_json_is_400_without_param(api: Api) -> None:
     r = api.client.post(GENERATIONS, content=b"{not json", headers={"Content-Type": "application/json"})
     assert_openai_error(r, None)

@@ -22,8 +22,9 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, port: int, proc: subprocess.Popen, log: Path):
+    def __init__(self, port: int, proc: subprocess.Popen, log: Path, data_dir: Path):
         self.port = port
+        self.data_dir = data_dir
         self.proc = proc
         self.log = log
         self.url = f"http://127.0.0.1:{port}"
@@ -50,7 +51,7 @@ def live_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             env=env,
             start_new_session=True,
         )
-    server = LiveServer(port, proc, log)
+    server = LiveServer(port, proc, log, data_dir)
     deadline = time.monotonic() + 300
     try:
         while True:

@@ -85,6 +85,21 @@ def test_generate_url_and_other_formats(client: openai.OpenAI, live_server: Live
     assert image.format == "WEBP" and image.size == (64, 64)
 
 
+def test_seed_002_sdk_example_with_a_provider_prefixed_model(live_server: LiveServer) -> None:
+    """IndoxHub's own example (seed 002): `base_url=".../v1"`, `model="openai/dall-e-3"`, a dall-e URL answer."""
+    with openai.OpenAI(api_key="YOUR_API_KEY", base_url=f"{live_server.url}/v1", max_retries=0, timeout=300) as c:
+        response = c.images.generate(
+            model="openai/dall-e-3",
+            prompt="A serene mountain landscape at sunset, photorealistic",
+            size="64x64",  # the example's 1024x1024, small to stay fast on CPU
+            n=1,
+            extra_body=FAST,
+        )
+    url = (response.data or [])[0].url
+    assert url and url.startswith(f"{live_server.url}/v2/results/")
+    assert decode(httpx.get(url).content).size == (64, 64)
+
+
 def test_edit_with_mask_keeps_the_opaque_area(client: openai.OpenAI) -> None:
     source = noise(64, 64, seed=0)
     mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))

@@ -32,6 +32,7 @@ from server.api.gateway.adapter import (
     seed_of,
     stitch,
 )
+from server.api.model_names import bare_name, resolve_name
 from server.api.openai_images.schemas import EditFields, GenerateRequest, ImageOptions
 from server.errors import ApiError, FieldError
 from server.images import b64, decode_image
@@ -148,7 +149,7 @@ def renderer(out: Output) -> Renderer:
 
 def resolve_model(registry: Registry, name: str | None, route: str) -> ModelSpec:
     if name and name.strip():
-        spec = registry.resolve(name)
+        spec = resolve_name(registry, name).spec  # `openai/dall-e-3` (IndoxHub's form) runs dall-e-3's model
         if spec is None:
             raise ApiError(
                 404,
@@ -162,7 +163,7 @@ def resolve_model(registry: Registry, name: str | None, route: str) -> ModelSpec
 
 def default_response_format(model_name: str | None) -> str:
     """OpenAI: dall-e models answer with URLs by default, GPT-image models with base64; local names get base64."""
-    return "url" if (model_name or "").strip().lower().startswith("dall-e") else "b64_json"
+    return "url" if (bare_name(model_name) or "").lower().startswith("dall-e") else "b64_json"
 
 
 def check_options(body: ImageOptions, settings: Settings) -> None:

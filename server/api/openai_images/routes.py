@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from pipelines.errors import EngineError, InvalidRequest
 from pipelines.registry import ModelSpec, Registry
 from server.api.gateway.adapter import Context
+from server.api.model_names import resolve_name
 from server.api.openai_images import adapter
 from server.api.openai_images.multipart import MAX_FIELDS, MAX_FILES, read_edit_form
 from server.api.openai_images.schemas import (
@@ -103,7 +104,7 @@ def find_card(registry: Registry, name: str) -> ModelCard:
     cards = {card.id.lower(): card for card in model_cards(registry)}
     card = cards.get(name.lower())
     if card is None:
-        spec = registry.resolve(name)  # a hash or an A1111 title also names a model
+        spec = resolve_name(registry, name).spec  # a hash, an A1111 title or `provider/name` also names a model
         if spec is None:
             raise ApiError(404, f"The model '{name}' does not exist", field="model", code="model_not_found")
         card = cards[spec.id.lower()]
