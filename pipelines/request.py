@@ -85,6 +85,8 @@ class GenerationRequest:
     # sent) and are added to these by the family adapter (`pipelines.prompts.request_loras`).
     loras: list[LoraRef] = field(default_factory=list)
     hires: HiresOptions | None = None  # A1111 hires fix (txt2img): upscale, then a second img2img pass
+    # `background: transparent`: the finished images get alpha from models.yaml's `background_removal` model (RGBA).
+    transparent_background: bool = False
     # Free-form tags the dialect wants echoed back (never read by the GPU side).
     tags: dict[str, Any] = field(default_factory=dict)
     # When the request stops being worth running: absolute wall-clock time, `time.time()` seconds since the epoch

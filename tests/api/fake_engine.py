@@ -32,6 +32,15 @@ def seed_color(seed: int) -> tuple[int, int, int]:
     return (seed * 37 % 256, seed * 91 % 256, seed * 53 % 256)
 
 
+def fake_image(req: GenerationRequest, seed: int) -> Image.Image:
+    """The seed's colour; with `transparent_background` (the engine's background removal) the left half clear."""
+    image = Image.new("RGB", (req.width, req.height), seed_color(seed))
+    if req.transparent_background:
+        image = image.convert("RGBA")
+        image.paste((*seed_color(seed), 0), (0, 0, req.width // 2, req.height))
+    return image
+
+
 class FakeJob:
     def __init__(self, engine: FakeEngine, request: GenerationRequest, seed: int):
         self.id = uuid.uuid4().hex
@@ -111,7 +120,7 @@ class FakeJob:
                         time.sleep(engine.step_delay)
                 # As A1111: a stopped batch is still decoded and returned.
                 call_seeds = seeds[it * req.batch_size : (it + 1) * req.batch_size]
-                images.extend(Image.new("RGB", (req.width, req.height), seed_color(s)) for s in call_seeds)
+                images.extend(fake_image(req, s) for s in call_seeds)
             spec = engine.registry.get(req.model) if engine.registry is not None else None
             # What the real engine does (Engine._run_job): same resolution, same reported label.
             default_sampler = spec.defaults.sampler if spec is not None else None

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pipelines.errors import GenerationFailed, InvalidRequest, QueueFull
-from pipelines.registry import Registry, load_registry
+from pipelines.registry import BackgroundRemovalSpec, Registry, load_registry
 from pipelines.request import GenerationRequest, Task
 from server.app import create_app
 from server.settings import Settings
@@ -226,6 +226,35 @@ def test_output_compression_is_the_jpeg_quality(api: Api) -> None:
 def test_opaque_and_auto_backgrounds_are_fine(api: Api) -> None:
     for background in ("opaque", "auto"):
         assert api.generate(background=background).json()["background"] == "opaque"
+
+
+def with_background_removal(registry: Registry) -> Registry:
+    """The shipped models plus a `background_removal:` model (the fake engine only reads the flag it sets)."""
+    removal = BackgroundRemovalSpec(source="/models/segmentation")
+    return Registry(list(registry), registry.default_model, routes=registry.routes, background_removal=removal)
+
+
+def test_transparent_background_without_a_removal_model_says_how(api: Api) -> None:
+    error = assert_openai_error(api.generate(background="transparent"), "background", code="invalid_value")
+    assert "background_removal" in error["message"] and "models.yaml" in error["message"]
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+def test_transparent_background_asks_the_engine_for_alpha(
+    make_api: Callable[..., Api], registry: Registry, fmt: str
+) -> None:
+    api = make_api(with_background_removal(registry))
+    r = api.generate(background="transparent", output_format=fmt, size="96x64")
+    assert r.status_code == 200, r.text
+    assert r.json()["background"] == "transparent" and api.last.transparent_background
+    image = decode(r.json()["data"][0]["b64_json"])
+    assert image.format == fmt.upper() and image.mode == "RGBA" and image.size == (96, 64)
+    assert image.getpixel((0, 0))[3] == 0 and image.getpixel((95, 0))[3] == 255
+    r = api.edit([("image", ("in.png", png(), "image/png"))], background="transparent")
+    assert r.status_code == 200 and r.json()["background"] == "transparent" and api.last.transparent_background
+    assert api.generate(background="auto").json()["background"] == "opaque" and not api.last.transparent_background
+    error = assert_openai_error(api.generate(background="transparent", output_format="jpeg"), "output_format")
+    assert "jpeg has no alpha" in error["message"]
 
 
 def test_jobs_are_recorded_with_the_wire_request_but_no_image_bytes(api: Api) -> None:

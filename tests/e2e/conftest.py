@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import REPO_ROOT
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,10 +32,23 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{port}"
 
 
+def served_models_yaml(folder: Path) -> Path:
+    """The repo's models.yaml plus a `background_removal:` model (a tiny random-weight SegFormer folder built here),
+    so `background: transparent` runs end to end."""
+    from pipelines.demo import build_demo_background_remover
+
+    remover = build_demo_background_remover(folder / "background-removal")
+    path = folder / "models.yaml"
+    text = (REPO_ROOT / "models.yaml").read_text()
+    path.write_text(f"{text}\nbackground_removal:\n  source: {remover}\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def live_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "easel.log"
+    models = served_models_yaml(tmp_path_factory.mktemp("models"))
     easel = Path(sys.executable).parent / "easel"
     env = {
         **os.environ,
@@ -45,7 +60,18 @@ def live_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(easel), "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)],
+            [
+                str(easel),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+                "--models",
+                str(models),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,

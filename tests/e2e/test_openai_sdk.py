@@ -100,6 +100,34 @@ def test_seed_002_sdk_example_with_a_provider_prefixed_model(live_server: LiveSe
     assert decode(httpx.get(url).content).size == (64, 64)
 
 
+def test_transparent_background_has_real_alpha(client: openai.OpenAI, live_server: LiveServer) -> None:
+    """models.yaml's background_removal model (the live server's tiny SegFormer) gives png and webp an alpha channel."""
+    result = client.images.generate(
+        prompt="a red apple", size="80x64", background="transparent", extra_body={**FAST, "seed": 2}
+    )
+    assert result.background == "transparent"
+    image = decode((result.data or [])[0].b64_json or "")
+    assert image.format == "PNG" and image.mode == "RGBA" and image.size == (80, 64)
+    alpha = np.asarray(image.getchannel("A"))
+    assert alpha.min() < 255 and len(np.unique(alpha)) > 8  # per-pixel, not all opaque
+
+    result = client.images.generate(
+        prompt="a red apple",
+        size="64x64",
+        background="transparent",
+        output_format="webp",
+        response_format="url",
+        extra_body=FAST,
+    )
+    fetched = decode(httpx.get((result.data or [])[0].url or "").content)
+    assert fetched.format == "WEBP" and fetched.mode == "RGBA" and fetched.size == (64, 64)
+    assert np.asarray(fetched.getchannel("A")).min() < 255
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="x", size="64x64", background="transparent", output_format="jpeg")
+    assert caught.value.param == "output_format"
+
+
 def test_edit_with_mask_keeps_the_opaque_area(client: openai.OpenAI) -> None:
     source = noise(64, 64, seed=0)
     mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))

@@ -180,10 +180,11 @@ def plan(body: IndoxHubRequest, ctx: Context) -> Plan:
     spec, shown_model, prefix = resolve_model(body.model, ctx.registry)
     width, height = output_size(body, spec, settings)
     params = body.additional_params
-    check_transparent_background(
+    transparent = check_transparent_background(
         params.background,
         params.output_format,
         spec,
+        ctx.registry,
         settings,
         background_field="additional_params.background",
         format_field="additional_params.output_format",
@@ -202,6 +203,7 @@ def plan(body: IndoxHubRequest, ctx: Context) -> Plan:
         seed=seed_of(params.seed),
         batch_size=body.n,
         tags={"dialect": DIALECT, "route": ROUTE},
+        transparent_background=transparent,
     )
     recorded = body.model_dump(mode="json", exclude={"byok_api_key"})
     if (prompt, negative) != (body.prompt, params.negative_prompt or ""):

@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, InpaintOptions, Task
+from server.api.background import check_transparent_background
 from server.api.gateway import sizes
 from server.api.gateway.adapter import (
     EDIT_FAMILIES,
@@ -92,6 +93,7 @@ class Output:
     quality: str  # low | medium | high
     prompt_tokens: int
     input_image_tokens: int
+    transparent: bool = False  # alpha made by the background-removal model (or a model that makes alpha)
 
 
 # Usage -------------------------------------------------------------------------------------------------------------
@@ -134,7 +136,7 @@ def renderer(out: Output) -> Renderer:
         return {
             "created": int(time.time()),
             "data": data,
-            "background": "opaque",
+            "background": "transparent" if out.transparent else "opaque",
             "output_format": out.output_format,
             "quality": out.quality,
             "size": f"{width}x{height}",
@@ -177,24 +179,27 @@ def check_options(body: ImageOptions, settings: Settings) -> None:
         errors.append(FieldError("n", f"above this server's max_images_per_request={settings.max_images_per_request}"))
     if body.steps is not None and body.steps > settings.max_steps:
         errors.append(FieldError("steps", f"above this server's max_steps={settings.max_steps}"))
-    if body.background == "transparent":
-        errors.append(
-            FieldError("background", "transparent backgrounds are not supported: no model on this server makes alpha")
-        )
     if body.stream:
         errors.append(FieldError("stream", "streaming is not supported by this server; omit it or send false"))
     if errors:
         raise ApiError.invalid(errors)
 
 
-def output_of(body: ImageOptions, prompt_tokens: int, input_image_tokens: int = 0) -> Output:
+def output_of(body: ImageOptions, prompt_tokens: int, input_image_tokens: int = 0, transparent: bool = False) -> Output:
     return Output(
         response_format=body.response_format or default_response_format(body.model),
         output_format=body.output_format or "png",
         quality=QUALITY_LABELS[body.quality or "auto"],
         prompt_tokens=prompt_tokens,
         input_image_tokens=input_image_tokens,
+        transparent=transparent,
     )
+
+
+def transparency(body: ImageOptions, spec: ModelSpec, ctx: Context) -> tuple[bool, bool]:
+    """(the response says transparent, the engine removes the background) for `background`."""
+    removal = check_transparent_background(body.background, body.output_format, spec, ctx.registry, ctx.settings)
+    return body.background == "transparent", removal
 
 
 def _request(spec: ModelSpec, body: ImageOptions, route: str, settings: Settings, **fields: Any) -> GenerationRequest:
@@ -245,8 +250,11 @@ def generation_plan(body: GenerateRequest, ctx: Context) -> Plan:
             code="invalid_value",
         )
     width, height = _gpt_size(body.size or "auto", spec, ctx)
-    request = _request(spec, body, GENERATE_ROUTE, ctx.settings, width=width, height=height)
-    out = output_of(body, text_tokens(body.prompt))
+    transparent, removal = transparency(body, spec, ctx)
+    request = _request(
+        spec, body, GENERATE_ROUTE, ctx.settings, width=width, height=height, transparent_background=removal
+    )
+    out = output_of(body, text_tokens(body.prompt), transparent=transparent)
     return Plan(_spec(body, GENERATE_ROUTE, request, out, ctx.settings))
 
 
@@ -287,7 +295,8 @@ def edit_plan(body: EditFields, parts: list[ImagePart], mask_part: ImagePart | N
     spec = resolve_model(ctx.registry, body.model, EDIT_ROUTE)
     images = [decode_part(part, ctx.settings).convert("RGB") for part in parts]
     width, height = _gpt_size(body.size or "auto", spec, ctx, images[0])
-    fields: dict[str, Any] = {"width": width, "height": height}
+    transparent, removal = transparency(body, spec, ctx)
+    fields: dict[str, Any] = {"width": width, "height": height, "transparent_background": removal}
     if mask_part is not None:
         raw_mask = decode_part(mask_part, ctx.settings)
         if raw_mask.size != images[0].size:
@@ -310,7 +319,7 @@ def edit_plan(body: EditFields, parts: list[ImagePart], mask_part: ImagePart | N
         fields.update(task=Task.IMG2IMG, init_images=[images[0]], strength=ctx.settings.gateway_img2img_strength)
     request = _request(spec, body, EDIT_ROUTE, ctx.settings, **fields)
     input_tokens = sum(image_tokens(im.width, im.height) for im in images)
-    out = output_of(body, text_tokens(body.prompt), input_tokens)
+    out = output_of(body, text_tokens(body.prompt), input_tokens, transparent)
     job = _spec(body, EDIT_ROUTE, request, out, ctx.settings)
     job.request_json.update(image=[_described(p) for p in parts], mask=_described(mask_part) if mask_part else None)
     return Plan(job)

@@ -45,7 +45,10 @@ class ImageOptions(BaseModel):
     )
     output_format: OutputFormat | None = Field(None, description="Default png")
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality, default 100")
-    background: Background | None = Field(None, description="`transparent` is refused: no model here makes alpha")
+    background: Background | None = Field(
+        None,
+        description="`transparent`: alpha from models.yaml's background_removal model (png/webp; refused without one)",
+    )
     stream: bool | None = Field(None, description="Streaming (SSE) is not supported: `true` is refused")
     partial_images: int | None = Field(None, ge=0, le=3, description="Accepted for compatibility; needs `stream`")
     user: str | None = Field(None, max_length=256, description="End-user id; recorded with the job")
@@ -98,7 +101,7 @@ class Usage(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
-    background: Literal["opaque"]
+    background: Literal["opaque", "transparent"]
     output_format: OutputFormat
     quality: Literal["low", "medium", "high"]
     size: str
