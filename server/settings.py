@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     genpicz_quality_steps: dict[str, float] = Field(default_factory=lambda: {"standard": 0.5, "hd": 1.0, "ultra": 1.5})
     genpicz_upscaler: UpscalerName = "lanczos"  # `upscale: true` resizes 4x with this Pillow filter
     genpicz_max_upscaled_pixels: int = Field(4096 * 4096, ge=64 * 64)  # 4x output above this: 422 naming `upscale`
+    # `upscale` is a Studio plan feature (seed 001): keys on other plans get a 403 naming `upscale`. True opens it to
+    # every plan. An open server (no keys) and admin keys may always upscale.
+    genpicz_upscale_all_plans: bool = False
 
     # Webhooks (server.webhooks): a signed POST when a job with a `webhook_url` finishes, retried from the database.
     webhook_allow_http: bool = False  # https targets only by default; true also accepts http://

@@ -283,6 +283,30 @@ def test_upscale_pixel_cap_is_a_setting(make_genpicz: Callable[..., GenPicz]):
     assert gp.ok(upscale=False, width=768)["width"] == 768
 
 
+@pytest.mark.parametrize("all_plans", [False, True])
+def test_upscale_is_for_the_studio_plan(make_genpicz: Callable[..., GenPicz], all_plans: bool):
+    """Seed 001: "Studio plan only": other plans get a 403 in GenPicz's shape, unless genpicz_upscale_all_plans."""
+    gp = make_genpicz(genpicz_upscale_all_plans=all_plans)
+    keys = gp.app.state.keys
+    studio, pro = keys.create("s", plan="studio"), keys.create("p", plan="pro")
+    admin = keys.create("root", plan="starter", admin=True)
+
+    def post(key: Any, **fields: Any) -> httpx.Response:
+        body = {**SMALL, "width": 512, "height": 512, **fields}
+        return gp.client.post("/v1/generate", json=body, headers={"Authorization": f"Bearer {key.secret}"})
+
+    assert post(studio, upscale=True).json()["width"] == 2048
+    assert post(admin, upscale=True).json()["width"] == 2048
+    assert post(pro, upscale=False).json()["width"] == 512
+    r = post(pro, upscale=True)
+    if all_plans:
+        assert r.status_code == 200 and r.json()["width"] == 2048
+    else:
+        error = assert_error(r, 403, "plan_not_allowed", "upscale")
+        assert "Studio" in error["message"] and "'pro'" in error["message"]
+        assert len(gp.engine.requests) == 3  # refused before it reached the engine
+
+
 def test_upscalers_by_name():
     image = Image.new("RGB", (3, 2), (1, 2, 3))
     image.putpixel((0, 0), (250, 0, 0))

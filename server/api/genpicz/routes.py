@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from pipelines.errors import InvalidRequest
-from server.access.principal import can_see, owner_filter
+from server.access.principal import can_see, current, owner_filter
 from server.api.genpicz import adapter
 from server.api.genpicz.errors import render_genpicz
 from server.api.genpicz.schemas import (
@@ -36,6 +36,7 @@ MAX_PAGE = 1_000_000
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in (
+        (403, "plan_not_allowed: `upscale` needs the Studio plan (genpicz_upscale_all_plans opens it)"),
         (404, "not_found"),
         (422, "invalid_request: `param` names the field"),
         (429, "rate_limit_exceeded: the queue is full; retry after `Retry-After` seconds"),
@@ -117,6 +118,7 @@ def build_router() -> APIRouter:
         """Generate an image from a prompt and wait for it: `image_url` is served by this server."""
         settings: Settings = request.app.state.settings
         ctx = adapter.Context(request.app.state.registry, settings, request.app.state.styles)
+        adapter.check_upscale_plan(body, current(request), settings)
         spec = adapter.plan_generation(body, ctx)
         try:
             ticket = await submit(request, spec)
