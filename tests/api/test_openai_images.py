@@ -25,6 +25,7 @@ from PIL import Image
 from pipelines.errors import GenerationFailed, InvalidRequest, QueueFull
 from pipelines.registry import BackgroundRemovalSpec, Registry, load_registry
 from pipelines.request import GenerationRequest, Task
+from server.api.openai_images.adapter import image_tokens
 from server.app import create_app
 from server.settings import Settings
 from tests.api.fake_engine import FakeEngine, seed_color
@@ -397,7 +398,7 @@ def test_timeout_is_504_naming_the_task(make_api: Callable[..., Api]) -> None:
 
 
 def test_unknown_routes_and_methods_answer_in_openai_shape(api: Api) -> None:
-    assert_openai_error(api.client.post("/v1/images/variations"), None, status=404)
+    assert_openai_error(api.client.post("/v1/images/nope"), None, status=404)
     r = api.client.get(GENERATIONS)
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
 
@@ -619,3 +620,79 @@ def test_sdk_raises_bad_request_with_param(api: Api) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         sdk_call(api, lambda c: c.images.generate(prompt="a fox", model="no-such-model"))
     assert missing.value.code == "model_not_found"
+
+
+# Variations -----------------------------------------------------------------------------------------------------------
+
+VARIATIONS = "/v1/images/variations"
+
+
+def vary(api: Api, image: bytes | None = None, **fields: Any) -> httpx.Response:
+    files = [("image", ("in.png", png(96, 64, (200, 10, 10)) if image is None else image, "image/png"))]
+    return api.client.post(VARIATIONS, data={k: str(v) for k, v in fields.items()}, files=files)
+
+
+def test_variations_are_image_to_image_on_the_generations_model(api: Api) -> None:
+    r = vary(api, size="64x64", n=3, seed=9)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [set(item) for item in body["data"]] == [{"url"}] * 3  # OpenAI's default for variations: url
+    assert body["size"] == "64x64" and body["background"] == "opaque" and body["output_format"] == "png"
+    req = api.last
+    assert (req.model, req.task, req.width, req.height, req.batch_size) == ("demo-sdxl", Task.IMG2IMG, 64, 64, 3)
+    assert (req.seed, req.prompt, req.strength, req.steps) == (9, "", 0.6, 20)  # openai_variation_strength
+    assert req.init_images[0].getpixel((0, 0)) == (200, 10, 10) and req.init_images[0].size == (96, 64)
+    fetched = api.client.get(body["data"][2]["url"])
+    assert decode(fetched.content).getpixel((0, 0)) == seed_color(11)  # seed + 2: each variation differs
+    assert body["usage"]["input_tokens_details"]["image_tokens"] == image_tokens(96, 64)
+
+
+def test_variation_defaults_and_extensions(api: Api) -> None:
+    assert vary(api).json()["size"] == "1024x1024"  # OpenAI's default size
+    assert vary(api, size="auto").json()["size"] == "96x64"  # the image's own
+    r = vary(api, size="64x64", model="dall-e-2", response_format="b64_json", user="bob", prompt="a red barn")
+    assert r.status_code == 200, r.text
+    assert decode(r.json()["data"][0]["b64_json"]).size == (64, 64)
+    assert vary(api, size="64x64", model="openai/demo-sd15", strength=0.3, steps=4, guidance_scale=2).status_code == 200
+    req = api.last
+    assert (req.model, req.strength, req.steps, req.guidance) == ("demo-sd15", 0.3, 4, 2.0)
+    records = api.client.app.state.jobs.list_jobs(dialect="openai")  # type: ignore[attr-defined]
+    assert any(r.request_json.get("user") == "bob" and r.request_json["prompt"] == "a red barn" for r in records)
+    assert all("image" not in r.request_json or r.request_json["image"].startswith("<image") for r in records)
+
+
+@pytest.mark.parametrize(
+    "fields, param, status",
+    [
+        ({"n": 11}, "n", 400),
+        ({"n": 0}, "n", 400),
+        ({"size": "65x64"}, "size", 400),
+        ({"response_format": "png"}, "response_format", 400),
+        ({"strength": 0}, "strength", 400),
+        ({"prompt": "x", "quality": "hd"}, "quality", 400),  # not a variations field
+        ({"model": "demo-qwen-image-edit"}, "model", 400),
+        ({"model": "dall-e-9"}, "model", 404),
+    ],
+)
+def test_variation_fields_are_validated(api: Api, fields: dict[str, Any], param: str, status: int) -> None:
+    assert_openai_error(vary(api, **fields), param, status=status)
+    assert not api.engine.requests
+
+
+def test_variation_image_is_required_once_and_decoded(api: Api) -> None:
+    assert_openai_error(api.client.post(VARIATIONS, data={"n": "1"}, files=[("x", ("a", b"", "text/plain"))]), "x")
+    r = api.client.post(VARIATIONS, files=[("image", ("a.png", png(), "image/png"))] * 2)
+    assert_openai_error(r, "image")
+    assert_openai_error(vary(api, image=b"not an image"), "image")
+    assert_openai_error(api.client.post(VARIATIONS, json={"n": 1}), "image")
+    assert not api.engine.requests
+
+
+def test_sdk_create_variation(api: Api) -> None:
+    image = ("in.png", png(64, 64), "image/png")
+    result = sdk_call(
+        api, lambda c: c.images.create_variation(image=image, n=2, size="256x256", response_format="b64_json")
+    )
+    assert [decode(d.b64_json).size for d in result.data] == [(256, 256)] * 2
+    result = sdk_call(api, lambda c: c.images.create_variation(image=image, model="dall-e-2", size="256x256"))
+    assert result.data[0].url and "/v2/results/" in result.data[0].url

@@ -157,6 +157,17 @@ def test_edit_with_two_images(client: openai.OpenAI) -> None:
     assert decode((result.data or [])[0].b64_json or "").size == (64, 64)
 
 
+def test_create_variation_makes_distinct_images_near_the_source(client: openai.OpenAI) -> None:
+    source = noise(64, 64, seed=4)
+    # img2img runs steps x strength (0.6) denoising steps: 2 steps give 1
+    result = client.images.create_variation(
+        image=png_file(source, "source.png"), n=2, size="64x64", response_format="b64_json", extra_body={"steps": 2}
+    )
+    first, second = (np.asarray(decode(d.b64_json or "").convert("RGB"), dtype=np.int16) for d in result.data or [])
+    assert first.shape == second.shape == (64, 64, 3)
+    assert not np.array_equal(first, second)  # seed, seed + 1
+
+
 def test_invalid_input_raises_bad_request_with_param(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(prompt="a fox", size="65x64", extra_body=FAST)

@@ -34,7 +34,7 @@ from server.api.gateway.adapter import (
     stitch,
 )
 from server.api.model_names import bare_name, resolve_name
-from server.api.openai_images.schemas import EditFields, GenerateRequest, ImageOptions
+from server.api.openai_images.schemas import EditFields, GenerateRequest, ImageOptions, VariationFields
 from server.errors import ApiError, FieldError
 from server.images import b64, decode_image
 from server.jobs import JobSpec, StoredImage
@@ -45,6 +45,8 @@ from server.webhooks.policy import check_webhook_url
 DIALECT = "openai"
 GENERATE_ROUTE = "openai"
 EDIT_ROUTE = "openai-edit"
+VARIATION_ROUTE = "openai-variation"  # the job's route (result_ttl_s_by_route); the model is routes: openai's
+DEFAULT_VARIATION_SIZE = "1024x1024"  # OpenAI's default for variations
 MAX_EDIT_IMAGES = 16  # OpenAI's limit for GPT-image edits
 TRANSPARENT_BELOW = 128  # mask alpha below this counts as transparent (OpenAI: alpha 0), i.e. the area to edit
 QUALITY_LABELS = {
@@ -329,3 +331,61 @@ def _described(part: ImagePart) -> str:
     """What the job record keeps of an uploaded image: its size, never its bytes."""
     kind = "bytes" if isinstance(part.data, bytes) else "base64 characters"
     return f"<image, {len(part.data)} {kind}>"
+
+
+# Variations --------------------------------------------------------------------------------------------------------
+
+
+def variation_plan(body: VariationFields, part: ImagePart, ctx: Context) -> Plan:
+    """OpenAI `images.create_variation`: image-to-image from the uploaded image on the generations model, without a
+    prompt unless the `prompt` extension gives one; image i uses seed + i, so the n variations differ."""
+    settings = ctx.settings
+    errors: list[FieldError] = []
+    if body.n is not None and body.n > settings.max_images_per_request:
+        errors.append(FieldError("n", f"above this server's max_images_per_request={settings.max_images_per_request}"))
+    if body.steps is not None and body.steps > settings.max_steps:
+        errors.append(FieldError("steps", f"above this server's max_steps={settings.max_steps}"))
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(body, name)
+        if text and len(text) > settings.max_prompt_chars:
+            errors.append(FieldError(name, f"longer than this server's max_prompt_chars={settings.max_prompt_chars}"))
+    if errors:
+        raise ApiError.invalid(errors)
+    spec = resolve_model(ctx.registry, body.model, GENERATE_ROUTE)
+    if spec.family in EDIT_FAMILIES:
+        message = f"model '{spec.id}' (family {spec.family}) edits by instruction; variations need an image model"
+        raise ApiError(400, message, field="model", code="invalid_value")
+    image = decode_part(part, settings).convert("RGB")
+    width, height = _gpt_size(body.size or DEFAULT_VARIATION_SIZE, spec, ctx, image)
+    request = GenerationRequest(
+        model=spec.id,
+        prompt=body.prompt or "",
+        negative_prompt=body.negative_prompt or "",
+        task=Task.IMG2IMG,
+        init_images=[image],
+        strength=body.strength if body.strength is not None else settings.openai_variation_strength,
+        width=width,
+        height=height,
+        steps=body.steps or spec.defaults.steps,
+        guidance=spec.defaults.cfg if body.guidance_scale is None else body.guidance_scale,
+        seed=seed_of(body.seed),
+        batch_size=body.n or 1,
+        tags={"dialect": DIALECT, "route": VARIATION_ROUTE},
+    )
+    out = Output(
+        response_format=body.response_format or "url",
+        output_format="png",
+        quality="medium",
+        prompt_tokens=text_tokens(body.prompt or ""),
+        input_image_tokens=image_tokens(image.width, image.height),
+    )
+    job = JobSpec(
+        request=request,
+        dialect=DIALECT,
+        route=VARIATION_ROUTE,
+        request_json={**body.model_dump(exclude_none=True), "image": _described(part)},
+        render=renderer(out),
+        output_format="png",
+        ttl_s=settings.result_ttl_for(VARIATION_ROUTE),
+    )
+    return Plan(job)

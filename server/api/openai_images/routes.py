@@ -1,4 +1,4 @@
-"""`POST /v1/images/generations`, `POST /v1/images/edits`, `GET /v1/models`, `GET /v1/models/{id}`.
+"""`POST /v1/images/generations`, `/edits`, `/variations`, `GET /v1/models`, `GET /v1/models/{id}`.
 
 Calls are synchronous, as OpenAI's: the job runs through the JobService (recorded, result files stored, so `url`
 responses are this server's /v2/results URLs) and the answer is the stored body. A call that outlives
@@ -20,7 +20,7 @@ from pipelines.registry import ModelSpec, Registry
 from server.api.gateway.adapter import Context
 from server.api.model_names import resolve_name
 from server.api.openai_images import adapter
-from server.api.openai_images.multipart import MAX_FIELDS, MAX_FILES, read_edit_form
+from server.api.openai_images.multipart import MAX_FIELDS, MAX_FILES, read_edit_form, read_variation_form
 from server.api.openai_images.schemas import (
     ErrorResponse,
     GenerateRequest,
@@ -28,6 +28,7 @@ from server.api.openai_images.schemas import (
     ModelCard,
     ModelList,
     edit_form_openapi,
+    variation_form_openapi,
 )
 from server.errors import ApiError
 from server.jobs import get_job_service
@@ -128,6 +129,18 @@ def build_router() -> APIRouter:
         async with request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS) as form:
             parsed = await read_edit_form(form, request.headers.get("content-type"))
         plan = await run_in_threadpool(adapter.edit_plan, parsed.fields, parsed.images, parsed.mask, _context(request))
+        return await run_plan(request, plan)
+
+    @router.post(
+        "/images/variations", response_model=ImagesResponse, responses=ERRORS, openapi_extra=variation_form_openapi()
+    )
+    async def variations(request: Request) -> Response:
+        """OpenAI `images.create_variation` (multipart): `image`, `n`, `size`, `response_format`, `model`, `user`.
+        Image-to-image from the image on the generations model; extensions `prompt`, `negative_prompt`, `seed`,
+        `steps`, `guidance_scale`, `strength`."""
+        async with request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS) as form:
+            parsed = await read_variation_form(form, request.headers.get("content-type"))
+        plan = await run_in_threadpool(adapter.variation_plan, parsed.fields, parsed.image, _context(request))
         return await run_plan(request, plan)
 
     @router.get("/models", response_model=ModelList)
