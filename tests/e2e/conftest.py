@@ -57,6 +57,9 @@ def live_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "EASEL_DRAIN_TIMEOUT_S": "5",  # teardown: leftover jobs get 5 s, not the default 30
         # Genrex sizes are 1024 px and up: one step at `low` keeps its end-to-end test fast on CPU.
         "EASEL_GENREX_QUALITY_STEPS": '{"low": 0.05, "medium": 0.5, "high": 1.0}',
+        # GenPicz style thumbnails: 2 steps at 128 px instead of the model's 20 at 256.
+        "EASEL_STYLE_THUMBNAIL_STEPS": "2",
+        "EASEL_STYLE_THUMBNAIL_SIZE": "128",
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(

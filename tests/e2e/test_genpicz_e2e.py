@@ -98,6 +98,6 @@ def test_style_thumbnail_is_made_by_the_default_model_and_kept(live: httpx.Clien
     styles = {s["id"]: s for s in live.get("/v1/styles").json()["styles"]}
     url = styles["sketch"]["thumbnail_url"]
     image = fetch_png(live, url)
-    assert image.size == (256, 256)  # demo-sd15 (models.yaml default_model) at style_thumbnail_size
+    assert image.size == (128, 128)  # demo-sd15 (models.yaml default_model) at style_thumbnail_size (conftest)
     again = live.get(url)
     assert again.headers["cache-control"].startswith("public") and again.content == live.get(url).content
