@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipelines.engine_api import JobStatus
 from pipelines.errors import EngineError, InvalidRequest, ModelNotFound, QueueFull
-from pipelines.registry import Registry
+from pipelines.registry import BackgroundRemovalSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, Progress, Task
 from pipelines.sampler_names import resolve_sampler, scheduler_label_for_info
 
@@ -30,6 +30,12 @@ FLOW_MATCHING_FAMILIES = frozenset({"flux", "qwen-image", "qwen-image-edit"})
 
 def seed_color(seed: int) -> tuple[int, int, int]:
     return (seed * 37 % 256, seed * 91 % 256, seed * 53 % 256)
+
+
+def with_background_removal(registry: Registry) -> Registry:
+    """`registry`'s models plus a `background_removal:` model (the fake engine only reads the flag it sets)."""
+    removal = BackgroundRemovalSpec(source="/models/segmentation")
+    return Registry(list(registry), registry.default_model, routes=registry.routes, background_removal=removal)
 
 
 def fake_image(req: GenerationRequest, seed: int) -> Image.Image:

@@ -27,7 +27,7 @@ from pipelines.registry import Registry
 from server.api.indoxhub.adapter import aspect_size
 from server.app import create_app
 from server.settings import Settings
-from tests.api.fake_engine import FakeEngine, seed_color
+from tests.api.fake_engine import FakeEngine, seed_color, with_background_removal
 
 PATH = "/api/v1/images/generations"
 SMALL = {"prompt": "a fox in the snow", "size": "64x64"}
@@ -163,6 +163,16 @@ def test_transparent_background_says_why(hub: Hub) -> None:
     assert "alpha" in body["message"] and "demo-sdxl" in body["message"]
     for background in ("auto", "opaque"):
         assert hub.ok({**SMALL, "additional_params": {"background": background}})["success"]
+
+
+def test_transparent_background_with_a_removal_model(make_hub: Callable[..., Hub], registry: Registry) -> None:
+    hub = make_hub(with_background_removal(registry))
+    body = {**SMALL, "response_format": "b64_json", "additional_params": {"background": "transparent"}}
+    out = hub.ok(body)
+    assert hub.engine.requests[-1].transparent_background
+    assert decode(out["data"][0]["b64_json"]).mode == "RGBA"
+    jpeg = {**SMALL, "additional_params": {"background": "transparent", "output_format": "jpeg"}}
+    assert "no alpha channel" in assert_error(hub.post(jpeg), "additional_params.output_format")["message"]
 
 
 def test_alpha_capable_models_may_use_transparent(make_hub: Callable[..., Hub]) -> None:

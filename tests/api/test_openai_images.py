@@ -23,12 +23,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pipelines.errors import GenerationFailed, InvalidRequest, QueueFull
-from pipelines.registry import BackgroundRemovalSpec, Registry, load_registry
+from pipelines.registry import Registry, load_registry
 from pipelines.request import GenerationRequest, Task
 from server.api.openai_images.adapter import image_tokens
 from server.app import create_app
 from server.settings import Settings
-from tests.api.fake_engine import FakeEngine, seed_color
+from tests.api.fake_engine import FakeEngine, seed_color, with_background_removal
 
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"
@@ -227,12 +227,6 @@ def test_output_compression_is_the_jpeg_quality(api: Api) -> None:
 def test_opaque_and_auto_backgrounds_are_fine(api: Api) -> None:
     for background in ("opaque", "auto"):
         assert api.generate(background=background).json()["background"] == "opaque"
-
-
-def with_background_removal(registry: Registry) -> Registry:
-    """The shipped models plus a `background_removal:` model (the fake engine only reads the flag it sets)."""
-    removal = BackgroundRemovalSpec(source="/models/segmentation")
-    return Registry(list(registry), registry.default_model, routes=registry.routes, background_removal=removal)
 
 
 def test_transparent_background_without_a_removal_model_says_how(api: Api) -> None:
