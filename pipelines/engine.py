@@ -45,16 +45,17 @@ from pipelines.errors import (
     QueueFull,
 )
 from pipelines.families import adapter_for
-from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, UnsupportedTask
+from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, StepReporter, UnsupportedTask
 from pipelines.hires import HIRES_UPSCALERS
 from pipelines.imageprep import flatten, prepare_inpaint, resize_image
 from pipelines.job_state import CompletableJob
 from pipelines.library_logging import describe_components, quiet_libraries
 from pipelines.lora import LoraManager, registry_for
 from pipelines.matting import BackgroundRemover
-from pipelines.optimize import apply_optimizations, prepare_call
+from pipelines.optimize import apply_optimizations, prepare_call, warmup_shapes, watch_compiles
+from pipelines.previews import PreviewMaker
 from pipelines.registry import ModelSpec, Registry
-from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task
+from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task, wants_preview
 from pipelines.sampler_names import SamplerChoice
 from pipelines.samplers import build_scheduler, resolve_sampler, scheduler_label_for_info
 
@@ -81,6 +82,9 @@ class EngineConfig:
     # Requests failing with out-of-memory in a row (each alone, after freeing memory) that mark the engine dead:
     # the memory is not coming back without a restart. 0 = never.
     max_consecutive_ooms: int = 3
+    # The share of the GPU's memory this process may allocate (torch.cuda.set_per_process_memory_fraction), for a
+    # card shared with other programs; an allocation past it fails as out-of-memory. None = all of it.
+    cuda_memory_fraction: float | None = None
 
     @property
     def demo_root(self) -> Path:
@@ -115,7 +119,7 @@ class Job(CompletableJob):
         self.prepared: GenerationRequest | None = None  # inputs resized / mask prepared, set when the job starts
         self.finish_images: Callable[[list[Image.Image]], list[Image.Image]] = list
         self.images: list[Image.Image] = []
-        self.timings: dict[str, float] = {"queued_s": 0.0, "load_s": 0.0, "run_s": 0.0}
+        self.timings: dict[str, float] = {"queued_s": 0.0, "load_s": 0.0, "prepare_s": 0.0, "run_s": 0.0}
         self.degraded: list[str] = []  # what was done differently to make it run (e.g. an OOM batch split)
         self.deadline = request.deadline  # time.time() seconds; set by Engine.submit
 
@@ -152,6 +156,10 @@ class Job(CompletableJob):
         """End the job now with `error`, queued or running (a running call stops at its next step and its images
         are dropped). No-op if it already ended."""
         self._finish(JobStatus.CANCELLED if isinstance(error, JobCancelled) else JobStatus.FAILED, error=error)
+
+    def _set_preview(self, step: int, image: Image.Image) -> None:
+        p = self._progress
+        p.preview, p.preview_step = image, step
 
     def _set_progress(self, job_no: int, step: int, steps: int) -> None:
         p = self._progress
@@ -240,6 +248,8 @@ class Engine:
     # Lifecycle ---------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.device.type == "cuda" and self.config.cuda_memory_fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(self.config.cuda_memory_fraction, self.device)
         if self.config.preload_default:
             self.cache.get(self.registry.get(self.registry.default_model))
         self._running = True
@@ -370,6 +380,14 @@ class Engine:
     def queued_count(self) -> int:
         return len(self._waiting)
 
+    def queue_position(self, job_id: str) -> int | None:
+        """1 for the next job to start, ...; None once it started (or if unknown)."""
+        with self._admission:
+            for position, waiting in enumerate(self._waiting, start=1):
+                if waiting == job_id:
+                    return position
+        return None
+
     def interrupt(self) -> None:
         for job in list(self._current_batch):
             job.interrupt_requested = True
@@ -489,15 +507,21 @@ class Engine:
 
     @staticmethod
     def _warm_up(adapter: FamilyAdapter, loaded: LoadedModel) -> None:
-        """One short generation at the model's default size, so compiled kernels exist before the first request."""
-        d = loaded.spec.defaults
-        task = Task.TXT2IMG if Task.TXT2IMG in adapter.tasks else None
-        if task is None:
+        """Short generations at every warm-up shape (`performance.warmup_sizes` x `warmup_batch_sizes`; default the
+        model's default size, one image), so compiled kernels and CUDA graphs exist before the first request."""
+        if Task.TXT2IMG not in adapter.tasks:
             return  # edit-only models need an input image; they compile on first use
-        req = GenerationRequest(model=loaded.spec.id, prompt="warm-up", width=d.width, height=d.height, steps=2)
-        scheduler = type(loaded.base.scheduler).from_config(loaded.base.scheduler.config)
-        with torch.inference_mode():
-            adapter.run(loaded, req, [0], scheduler, lambda step, total: False)
+        spec = loaded.spec
+        for width, height, batch in warmup_shapes(spec):
+            req = GenerationRequest(
+                model=spec.id, prompt="warm-up", width=width, height=height, steps=2, guidance=spec.defaults.cfg
+            )
+            scheduler = type(loaded.base.scheduler).from_config(loaded.base.scheduler.config)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                adapter.run(loaded, req, list(range(batch)), scheduler, lambda step, total: False)
+            log.info("  %s warmed up at %dx%d, %d image(s): %.1f s", spec.id, width, height, batch,
+                     time.perf_counter() - started)  # fmt: skip
 
     def max_batch_for(self, family: str) -> int:
         return self.config.max_batch_by_family.get(family, self.config.max_batch)
@@ -653,7 +677,9 @@ class Engine:
             if it == 0:
                 job.timings["load_s"] = load_s
                 try:
+                    t_prep = time.perf_counter()
                     job.prepared, job.finish_images = self._prepare_images(job.request)
+                    job.timings["prepare_s"] = time.perf_counter() - t_prep
                 except Exception as e:
                     self._fail(job, e)
                     continue
@@ -780,12 +806,40 @@ class Engine:
             return all(job.stop_requested for job, _ in units)
 
         n_images = sum(len(it.seeds) for it in items)
-        prepare_call(loaded.base, spec, self.device, job0.request.width, job0.request.height, n_images)
+        width, height = job0.request.width, job0.request.height
+        reporter = self._reporter(loaded, spec, units, on_step)
+        prepare_call(loaded.base, spec, self.device, width, height, n_images)
         self.calls += 1
-        with torch.inference_mode():
+        compiled = any(step.startswith("compile") for step in loaded.optimizations)
+        with torch.inference_mode(), watch_compiles(spec.id, compiled, width, height, n_images):
             if job0.request.hires is not None:  # hires jobs run alone (batching.batch_key)
                 return [adapter.run_hires(loaded, items[0].request, items[0].seeds, make_scheduler, on_step)]
-            return adapter.run_batch(loaded, items, make_scheduler(), on_step)
+            try:
+                return adapter.run_batch(loaded, items, make_scheduler(), reporter)
+            finally:
+                if reporter.previews is not None:
+                    reporter.previews.flush()
+
+    @staticmethod
+    def _reporter(loaded: LoadedModel, spec: ModelSpec, units: list[Unit], on_step: StepCallback) -> StepReporter:
+        """The call's step callback, with live previews when a request of the call asks for them: each job gets
+        the preview of its first image of the call."""
+        every = [job.request.preview_every for job, _ in units]
+        if not any(every):
+            return StepReporter(on_step, None, lambda step, total: False)
+        offsets, start = [], 0
+        for job, it in units:
+            offsets.append(start)
+            start += len(job.seeds_for(it))
+
+        def publish(step: int, images: list[Image.Image]) -> None:
+            for (job, _), offset in zip(units, offsets, strict=True):
+                if offset < len(images):
+                    job._set_preview(step, images[offset])
+
+        req = units[0][0].request
+        maker = PreviewMaker(loaded.base, spec.family, req.width, req.height, publish)
+        return StepReporter(on_step, maker, lambda step, total: any(wants_preview(step, total, e) for e in every))
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if is_out_of_memory(error):

@@ -1,15 +1,20 @@
-"""The CUDA fast path: placement (device or CPU offload), attention backend, channels_last, fused QKV,
-torch.compile with warm-up at load time, and VAE tiling/slicing per call above a size threshold.
+"""The CUDA fast path: placement (device or CPU offload), attention backend, channels_last, fused QKV, FP8
+linear layers, torch.compile (with CUDA graphs for the UNets) warmed up at load time for the configured shapes, and
+VAE tiling/slicing per call above a size threshold.
 
 Everything here is chosen per model from `ModelSpec.performance` and skipped on CPU, where the stock diffusers path
-is what runs (the demo models and the tests). `plan_optimizations` is pure so the choice itself is testable anywhere.
+is what runs (the demo models and the tests). `plan_optimizations` is pure (the device's compute capability and the
+installed packages are arguments), so the choice itself is testable anywhere. A step that does not fit a model is
+logged and skipped; it never stops the model from serving.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 from diffusers import DiffusionPipeline
@@ -19,33 +24,112 @@ from pipelines.registry import ModelSpec, PerformanceSpec
 log = logging.getLogger("easel.optimize")
 
 UNET_FAMILIES = frozenset({"sd15", "sdxl"})
+FP8_MIN_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell: tensor cores with FP8 inputs
+# `attention` -> diffusers' attention backend (`ModelMixin.set_attention_backend`); for the transformer families,
+# whose attention goes through diffusers' dispatcher. The UNets call scaled_dot_product_attention directly.
+DIFFUSERS_BACKENDS = {"flash": "flash", "flash3": "_flash_3", "sage": "sage", "cudnn": "_native_cudnn"}
+# The package each option needs (diffusers checks versions itself when the backend is set).
+ATTENTION_PACKAGES = {
+    "xformers": "xformers",
+    "flash": "flash_attn",
+    "flash3": "flash_attn_interface",
+    "sage": "sageattention",
+}
+# Shapes (resolution x batch) a compiled denoiser may specialise on before dynamo gives up and runs eagerly.
+RECOMPILE_LIMIT = 64
+
+
+def installed_packages() -> frozenset[str]:
+    """The optional fast-path packages importable here."""
+    names = {*ATTENTION_PACKAGES.values(), "torchao"}
+    return frozenset(n for n in names if importlib.util.find_spec(n) is not None)
 
 
 def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 
 
+def capability_of(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
 def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module | None:
     return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
 
 
-def plan_optimizations(spec: ModelSpec, device: torch.device, *, force: bool = False) -> list[str]:
+def attention_step(spec: ModelSpec, installed: frozenset[str]) -> tuple[str, str | None]:
+    """The attention step for this model, and why it differs from what was asked (None when it does not)."""
+    asked = spec.performance.attention
+    if asked == "sdpa":
+        return "sdpa", None
+    package = ATTENTION_PACKAGES.get(asked)
+    if package is not None and package not in installed:
+        return "sdpa", f"attention '{asked}' needs the {package} package, which is not installed: using sdpa"
+    if asked == "xformers":
+        return "xformers", None
+    if spec.family in UNET_FAMILIES:
+        return "sdpa", f"attention '{asked}' applies to the FLUX/Qwen-Image transformers only: using sdpa"
+    return f"attention_{asked}", None
+
+
+def compile_choice(perf: PerformanceSpec, family: str) -> str:
+    """off | regional | full, with auto resolved per family."""
+    if perf.compile != "auto":
+        return perf.compile
+    return "full" if family in UNET_FAMILIES else "regional"
+
+
+def compile_mode(perf: PerformanceSpec, family: str) -> str | None:
+    """The torch.compile mode: as configured, else CUDA graphs ("reduce-overhead") where they are on."""
+    if perf.compile_mode is not None:
+        return perf.compile_mode
+    graphs = perf.cuda_graphs if perf.cuda_graphs is not None else compile_choice(perf, family) == "full"
+    return "reduce-overhead" if graphs else None
+
+
+def quantization_step(
+    spec: ModelSpec, capability: tuple[int, int] | None, installed: frozenset[str]
+) -> tuple[bool, str | None]:
+    """Whether the denoiser goes to FP8, and why not when it was asked for explicitly."""
+    asked = spec.performance.quantization
+    if asked == "none" or (asked == "auto" and spec.family in UNET_FAMILIES):
+        return False, None
+    if capability is None or capability < FP8_MIN_CAPABILITY:
+        return False, "no FP8 compute on this device (needs compute capability 8.9+)" if asked == "fp8" else None
+    if "torchao" not in installed:
+        return False, "quantization fp8 needs torchao (the [cuda] extra)" if asked == "fp8" else None
+    return True, None
+
+
+def plan_optimizations(
+    spec: ModelSpec,
+    device: torch.device,
+    *,
+    force: bool = False,
+    capability: tuple[int, int] | None = None,
+    installed: frozenset[str] | None = None,
+) -> list[str]:
     """The steps `apply_optimizations` takes for this model on this device, in order. Empty on CPU unless forced
-    (tests force the device-independent ones to prove the code paths run)."""
+    (tests force the device-independent ones to prove the code paths run). `capability` and `installed` default to
+    the device's and this environment's."""
     perf: PerformanceSpec = spec.performance
     if device.type != "cuda" and not force:
         return []
-    steps: list[str] = []
-    if perf.attention == "xformers":
-        steps.append("xformers" if xformers_available() else "sdpa")  # asked for but missing: keep SDPA
-    else:
-        steps.append("sdpa")
+    installed = installed_packages() if installed is None else installed
+    if capability is None and device.type == "cuda":
+        capability = capability_of(device)
+    steps = [attention_step(spec, installed)[0]]
     if perf.channels_last and spec.family in UNET_FAMILIES:
         steps.append("channels_last")
     if perf.fuse_qkv:
         steps.append("fuse_qkv")
-    if perf.compile != "off" and device.type == "cuda":
-        steps.append(f"compile_{perf.compile}")
+    if quantization_step(spec, capability, installed)[0]:
+        steps.append("fp8")  # after fusing (the fused projections are quantized too), before compiling
+    choice = compile_choice(perf, spec.family)
+    if choice != "off" and device.type == "cuda":
+        steps.append(f"compile_{choice}")
     return steps
 
 
@@ -60,6 +144,55 @@ def place(pipe: DiffusionPipeline, spec: ModelSpec, device: torch.device) -> Non
         pipe.to(device)
 
 
+def quantize_fp8(model: torch.nn.Module) -> int:
+    """The model's linear layers to FP8 weights with per-row scales and dynamically scaled FP8 activations (torchao).
+    Layers whose sizes FP8 matmuls cannot take (not multiples of 16) stay as they are. Returns how many changed."""
+    from torchao.quantization import quantize_
+
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    except ImportError:  # torchao < 0.9 names it as a function
+        from torchao.quantization import float8_dynamic_activation_float8_weight
+
+        config = float8_dynamic_activation_float8_weight()
+
+    def eligible(module: torch.nn.Module, _fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    count = sum(1 for name, m in model.named_modules() if eligible(m, name))
+    quantize_(model, config, filter_fn=eligible)
+    return count
+
+
+def compile_denoiser(model: torch.nn.Module, spec: ModelSpec, regional: bool) -> None:
+    perf = spec.performance
+    mode = compile_mode(perf, spec.family)
+    kwargs: dict = {"fullgraph": True, "mode": mode}
+    if mode == "reduce-overhead":
+        # One static graph per shape (CUDA graphs replay fixed shapes); each new resolution or batch size is a
+        # recompile (logged by `watch_compiles`), so allow enough of them.
+        kwargs["dynamic"] = False
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch releases
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+    if regional:
+        # Compiles the repeated transformer blocks once and reuses the code for each: most of the speed of a full
+        # compile at a fraction of the warm-up.
+        model.compile_repeated_blocks(**kwargs)
+    else:
+        model.compile(**kwargs)
+
+
+def uncompile(model: torch.nn.Module) -> None:
+    """Undo `Module.compile` on the model and its blocks: they run eagerly again."""
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+
+
 def apply_optimizations(
     pipe: DiffusionPipeline,
     spec: ModelSpec,
@@ -71,33 +204,77 @@ def apply_optimizations(
     """Apply the planned steps to a loaded base pipeline (derived pipelines share its modules). Returns what ran."""
     applied: list[str] = []
     model = denoiser(pipe)
-    for step in plan_optimizations(spec, device, force=force):
+    installed = installed_packages()
+    if device.type == "cuda" or force:
+        note = attention_step(spec, installed)[1]
+        quant_note = quantization_step(spec, capability_of(device), installed)[1]
+        for message in filter(None, (note, quant_note)):
+            log.warning("model %s: %s", spec.id, message)
+    for step in plan_optimizations(spec, device, force=force, installed=installed):
         try:
             if step == "xformers":
                 pipe.enable_xformers_memory_efficient_attention()
             elif step == "sdpa":
                 pass  # diffusers' default attention processors already call F.scaled_dot_product_attention
+            elif step.startswith("attention_") and model is not None:
+                model.set_attention_backend(DIFFUSERS_BACKENDS[step.removeprefix("attention_")])
             elif step == "channels_last" and model is not None:
                 model.to(memory_format=torch.channels_last)
             elif step == "fuse_qkv" and model is not None and hasattr(model, "fuse_qkv_projections"):
                 model.fuse_qkv_projections()
-            elif step == "compile_regional" and model is not None:
-                # Compiles the repeated transformer blocks once and reuses the code for each: most of the speed of
-                # a full compile at a fraction of the warm-up.
-                model.compile_repeated_blocks(fullgraph=True, mode=spec.performance.compile_mode)
-            elif step == "compile_full" and model is not None:
-                model.compile(fullgraph=True, mode=spec.performance.compile_mode)
+            elif step == "fp8" and model is not None:
+                log.info("model %s: %d linear layers in FP8", spec.id, quantize_fp8(model))
+            elif step in ("compile_regional", "compile_full") and model is not None:
+                compile_denoiser(model, spec, regional=step == "compile_regional")
             else:
                 continue
             applied.append(step)
         except Exception as e:  # an optimisation that does not fit this model must not stop it from serving
             log.warning("model %s: %s not applied: %s: %s", spec.id, step, type(e).__name__, e)
-    if any(s.startswith("compile") for s in applied) and warm_up is not None:
-        warm_up()  # pay the compilation at load time, not on the first user request
-        applied.append("warm_up")
+    if any(s.startswith("compile") for s in applied) and warm_up is not None and model is not None:
+        started = time.perf_counter()
+        try:
+            warm_up()  # pay the compilation at load time, not on the first user request
+            applied.append("warm_up")
+            log.info("model %s: compiled and warmed up in %.1f s", spec.id, time.perf_counter() - started)
+        except Exception as e:  # a compile that fails on real inputs: serve eagerly rather than not at all
+            uncompile(model)
+            applied = [s for s in applied if not s.startswith("compile")]
+            log.warning("model %s: compiled warm-up failed (%s: %s); running uncompiled", spec.id, type(e).__name__, e)
     if applied:
         log.info("model %s on %s: %s", spec.id, device, ", ".join(applied))
     return applied
+
+
+def warmup_shapes(spec: ModelSpec) -> list[tuple[int, int, int]]:
+    """(width, height, batch size) of every warm-up call: the configured sizes (default: the model's default size)
+    times the configured batch sizes."""
+    perf = spec.performance
+    sizes = perf.warmup_sizes or [(spec.defaults.width, spec.defaults.height)]
+    return [(w, h, b) for w, h in sizes for b in perf.warmup_batch_sizes]
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far (every model, every shape)."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+@contextlib.contextmanager
+def watch_compiles(model_id: str, compiled: bool, width: int, height: int, images: int) -> Iterator[None]:
+    """Around a pipeline call of a compiled model: when the call compiled new graphs (a shape not warmed up), log
+    what it cost, so the shape can be added to `performance.warmup_sizes`."""
+    if not compiled:
+        yield
+        return
+    before, started = graphs_compiled(), time.perf_counter()
+    yield
+    new = graphs_compiled() - before
+    if new > 0:
+        log.warning(
+            "model %s: compiled %d new graph(s) for %dx%d with %d image(s); that call took %.1f s. Add the size to "
+            "performance.warmup_sizes (and the batch to warmup_batch_sizes) to compile it at load time instead",
+            model_id, new, width, height, images, time.perf_counter() - started,
+        )  # fmt: skip
 
 
 def prepare_call(

@@ -21,7 +21,7 @@ A prompt without weights, BREAK or more than 75 tokens gives exactly diffusers' 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +29,18 @@ import torch
 from diffusers import DiffusionPipeline
 
 from pipelines.prompts import is_break, parse_prompt_attention
+from pipelines.text_cache import TextEmbeddingCache
 
 CHUNK_LENGTH = 75  # prompt tokens per chunk; + BOS + EOS = the encoders' 77 positions
 COMMA_BACKTRACK = 20  # A1111 `comma_padding_backtrack` default
+
+
+@dataclass(frozen=True)
+class CacheScope:
+    """A text-embedding cache and what else the encoders' output depends on in this call (the active LoRAs)."""
+
+    cache: TextEmbeddingCache
+    scope: Hashable = ()
 
 
 @dataclass
@@ -133,20 +142,37 @@ def _encode(
     device: torch.device,
     hidden: Callable[[Any], torch.Tensor],
     all_layers: bool,
+    cache: CacheScope | None = None,
+    layer: Hashable = "last",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states (texts, 77 * chunks, C) with emphasis applied, and the pooled output of each text's first chunk
     (None if the encoder has no projection). `hidden` picks the hidden states from the encoder output; `all_layers`
-    asks the encoder for every layer's."""
+    asks the encoder for every layer's. Chunks are encoded independently of each other, so with a `cache` only the
+    chunks it lacks go through the encoder (`layer` names what `hidden` reads, for the cache key)."""
     n_texts, n_chunks = len(chunked), len(chunked[0])
-    ids = torch.tensor([ch.ids for c in chunked for ch in c], device=device)
-    weights = torch.tensor([ch.weights for c in chunked for ch in c], device=device)
-    out = encoder(ids, output_hidden_states=all_layers)
-    z = apply_emphasis(hidden(out), weights)
+    scope = cache.scope if cache is not None else None
+    keys = [(id(encoder), layer, scope, tuple(ch.ids), tuple(ch.weights)) for c in chunked for ch in c]
+    chunk_of = dict(zip(keys, (ch for c in chunked for ch in c), strict=True))  # one chunk per distinct key
+    rows: dict[Hashable, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    for key in chunk_of if cache is not None else ():
+        found = cache.cache.get(key)
+        if found is not None:
+            rows[key] = (found[0], found[1])
+    missing = [key for key in chunk_of if key not in rows]
+    if missing:
+        ids = torch.tensor([chunk_of[key].ids for key in missing], device=device)
+        weights = torch.tensor([chunk_of[key].weights for key in missing], device=device)
+        out = encoder(ids, output_hidden_states=all_layers)
+        z = apply_emphasis(hidden(out), weights)
+        pooled = getattr(out, "text_embeds", None)
+        for j, key in enumerate(missing):
+            rows[key] = (z[j], None if pooled is None else pooled[j])
+            if cache is not None:
+                cache.cache.put(key, rows[key])
+    z = torch.stack([rows[key][0] for key in keys])
     z = z.reshape(n_texts, n_chunks * z.shape[1], z.shape[2])
-    pooled = getattr(out, "text_embeds", None)
-    if pooled is not None:
-        pooled = pooled.reshape(n_texts, n_chunks, -1)[:, 0]
-    return z, pooled
+    first = [rows[key][1] for key in keys[::n_chunks]]  # each text's first chunk
+    return z, None if first[0] is None else torch.stack(first)
 
 
 def _unique(texts: list[str]) -> tuple[list[str], list[int]]:
@@ -158,7 +184,11 @@ def _unique(texts: list[str]) -> tuple[list[str], list[int]]:
 
 @torch.no_grad()
 def encode_sd15(
-    pipe: DiffusionPipeline, prompts: list[str], negatives: list[str], clip_skip: int = 1
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    negatives: list[str],
+    clip_skip: int = 1,
+    cache: CacheScope | None = None,
 ) -> dict[str, torch.Tensor]:
     """`prompt_embeds` / `negative_prompt_embeds` for a StableDiffusion*Pipeline call, one row per image.
 
@@ -174,13 +204,15 @@ def encode_sd15(
 
     texts, index = _unique(prompts + negatives)
     (chunked,) = _chunk_all([pipe.tokenizer], texts)
-    z, _ = _encode(encoder, chunked, pipe._execution_device, hidden, all_layers=clip_skip > 1)
+    z, _ = _encode(encoder, chunked, pipe._execution_device, hidden, clip_skip > 1, cache, ("clip_skip", clip_skip))
     z = z[index]
     return {"prompt_embeds": z[: len(prompts)], "negative_prompt_embeds": z[len(prompts) :]}
 
 
 @torch.no_grad()
-def encode_sdxl(pipe: DiffusionPipeline, prompts: list[str], negatives: list[str]) -> dict[str, torch.Tensor]:
+def encode_sdxl(
+    pipe: DiffusionPipeline, prompts: list[str], negatives: list[str], cache: CacheScope | None = None
+) -> dict[str, torch.Tensor]:
     """`prompt_embeds`, `negative_prompt_embeds`, `pooled_prompt_embeds`, `negative_pooled_prompt_embeds` for a
     StableDiffusionXL*Pipeline call, one row per image.
 
@@ -194,7 +226,9 @@ def encode_sdxl(pipe: DiffusionPipeline, prompts: list[str], negatives: list[str
     hidden, pooled = [], None
     for chunked, (_, encoder) in zip(_chunk_all([t for t, _ in pairs], texts), pairs, strict=True):
         # The penultimate layer without the final layer norm, as diffusers and A1111 do for SDXL.
-        z, pooled = _encode(encoder, chunked, pipe._execution_device, lambda out: out.hidden_states[-2], True)
+        z, pooled = _encode(
+            encoder, chunked, pipe._execution_device, lambda out: out.hidden_states[-2], True, cache, "penultimate"
+        )
         hidden.append(z)
     if pooled is None:
         raise ValueError("the last SDXL text encoder must have a projection (CLIPTextModelWithProjection)")

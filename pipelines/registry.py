@@ -56,18 +56,49 @@ class ModelDefaults(BaseModel):
 
 
 class PerformanceSpec(BaseModel):
-    """The CUDA fast path of one model (models.yaml `performance:`). Ignored on CPU, where none of it applies."""
+    """The CUDA fast path of one model (models.yaml `performance:`). Ignored on CPU, where none of it applies.
+    `pipelines.optimize.plan_optimizations` turns it into steps for one model on one device."""
 
     model_config = ConfigDict(extra="forbid")
 
-    attention: Literal["sdpa", "xformers"] = "sdpa"  # xformers only when installed (the [cuda] extra)
+    # sdpa: PyTorch's scaled_dot_product_attention (picks flash/efficient kernels itself); xformers: the [cuda] extra;
+    # flash / flash3 / sage: diffusers' attention backends for the FLUX/Qwen transformers when the flash-attn,
+    # flash-attn 3 or sageattention package is installed; cudnn: PyTorch's cuDNN attention (no package).
+    attention: Literal["sdpa", "xformers", "flash", "flash3", "sage", "cudnn"] = "sdpa"
     channels_last: bool = True  # UNet convolutions in NHWC (SD/SDXL)
     fuse_qkv: bool = True  # one matmul for Q, K and V in the denoiser's attention
-    compile: Literal["off", "regional", "full"] = "off"  # torch.compile of the denoiser, warmed up at load time
-    compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+    # torch.compile of the denoiser, warmed up at load time. auto: the whole UNet (SD/SDXL), the repeated transformer
+    # blocks (FLUX/Qwen-Image: most of the gain for a fraction of the compile time).
+    compile: Literal["auto", "off", "regional", "full"] = "auto"
+    compile_mode: str | None = None  # torch.compile mode; set, it wins over cuda_graphs
+    # CUDA graphs (compile mode "reduce-overhead", one graph per batch size and resolution): a step becomes one launch,
+    # so small batches stop depending on how fast (and how busy) the host CPU is. None = auto: on for a full compile.
+    cuda_graphs: bool | None = None
+    # Shapes compiled at load time, so no request pays a compile: [width, height] pairs (default: the model's
+    # default size) times batch sizes. Other shapes compile on first use, logged with what it cost.
+    warmup_sizes: list[tuple[int, int]] | None = None
+    warmup_batch_sizes: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    # fp8: the denoiser's linear layers in FP8 with dynamic activation scales (torchao, the [cuda] extra), on cards
+    # with FP8 compute (compute capability 8.9+: Ada, Hopper, Blackwell). auto: fp8 for FLUX/Qwen-Image where the
+    # card and torchao allow it, none otherwise. none: the loaded dtype everywhere.
+    quantization: Literal["none", "fp8", "auto"] = "auto"
     vae_tiling_above_pixels: int | None = Field(2048 * 2048, ge=64 * 64)  # tiled VAE decode above this size
     vae_slicing_above_images: int | None = Field(4, ge=1)  # decode one image at a time above this batch
     offload: Literal["none", "model", "sequential"] = "none"  # CPU offload for cards too small for the model
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes_ok(cls, v: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+        if v is not None and any(not (64 <= w <= 16384 and 64 <= h <= 16384) for w, h in v):
+            raise ValueError("each size must be [width, height] between 64 and 16384")
+        return v
+
+    @field_validator("warmup_batch_sizes")
+    @classmethod
+    def _batches_ok(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= b <= 64 for b in v):
+            raise ValueError("batch sizes must be between 1 and 64")
+        return v
 
 
 class ModelSpec(BaseModel):

@@ -84,6 +84,8 @@ class GenerationRequest:
     # LoRAs from structured fields. `<lora:name:w>` tags in the prompt stay in `prompt` (the infotext shows it as
     # sent) and are added to these by the family adapter (`pipelines.prompts.request_loras`).
     loras: list[LoraRef] = field(default_factory=list)
+    # Live previews every N denoising steps (0: none), on the job's progress (pipelines.previews).
+    preview_every: int = 0
     hires: HiresOptions | None = None  # A1111 hires fix (txt2img): upscale, then a second img2img pass
     # `background: transparent`: the finished images get alpha from models.yaml's `background_removal` model (RGBA).
     transparent_background: bool = False
@@ -112,7 +114,7 @@ class GenerationResult:
     height: int
     steps: int
     interrupted: bool = False
-    timings: dict[str, float] = field(default_factory=dict)  # queued_s, load_s, run_s
+    timings: dict[str, float] = field(default_factory=dict)  # queued_s, load_s, prepare_s, run_s
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -125,6 +127,9 @@ class Progress:
     sampling_step: int = 0
     sampling_steps: int = 0
     started_at: float | None = None
+    # The latest live preview (pipelines.previews: 1/8 of the image size) and the step it shows; None until one.
+    preview: Image.Image | None = None
+    preview_step: int = 0
 
     @property
     def fraction(self) -> float:
@@ -132,3 +137,17 @@ class Progress:
             return 0.0
         done = self.job_no / self.job_count + self.sampling_step / self.sampling_steps / self.job_count
         return min(done, 1.0)
+
+
+# Live preview schedule (torch-free, so the HTTP side can plan previews; pipelines.previews makes them).
+
+
+def wants_preview(step: int, total: int, every: int) -> bool:
+    """Whether a job previewing every `every` steps (0: never) wants one after `step` of `total`. Never after the last
+    step: the real image follows at once."""
+    return every > 0 and step % every == 0 and step < total
+
+
+def evenly(steps: int, count: int) -> int:
+    """The interval giving about `count` previews over `steps` steps (OpenAI's `partial_images`)."""
+    return 0 if count <= 0 else max(1, -(-steps // (count + 1)))

@@ -189,9 +189,38 @@ def post(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
     if r.status_code != 200:
         raise RuntimeError(f"txt2img answered {r.status_code}: {r.text[:500]}")
     data = r.json()
+    data["server_timing"] = parse_server_timing(r.headers.get("server-timing", ""))
     if len(data.get("images", [])) != 1:
         raise RuntimeError(f"txt2img returned {len(data.get('images', []))} images, expected 1")
     return data
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """`queue;dur=0.4, run;dur=212.5, ...` (ms) -> {"queue": 0.0004, "run": 0.2125, ...} in seconds."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in header.split(","))):
+        name, _, params = part.partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur":
+                out[name.strip()] = float(value) / 1000
+    return out
+
+
+def stage_breakdown(served: list[dict[str, Any]], http_lat: list[float], direct_lat: list[float]) -> dict[str, float]:
+    """Median seconds per server stage (the server's own Server-Timing), plus what lies outside them: the rest of
+    the server's time ("server_other": HTTP parsing, validation, JSON) and the client's ("client_transport")."""
+    stages: dict[str, list[float]] = {}
+    for timing in served:
+        for name, seconds in timing.items():
+            stages.setdefault(name, []).append(seconds)
+    out = {name: statistics.median(values) for name, values in stages.items()}
+    if "total" in out:
+        inside = sum(v for k, v in out.items() if k != "total")
+        out["server_other"] = max(0.0, out["total"] - inside)
+        out["client_transport"] = max(0.0, statistics.median(http_lat) - out["total"])
+    out["direct_pipe"] = statistics.median(direct_lat)
+    return out
 
 
 def burst(client: httpx.Client, args: argparse.Namespace, round_no: int) -> tuple[list[float], list[float], float]:
@@ -366,6 +395,7 @@ def run_blocks(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, An
             served_image = http.last["images"][0]
             out["overhead"] = overhead_result(http.wall, local.wall, served_image, local.last)
             out["overhead"].update(cpu_result(http.cpu, local.cpu))
+            out["overhead"]["stages_s"] = stage_breakdown(http.timings, http.wall, local.wall)
             print(f"  overhead: ratio {out['overhead']['ratio_total']:.3f}", flush=True)
             del direct
         if want_batching and off is not None:
@@ -387,6 +417,7 @@ class Sampler:
         self.fn, self.pids = fn, pids
         self.wall: list[float] = []
         self.cpu: list[float] = []
+        self.timings: list[dict[str, float]] = []  # the server's Server-Timing stages of each timed HTTP call
         self.last: Any = None
 
     def _cpu(self) -> float:
@@ -399,6 +430,8 @@ class Sampler:
             t, self.last = self.fn()
             self.cpu.append(self._cpu() - c0)
             self.wall.append(t)
+            if isinstance(self.last, dict) and self.last.get("server_timing"):
+                self.timings.append(self.last["server_timing"])
 
 
 def run_sequential(args: argparse.Namespace, report: dict[str, Any]) -> dict[str, Any]:
@@ -438,6 +471,7 @@ def run_sequential(args: argparse.Namespace, report: dict[str, Any]) -> dict[str
             local.block(args.n)
         out["overhead"] = overhead_result(http.wall, local.wall, http.last["images"][0], local.last)
         out["overhead"].update(cpu_result(http.cpu, local.cpu))
+        out["overhead"]["stages_s"] = stage_breakdown(http.timings, http.wall, local.wall)
     return out
 
 
@@ -549,6 +583,15 @@ def print_report(report: dict[str, Any]) -> None:
             f"  CPU seconds (server + client vs direct): {sum(o['http_cpu_s']):.2f} vs {sum(o['direct_cpu_s']):.2f}, "
             f"ratio total {o['cpu_ratio_total']:.3f}, median {o['cpu_ratio_median']:.3f}"
         )
+        if o.get("stages_s"):
+            st = o["stages_s"]
+            parts = ", ".join(f"{k} {v * 1000:.1f}" for k, v in st.items() if k not in ("total", "direct_pipe"))
+            print(f"  where an HTTP request's time goes (median ms): {parts}")
+            if "run" in st:
+                print(
+                    f"  engine run vs direct pipe(): {st['run'] * 1000:.1f} vs {st['direct_pipe'] * 1000:.1f} ms; "
+                    f"everything else the server adds: {(st.get('total', 0) - st['run']) * 1000:.1f} ms"
+                )
         if o.get("max_pixel_diff") is not None:
             print(f"  largest pixel difference, served vs direct image: {o['max_pixel_diff']} (0 = same computation)")
     if "batching" in report:

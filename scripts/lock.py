@@ -1,6 +1,8 @@
 """The lock of tested versions: `requirements.lock`, made from pyproject.toml by `uv pip compile --universal`.
 
-    python scripts/lock.py            # refresh requirements.lock (needs the package index; uv comes with [dev])
+    python scripts/lock.py            # bring requirements.lock in line with pyproject.toml, keeping current pins
+                                      # where they still fit (needs the package index; uv comes with [dev])
+    python scripts/lock.py --upgrade  # the newest versions pyproject.toml admits, for every package
     python scripts/lock.py --check    # offline: does the lock agree with pyproject.toml? (tests/unit/test_lock.py)
 
 Why this shape: the lock is pip-tools' compiled-requirements format, so plain pip installs from it as constraints
@@ -116,7 +118,8 @@ def disagreements(pyproject: dict, lock_text: str) -> list[str]:
     return problems
 
 
-def compile_lock(output: Path, no_emit: list[str]) -> None:
+def compile_lock(output: Path, no_emit: list[str], upgrade: bool) -> None:
+    """uv pip compile into `output`; without `upgrade`, uv keeps the pins `output` already holds where they fit."""
     with tempfile.TemporaryDirectory() as tmp:
         torch_pin = Path(tmp) / "torch.txt"
         torch_pin.write_text(f"torch=={TESTED_TORCH}\n")
@@ -124,29 +127,37 @@ def compile_lock(output: Path, no_emit: list[str]) -> None:
             sys.executable, "-m", "uv", "pip", "compile", str(PYPROJECT.relative_to(REPO)),
             "--universal", "--python-version", OLDEST_PYTHON, "--all-extras",
             "--constraint", str(torch_pin), "--output-file", str(output),
-            "--custom-compile-command", REFRESH_COMMAND, "--quiet", "--upgrade",
+            "--custom-compile-command", REFRESH_COMMAND, "--quiet",
         ]  # fmt: skip
+        if upgrade:
+            command.append("--upgrade")
         for name in no_emit:
             command += ["--no-emit-package", name]
         subprocess.run(command, cwd=REPO, check=True)
+    # The constraint file's temporary path would change the lock at every refresh: name what it pins instead.
+    text = re.sub(r"-c \S+/torch\.txt", f"-c torch=={TESTED_TORCH} (scripts/lock.py)", output.read_text())
+    output.write_text(text)
 
 
-def refresh() -> None:
+def refresh(upgrade: bool) -> None:
     """Two passes: the first finds torch's CUDA packages, the second leaves them out."""
     with tempfile.TemporaryDirectory() as tmp:
         first = Path(tmp) / "first.lock"
-        compile_lock(first, [])
+        if LOCK.exists():
+            first.write_text(LOCK.read_text())  # the current pins, as preferences
+        compile_lock(first, [], upgrade)
         torch_pinned = sorted({p.name for p in read_lock(first.read_text()) if TORCH_PINNED.match(p.name)})
-    compile_lock(LOCK, torch_pinned)
+    compile_lock(LOCK, torch_pinned, upgrade)
     print(f"wrote {LOCK.relative_to(REPO)}: {len(read_lock(LOCK.read_text()))} pins; now run the whole test suite")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only check that the lock agrees with pyproject.toml")
+    parser.add_argument("--upgrade", action="store_true", help="newest versions of everything, not only what changed")
     args = parser.parse_args()
     if not args.check:
-        refresh()
+        refresh(args.upgrade)
     problems = disagreements(tomllib.loads(PYPROJECT.read_text()), LOCK.read_text())
     for problem in problems:
         print(f"lock: {problem}", file=sys.stderr)

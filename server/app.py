@@ -27,6 +27,7 @@ from server.logs import debugging
 from server.middleware import AdmissionGate, BodySizeLimit
 from server.settings import Settings
 from server.styles import load_styles
+from server.timing import ServerTiming
 from server.webhooks import WebhookService
 
 log = logging.getLogger("easel")
@@ -183,6 +184,7 @@ def create_app(
             allow_credentials=settings.cors_allow_credentials,
         )
     app.add_middleware(NoSniff)
+    app.add_middleware(ServerTiming)  # outermost: its total covers every layer
 
     @app.get("/livez", tags=["health"])
     async def livez() -> Response:

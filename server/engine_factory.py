@@ -29,6 +29,7 @@ def engine_config(settings: Settings, **overrides: Any) -> Any:
         lora_dir=settings.lora_dir,
         request_timeout_s=settings.request_timeout_s,
         max_consecutive_ooms=settings.max_consecutive_ooms,
+        cuda_memory_fraction=settings.cuda_memory_fraction,
     )
     values.update(overrides)
     known = {f.name for f in dataclasses.fields(EngineConfig)}

@@ -14,6 +14,7 @@ import re
 from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from server.errors import ApiError
+from server.timing import stage
 
 # Pillow plugin names we open; anything else (PSD, EPS, ICNS...) is refused before any decoder runs. MPO is how
 # Pillow names the JPEGs many phones write.
@@ -110,6 +111,11 @@ def _exif_with_comment(text: str) -> Image.Exif:
 
 def encode_image(img: Image.Image, fmt: str = "png", quality: int = 80, infotext: str | None = None) -> bytes:
     """PNG, JPEG or WEBP bytes. The infotext goes to a PNG `parameters` chunk, or EXIF UserComment for JPEG/WEBP."""
+    with stage("encode"):
+        return _encode(img, fmt, quality, infotext)
+
+
+def _encode(img: Image.Image, fmt: str, quality: int, infotext: str | None) -> bytes:
     pil_format = ENCODE_FORMATS.get(fmt.lower())
     if pil_format is None:
         raise ValueError(f"unsupported output format '{fmt}' (use png, jpeg or webp)")
@@ -140,7 +146,8 @@ def encode_png(img: Image.Image, infotext: str | None = None) -> bytes:
 
 def b64(data: bytes) -> str:
     """Raw base64, no `data:` prefix (A1111 and webuiapi expect it bare)."""
-    return base64.b64encode(data).decode("ascii")
+    with stage("b64"):
+        return base64.b64encode(data).decode("ascii")
 
 
 def _decode_user_comment(value: bytes | str) -> str | None:

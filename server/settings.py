@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     # Requests failing with out-of-memory in a row, each alone after memory was freed, that mark the engine dead
     # (/livez 503, restart the process); 0 = never (R6).
     max_consecutive_ooms: int = Field(3, ge=0)
+    # Live previews of recorded jobs (GET /v2/tasks/{address}/events) every N denoising steps; 0 = none.
+    preview_every_n_steps: int = Field(5, ge=0)
+    # The share of each GPU's memory the server may allocate (a card shared with other programs); past it requests
+    # fail as out of GPU memory (503). Unset: all of it.
+    cuda_memory_fraction: float | None = Field(None, gt=0, le=1)
 
     # A1111 dialect
     a1111_version: str = "v1.10.1"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,8 @@ from PIL import Image
 
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
 from pipelines.request import GenerationRequest, Task
+
+log = logging.getLogger("easel.engine")
 
 # family -> (module, class); imported on first use.
 _ADAPTER_CLASSES: dict[str, tuple[str, str]] = {
@@ -85,8 +88,20 @@ def step_callback(on_step: StepCallback, default_total: int) -> Callable[[Diffus
     img2img/inpaint with strength < 1, one more for PNDM's PLMS warm-up step).
     """
 
+    previews = getattr(on_step, "previews", None)  # a StepReporter's (pipelines.families.base)
+
     def callback(pipe: DiffusionPipeline, i: int, t: Any, callback_kwargs: dict) -> dict:
+        nonlocal previews
         total = getattr(pipe, "_num_timesteps", None) or default_total
+        if previews is not None:
+            try:
+                if on_step.wants_preview(i + 1, total) and "latents" in callback_kwargs:
+                    previews.capture(i + 1, callback_kwargs["latents"])
+                else:
+                    previews.poll()
+            except Exception as e:  # a preview must never cost the image (e.g. latents of an unexpected layout)
+                log.warning("live previews off for this call: %s: %s", type(e).__name__, e)
+                previews = None
         if on_step(i + 1, total):
             pipe._interrupt = True
         return callback_kwargs
@@ -143,8 +158,22 @@ def split_outputs(images: list[Image.Image], items: list[BatchItem]) -> list[lis
     return out
 
 
-def loop_kwargs(req: GenerationRequest, seeds: list[int], on_step: StepCallback, output_type: str = "pil") -> dict:
-    """The pipeline arguments every family's call shares: steps, one generator per image, progress, output."""
+def to_pil(images: torch.Tensor | list[Image.Image]) -> list[Image.Image]:
+    """A pipeline's `output_type="pt"` images (N, 3, H, W in [0, 1], on its device) as PIL images.
+
+    The conversion to uint8 runs on the device and the batch crosses to the host in one copy, a quarter of the bytes
+    of diffusers' own "pil" path (which copies float32 and converts on the CPU). The arithmetic is the same as
+    diffusers' (float32, x255, round half to even), so the pixels are identical.
+    """
+    if not isinstance(images, torch.Tensor):
+        return list(images)
+    pixels = images.float().mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def loop_kwargs(req: GenerationRequest, seeds: list[int], on_step: StepCallback, output_type: str = "pt") -> dict:
+    """The pipeline arguments every family's call shares: steps, one generator per image, progress, output (tensors
+    by default: `to_pil` turns them into images)."""
     steps = schedule_steps(req)
     return dict(
         num_inference_steps=steps,

@@ -15,14 +15,29 @@ from PIL import Image
 from pipelines.hires import HiresPlan, crop_box, plan_hires
 from pipelines.registry import ModelSpec
 from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, Task
+from pipelines.text_cache import TextEmbeddingCache
 
 if TYPE_CHECKING:
     from pipelines.lora import LoraManager
+    from pipelines.previews import PreviewMaker
 
 # Called after every denoising step with (step_index_done, total_steps). Returning True asks the pipeline to stop
 # (interrupt/skip/cancel): the adapter sets `pipe._interrupt = True`, diffusers skips the remaining steps and the
 # partially denoised latents are still decoded (A1111's interrupt behaviour).
 StepCallback = Callable[[int, int], bool]
+
+
+class StepReporter:
+    """The engine's step callback with live previews: `previews` makes them (pipelines.previews.PreviewMaker) at the
+    steps `wants_preview(step, total)` says. Any plain StepCallback works where no previews are wanted."""
+
+    def __init__(self, on_step: StepCallback, previews: PreviewMaker | None, wants_preview: Callable[[int, int], bool]):
+        self._on_step = on_step
+        self.previews = previews
+        self.wants_preview = wants_preview
+
+    def __call__(self, step: int, total: int) -> bool:
+        return self._on_step(step, total)
 
 
 @dataclass
@@ -48,6 +63,7 @@ class LoadedModel:
     derived: dict[Task, DiffusionPipeline] = field(default_factory=dict)
     optimizations: list[str] = field(default_factory=list)  # CUDA fast-path steps applied at load time
     loras: LoraManager | None = None  # LoRA adapters of `base` (and `derived`); None: no Lora directory configured
+    text_cache: TextEmbeddingCache = field(default_factory=TextEmbeddingCache)  # encoder outputs of recent prompts
 
     def approx_bytes(self) -> int:
         total = 0

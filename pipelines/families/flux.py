@@ -33,6 +33,7 @@ from pipelines.families import (
     loop_kwargs,
     mask_arg,
     split_outputs,
+    to_pil,
 )
 from pipelines.families.base import (
     BatchItem,
@@ -105,4 +106,4 @@ class FluxAdapter(FamilyAdapter):
         elif req.task == Task.INPAINT:
             kwargs.update(image=batch_init_images(items), mask_image=mask_arg(req), strength=req.strength)
         with lora_scope(loaded, items):
-            return split_outputs(list(pipe(**kwargs).images), items)
+            return split_outputs(to_pil(pipe(**kwargs).images), items)

@@ -37,6 +37,7 @@ from pipelines.families import (
     loop_kwargs,
     mask_arg,
     split_outputs,
+    to_pil,
 )
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback
 from pipelines.lora import lora_scope
@@ -142,7 +143,7 @@ class QwenImageAdapter(_QwenBase):
         elif req.task == Task.INPAINT:
             kwargs.update(image=batch_init_images(items), mask_image=mask_arg(req), strength=req.strength)
         with lora_scope(loaded, items):
-            return split_outputs(list(pipe(**kwargs).images), items)
+            return split_outputs(to_pil(pipe(**kwargs).images), items)
 
 
 class QwenImageEditAdapter(_QwenBase):
@@ -197,6 +198,6 @@ class QwenImageEditAdapter(_QwenBase):
             kwargs.update(mask_image=Image.new("L", (req.width, req.height), 255), strength=req.strength)
         size = (req.width, req.height)
         with lora_scope(loaded, items):
-            images = pipe(**kwargs).images
+            images = to_pil(pipe(**kwargs).images)
         # The edit-inpaint pipeline ignores width/height and works at ~1 MP with the input's aspect ratio.
         return [[im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in images]]

@@ -33,6 +33,7 @@ from pipelines.families import (
     loop_kwargs,
     mask_arg,
     split_outputs,
+    to_pil,
 )
 from pipelines.families.base import (
     BatchItem,
@@ -45,8 +46,8 @@ from pipelines.families.base import (
 from pipelines.hires import LATENT_UPSCALE_MODES, crop_box
 from pipelines.lora import lora_scope
 from pipelines.optimize import place
-from pipelines.prompt_embeds import encode_sd15, encode_sdxl
-from pipelines.prompts import extract_loras
+from pipelines.prompt_embeds import CacheScope, encode_sd15, encode_sdxl
+from pipelines.prompts import extract_loras, request_loras
 from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, Task
 
@@ -111,7 +112,7 @@ class StableDiffusionAdapter(FamilyAdapter):
         items: list[BatchItem],
         scheduler: Any,
         on_step: StepCallback,
-        output_type: str = "pil",
+        output_type: str = "pt",
         init_latents: torch.Tensor | None = None,
     ) -> Any:
         """One pipeline call: PIL images, or the final latents (`output_type="latent"`, for a latent hires pass).
@@ -144,14 +145,16 @@ class StableDiffusionAdapter(FamilyAdapter):
             # SDXL: all-empty negatives become zeros (force_zeros_for_empty_prompt); the batcher never mixes empty
             # and non-empty negative prompts in one call.
             encode = encode_sdxl if loaded.spec.family == "sdxl" else encode_sd15
-            kwargs.update(encode(pipe, prompts, negatives))
-            return pipe(**kwargs).images
+            cache = CacheScope(loaded.text_cache, request_loras(req))  # LoRAs change what the encoders give
+            kwargs.update(encode(pipe, prompts, negatives, cache=cache))
+            images = pipe(**kwargs).images
+        return images if output_type == "latent" else to_pil(images)
 
     @staticmethod
     def _decode(loaded: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:
         vae = loaded.base.vae
         image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-        return loaded.base.image_processor.postprocess(image, output_type="pil")
+        return to_pil(loaded.base.image_processor.postprocess(image, output_type="pt"))
 
     def run_hires(
         self,

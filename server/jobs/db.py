@@ -75,7 +75,8 @@ class JobRecord(Base):
     model: Mapped[str] = mapped_column(Text)
     request_json: Mapped[dict[str, Any]] = mapped_column(JSON)
     seeds: Mapped[list[int] | None] = mapped_column(JSON)
-    timings: Mapped[dict[str, float] | None] = mapped_column(JSON)  # the engine's queued_s, load_s, run_s
+    # The engine's queued_s, load_s, prepare_s, run_s; encode_s and store_s where the job service stored files.
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)

@@ -18,6 +18,7 @@ from server.access.principal import job_owner
 from server.errors import ApiError
 from server.jobs.db import JobRecord
 from server.jobs.service import JobSpec, Ticket
+from server.timing import record_engine
 
 TASKS_PATH = "/v2/tasks"
 
@@ -57,6 +58,8 @@ async def submit(request: Request, spec: JobSpec) -> Ticket:
     jobs = request.app.state.jobs
     spec.owner = job_owner(request)
     spec.base_url = spec.base_url or base_url(request)
+    if not spec.request.preview_every:  # live previews for the task's event stream, unless the dialect chose
+        spec.request.preview_every = request.app.state.settings.preview_every_n_steps
     return await run_in_threadpool(jobs.submit, require_engine(request), spec)
 
 
@@ -79,7 +82,9 @@ async def wait_watching(request: Request, ticket: Ticket, timeout_s: float | Non
     jobs = request.app.state.jobs
     timeout = timeout_s if timeout_s is not None else request.app.state.settings.sync_timeout_s
     async with cancel_on_disconnect(request, lambda: run_in_threadpool(jobs.cancel, ticket.task_address)):
-        return await jobs.wait(ticket, timeout)
+        record = await jobs.wait(ticket, timeout)
+    record_engine(record.timings or {})
+    return record
 
 
 @contextlib.asynccontextmanager

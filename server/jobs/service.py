@@ -266,6 +266,10 @@ class JobService:
         self.ensure_started()
         return self._view(self.store.get_by_address(task_address))
 
+    def live_ticket(self, job_id: str) -> Ticket | None:
+        """The ticket of a job this process runs and has not finished storing; None otherwise."""
+        return self._live.get(job_id)
+
     def task_by_id(self, job_id: str) -> TaskView | None:
         """As `task`, by the job's id (dialects whose public id is the job id, e.g. Genrex's UUIDs)."""
         self.ensure_started()
@@ -427,13 +431,21 @@ class JobService:
         result = _result_of(ticket.handle)
         written: list[WrittenFile] = []
         stored: list[StoredImage] = []
+        # Encoding and writing happen here, in the pool, not in a request: timed here for the Server-Timing header.
+        timings = {k: round(float(v), 4) for k, v in result.timings.items()}
+        encode_s = store_s = 0.0
         try:
             if spec.store_images:
                 content_type = CONTENT_TYPES[spec.output_format]
                 for i, image in enumerate(result.images):
+                    t0 = time.perf_counter()
                     if spec.postprocess is not None:
                         image = spec.postprocess(image)
-                    w = self.files.write(encode_image(image, spec.output_format, spec.quality), content_type)
+                    data = encode_image(image, spec.output_format, spec.quality)
+                    t1 = time.perf_counter()
+                    w = self.files.write(data, content_type)
+                    encode_s += t1 - t0
+                    store_s += time.perf_counter() - t1
                     written.append(w)
                     seed = result.seeds[i] if i < len(result.seeds) else None
                     stored.append(StoredImage(w.token, content_type, image.width, image.height, seed))
@@ -449,7 +461,9 @@ class JobService:
                 files=new_files,
                 now=utcnow(),
                 started_at=_timestamp(ticket.handle.progress.started_at),
-                timings={k: round(float(v), 4) for k, v in result.timings.items()},
+                timings={**timings, "encode_s": round(encode_s, 4), "store_s": round(store_s, 4)}
+                if spec.store_images
+                else timings,
             )
         except BaseException:
             self.files.remove(w.path for w in written)

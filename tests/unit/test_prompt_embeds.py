@@ -16,9 +16,17 @@ import torch
 from pipelines import demo
 from pipelines.families import adapter_for
 from pipelines.families.base import LoadedModel
-from pipelines.prompt_embeds import CHUNK_LENGTH, apply_emphasis, encode_sd15, encode_sdxl, tokenize_chunks
+from pipelines.prompt_embeds import (
+    CHUNK_LENGTH,
+    CacheScope,
+    apply_emphasis,
+    encode_sd15,
+    encode_sdxl,
+    tokenize_chunks,
+)
 from pipelines.registry import ModelSpec
-from pipelines.request import GenerationRequest
+from pipelines.request import GenerationRequest, LoraRef
+from pipelines.text_cache import TextEmbeddingCache
 
 LONG_WORDS = 100  # "a " * 100: 100 tokens with the demo's byte tokenizer, past one 75-token chunk
 
@@ -224,3 +232,65 @@ def test_sdxl_long_prompt_pooled_comes_from_the_first_chunk(sdxl) -> None:
     assert long["pooled_prompt_embeds"].shape == (1, 32)
     assert torch.allclose(long["pooled_prompt_embeds"], first["pooled_prompt_embeds"], atol=1e-6)
     assert torch.allclose(long["prompt_embeds"][:, :77], first["prompt_embeds"], atol=1e-6)
+
+
+# --- the text-embedding cache ----------------------------------------------------------------------------------------
+
+
+def test_cached_chunks_skip_the_encoder_and_give_the_same_embeddings(sd15, sdxl) -> None:
+    for pipe, encode in ((sd15, encode_sd15), (sdxl, encode_sdxl)):
+        cache = TextEmbeddingCache()
+        scope = CacheScope(cache)
+        prompts, negatives = ["a red fox", "(snow:1.3) BREAK hills"], ["ugly", "ugly"]
+        first = encode(pipe, prompts, negatives, cache=scope)
+        misses = cache.misses
+        assert cache.hits == 0 and len(cache) > 0
+        again = encode(pipe, prompts, negatives, cache=scope)
+        assert cache.misses == misses and cache.hits > 0  # nothing went through the encoders
+        uncached = encode(pipe, prompts, negatives)
+        for key, value in first.items():
+            assert torch.equal(value, again[key]), key
+            assert torch.allclose(value, uncached[key], atol=1e-6), key
+        # A batch mixing a cached prompt with a new one encodes only the new one, padded to the same chunk count.
+        misses = cache.misses
+        mixed = encode(pipe, ["a red fox", "c"], ["ugly", "ugly"], cache=scope)
+        assert cache.misses == misses + (1 if pipe is sd15 else 2)  # only the chunk of "c", once per encoder
+        plain = encode(pipe, ["a red fox", "c"], ["ugly", "ugly"])
+        for key, value in mixed.items():
+            assert torch.allclose(value, plain[key], atol=1e-6), key
+
+
+def test_cache_entries_are_kept_apart_by_scope_and_layer(sd15) -> None:
+    cache = TextEmbeddingCache()
+    encode_sd15(sd15, ["a fox"], [""], cache=CacheScope(cache, ()))
+    n = len(cache)
+    lora = (LoraRef("style", 0.8),)
+    encode_sd15(sd15, ["a fox"], [""], cache=CacheScope(cache, lora))  # a LoRA changes the text encoder: no reuse
+    assert len(cache) == 2 * n and cache.hits == 0
+    skipped = encode_sd15(sd15, ["a fox"], [""], clip_skip=2, cache=CacheScope(cache, ()))
+    assert len(cache) == 3 * n and cache.hits == 0
+    assert not torch.allclose(skipped["prompt_embeds"], encode_sd15(sd15, ["a fox"], [""])["prompt_embeds"])
+
+
+def test_cache_is_bounded_in_bytes_and_evicts_the_least_recently_used() -> None:
+    row = (torch.zeros(256), None)  # 1 KiB
+    cache = TextEmbeddingCache(max_bytes=3 * 1024)
+    for key in "abc":
+        cache.put(key, row)
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", row)
+    assert len(cache) == 3 and cache.bytes == 3 * 1024
+    assert cache.get("b") is None and cache.get("a") is not None
+    cache.put("huge", (torch.zeros(2048), None))  # larger than the whole cache: not kept
+    assert cache.get("huge") is None and len(cache) == 3
+
+
+def test_the_sd_adapter_reuses_the_models_cache(load) -> None:
+    loaded = load("sd15")
+    loaded.text_cache.clear()
+    req = GenerationRequest(model="demo-sd15", prompt="a cached fox", width=64, height=64, steps=1, guidance=7.0)
+    first = adapter_for("sd15").run(loaded, req, [5], None, lambda i, n: False)
+    hits = loaded.text_cache.hits
+    second = adapter_for("sd15").run(loaded, req, [5], None, lambda i, n: False)
+    assert loaded.text_cache.hits > hits
+    assert np.array_equal(np.asarray(first[0]), np.asarray(second[0]))

@@ -22,6 +22,7 @@ from server.api.a1111.schemas import (
     UpscalerItem,
 )
 from server.api.a1111.state import A1111State
+from server.jobs.watch import preview_b64
 from server.settings import Settings
 
 LATENT_UPSCALE_MODES = (
@@ -85,7 +86,7 @@ def cmd_flags(settings: Settings) -> dict[str, Any]:
     return {**ours, **a1111_style}
 
 
-def progress(engine: EngineClient | None, state: A1111State) -> ProgressResponse:
+def progress(engine: EngineClient | None, state: A1111State, skip_current_image: bool = False) -> ProgressResponse:
     """A1111 /progress. Idle: progress 0 and job_count 0 (webuiapi's util_wait_for_ready waits for exactly that)."""
     queued = engine.queued_count() if engine is not None else 0
     job = engine.current_job() if engine is not None else None
@@ -110,5 +111,6 @@ def progress(engine: EngineClient | None, state: A1111State) -> ProgressResponse
             sampling_steps=p.sampling_steps or job.request.steps,
         ),
         textinfo=f"Sampling step {p.sampling_step}/{p.sampling_steps}" if p.sampling_steps else None,
+        current_image=None if skip_current_image or not state.options.get("live_previews_enable") else preview_b64(p),
         queued=queued,
     )

@@ -24,6 +24,7 @@ from server.images import b64, decode_image, encode_image
 from server.jobs import JobSpec, StoredImage
 from server.jobs.http import accepted, cancel_on_disconnect, submit
 from server.settings import Settings
+from server.timing import record_engine
 
 log = logging.getLogger("easel.a1111")
 
@@ -50,6 +51,15 @@ def ignored_features(body: GenerationBase) -> list[str]:
         "refiner_checkpoint": body.refiner_checkpoint,
     }
     return [name for name, value in checks.items() if value]
+
+
+def preview_interval(options: dict[str, Any]) -> int:
+    """Steps between live previews from A1111's options (0: none)."""
+    try:
+        every = int(options.get("show_progress_every_n_steps") or 0)
+    except (TypeError, ValueError):
+        return 0
+    return every if options.get("live_previews_enable") and every > 0 else 0
 
 
 def decode_inputs(body: Img2ImgRequest, settings: Settings, background: str) -> InputImages:
@@ -103,10 +113,12 @@ async def prepare(request: Request, body: GenerationBase, state: A1111State) -> 
     elif isinstance(body, Txt2ImgRequest):
         extra = adapter.txt2img_extra_params(body, choice.spec)
 
+    request = adapter.to_generation_request(body, choice.spec, images, prompts)
+    request.preview_every = preview_interval(state.options)
     prep = Prepared(
         body=body,
         spec=choice.spec,
-        request=adapter.to_generation_request(body, choice.spec, images, prompts),
+        request=request,
         job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
         extra_generation_params=extra,
         subseed=adapter.resolve_subseed(body.subseed),
@@ -127,6 +139,7 @@ async def run(request: Request, body: GenerationBase, state: A1111State) -> dict
         job = engine.submit(prep.request)
         async with cancel_on_disconnect(request, job.cancel):  # a client that hung up wants no images
             result = await job.wait(timeout=settings.sync_timeout_s)
+        record_engine(result.timings)
     except InvalidRequest as e:
         await run_in_threadpool(refund, accounting, owner, credits)
         raise _engine_field(e, model_field) from None

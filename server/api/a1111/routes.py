@@ -166,7 +166,7 @@ def _add_control_routes(router: APIRouter) -> None:
         engine = request.app.state.engine
         if engine is not None and owner_filter(request) is not None:
             engine = OwnJobsView(engine, request)  # another key's job (and its preview) is not shown
-        return catalog.progress(engine, state)
+        return await run_in_threadpool(catalog.progress, engine, state, skip_current_image)
 
     @router.post("/interrupt")
     async def interrupt(request: Request, state: A1111State = Depends(get_state)) -> dict[str, Any]:

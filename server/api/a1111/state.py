@@ -64,9 +64,10 @@ def default_options(settings: Settings) -> dict[str, Any]:
         "face_restoration": False,
         "face_restoration_model": None,
         "tiling": False,
-        # 0 = live previews off (this server does not make previews; A1111's -1 means "after each batch").
-        "show_progress_every_n_steps": 0,
-        "live_previews_enable": False,
+        # Live previews (pipelines.previews, A1111's "Approx cheap"): /progress shows one every N steps while a job
+        # runs; 0 or A1111's -1 ("after each batch") make none.
+        "show_progress_every_n_steps": 10,
+        "live_previews_enable": True,
         "api_enable_requests": False,
         "api_forbid_local_requests": True,
     }

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from server.access.principal import can_see, owner_filter
+from server.api.gateway.events import task_events
 from server.errors import ApiError
 from server.jobs import JobService, TaskView, Ticket, get_job_service
 from server.jobs.db import utcnow
@@ -44,7 +45,7 @@ class TaskStatus(BaseModel):
     finished_at: datetime | None
     expires_at: datetime | None
     seeds: list[int] | None
-    timings: dict[str, float] | None  # the engine's queued_s, load_s, run_s
+    timings: dict[str, float] | None  # queued_s, load_s, prepare_s, run_s (engine); encode_s, store_s
     result: dict[str, Any] | None  # completed: the body the synchronous call returns
     error: TaskError | None  # failed / cancelled
     cancel_requested: bool = False
@@ -132,6 +133,12 @@ def build_router() -> APIRouter:
     async def get_task(request: Request, task_address: str) -> Response:
         """Status of an async (or timed-out sync) call; `result` is the synchronous body once completed."""
         return await _task_response(request, get_job_service(request), task_address)
+
+    @router.get(f"{TASKS_PATH}/{{task_address}}/events", response_class=Response)
+    async def task_events_stream(request: Request, task_address: str) -> Response:
+        """The task's progress as Server-Sent Events: `queued`, `progress` (with live previews), then `completed`
+        (the body of GET /v2/tasks/{task_address}), `failed` or `cancelled`. `Last-Event-ID` resumes."""
+        return await task_events(request, task_address)
 
     @router.delete(f"{TASKS_PATH}/{{task_address}}", response_model=TaskStatus)
     async def delete_task(request: Request, task_address: str) -> Response:

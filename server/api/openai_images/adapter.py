@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image
 
 from pipelines.registry import ModelSpec, Registry
-from pipelines.request import GenerationRequest, GenerationResult, InpaintOptions, Task
+from pipelines.request import GenerationRequest, GenerationResult, InpaintOptions, Task, evenly
 from server.api.background import check_transparent_background
 from server.api.gateway import sizes
 from server.api.gateway.adapter import (
@@ -81,6 +81,9 @@ class ImagePart:
 @dataclass(frozen=True)
 class Plan:
     spec: JobSpec
+    stream: bool = False  # answer with Server-Sent Events: partial images, then the completed image(s)
+    partial_images: int = 0
+    events: str = "image_generation"  # the streaming events' prefix (image_edit for edits)
 
     def wire_field(self, field: str) -> str:
         return WIRE_FIELDS.get(field, field)
@@ -181,15 +184,14 @@ def check_options(body: ImageOptions, settings: Settings) -> None:
         errors.append(FieldError("n", f"above this server's max_images_per_request={settings.max_images_per_request}"))
     if body.steps is not None and body.steps > settings.max_steps:
         errors.append(FieldError("steps", f"above this server's max_steps={settings.max_steps}"))
-    if body.stream:
-        errors.append(FieldError("stream", "streaming is not supported by this server; omit it or send false"))
     if errors:
         raise ApiError.invalid(errors)
 
 
 def output_of(body: ImageOptions, prompt_tokens: int, input_image_tokens: int = 0, transparent: bool = False) -> Output:
     return Output(
-        response_format=body.response_format or default_response_format(body.model),
+        # A stream carries the images themselves, as OpenAI's does.
+        response_format="b64_json" if body.stream else body.response_format or default_response_format(body.model),
         output_format=body.output_format or "png",
         quality=QUALITY_LABELS[body.quality or "auto"],
         prompt_tokens=prompt_tokens,
@@ -208,7 +210,10 @@ def _request(spec: ModelSpec, body: ImageOptions, route: str, settings: Settings
     steps = body.steps or sizes.quality_steps(body.quality or "auto", spec, settings)
     guidance = spec.defaults.cfg if body.guidance_scale is None else body.guidance_scale
     tags: dict[str, Any] = {"dialect": DIALECT, "route": route}
+    # Streamed partial images are live previews, spread evenly over the steps.
+    previews = evenly(steps, body.partial_images or 0) if body.stream else 0
     return GenerationRequest(
+        preview_every=previews,
         model=spec.id,
         prompt=body.prompt,
         negative_prompt=body.negative_prompt or "",
@@ -257,7 +262,7 @@ def generation_plan(body: GenerateRequest, ctx: Context) -> Plan:
         spec, body, GENERATE_ROUTE, ctx.settings, width=width, height=height, transparent_background=removal
     )
     out = output_of(body, text_tokens(body.prompt), transparent=transparent)
-    return Plan(_spec(body, GENERATE_ROUTE, request, out, ctx.settings))
+    return Plan(_spec(body, GENERATE_ROUTE, request, out, ctx.settings), **_streaming(body, "image_generation"))
 
 
 # Edits -------------------------------------------------------------------------------------------------------------
@@ -324,7 +329,11 @@ def edit_plan(body: EditFields, parts: list[ImagePart], mask_part: ImagePart | N
     out = output_of(body, text_tokens(body.prompt), input_tokens, transparent)
     job = _spec(body, EDIT_ROUTE, request, out, ctx.settings)
     job.request_json.update(image=[_described(p) for p in parts], mask=_described(mask_part) if mask_part else None)
-    return Plan(job)
+    return Plan(job, **_streaming(body, "image_edit"))
+
+
+def _streaming(body: ImageOptions, events: str) -> dict[str, Any]:
+    return {"stream": bool(body.stream), "partial_images": body.partial_images or 0, "events": events}
 
 
 def _described(part: ImagePart) -> str:

@@ -3,6 +3,7 @@
 Calls are synchronous, as OpenAI's: the job runs through the JobService (recorded, result files stored, so `url`
 responses are this server's /v2/results URLs) and the answer is the stored body. A call that outlives
 `sync_timeout_s` answers 504 naming the task address; the job goes on and GET /v2/tasks/{address} has its result.
+With `stream: true` the answer is OpenAI's event stream (server.api.openai_images.streaming).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from server.api.openai_images.schemas import (
     edit_form_openapi,
     variation_form_openapi,
 )
+from server.api.openai_images.streaming import stream_plan
 from server.errors import ApiError
 from server.jobs import get_job_service
 from server.jobs.http import base_url, submit, task_url, wait_watching
@@ -49,7 +51,10 @@ def _context(request: Request) -> Context:
 
 
 async def run_plan(request: Request, plan: adapter.Plan) -> Response:
-    """Submit, wait, answer with the stored body; engine errors about internal fields name the wire field."""
+    """Submit, wait, answer with the stored body; engine errors about internal fields name the wire field. With
+    `stream`, the answer is OpenAI's event stream instead."""
+    if plan.stream:
+        return await stream_plan(request, plan)
     jobs = get_job_service(request)
     try:
         ticket = await submit(request, plan.spec)

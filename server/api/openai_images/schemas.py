@@ -49,8 +49,12 @@ class ImageOptions(BaseModel):
         None,
         description="`transparent`: alpha from models.yaml's background_removal model (png/webp; refused without one)",
     )
-    stream: bool | None = Field(None, description="Streaming (SSE) is not supported: `true` is refused")
-    partial_images: int | None = Field(None, ge=0, le=3, description="Accepted for compatibility; needs `stream`")
+    stream: bool | None = Field(
+        None,
+        description="Server-Sent Events: `image_generation.partial_image` / `image_edit.partial_image` (live "
+        "previews), then `*.completed` with each image as base64",
+    )
+    partial_images: int | None = Field(None, ge=0, le=3, description="Partial images to stream (with `stream`)")
     user: str | None = Field(None, max_length=256, description="End-user id; recorded with the job")
     safety_identifier: str | None = Field(None, max_length=256, description="As `user`")
     # Easel extensions (send them with the SDK's `extra_body`)
