@@ -539,3 +539,40 @@ def ensure_demo_model(kind: str, root: Path) -> Path:
             build_demo_model(kind, out_dir)
             log.info("built the demo model %s in %.1f s", kind, time.perf_counter() - started)
     return out_dir
+
+
+# --- background removal ---------------------------------------------------------------------------------------------
+
+BACKGROUND_REMOVER_LABELS = {0: "background", 1: "foreground"}
+
+
+def build_demo_background_remover(out_dir: Path) -> Path:
+    """A tiny random-weight SegFormer (2 labels: background, foreground) and its image processor, saved as a local
+    transformers folder for models.yaml's `background_removal:`. A wide weight init makes the random mask vary from
+    pixel to pixel, as a real one does (tests see a per-pixel alpha, not one flat value)."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    if is_torchvision_available():
+        from transformers import SegformerImageProcessor as image_cls
+    else:
+        from transformers import SegformerImageProcessorPil as image_cls
+    config = SegformerConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 1],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+        initializer_range=1.0,
+        id2label=BACKGROUND_REMOVER_LABELS,
+        label2id={v: k for k, v in BACKGROUND_REMOVER_LABELS.items()},
+    )
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng(devices=[]), _quiet_progress():
+        _seeded()
+        SegformerForSemanticSegmentation(config).eval().save_pretrained(out_dir, safe_serialization=True)
+    image_cls(size={"height": 64, "width": 64}).save_pretrained(out_dir)
+    return out_dir

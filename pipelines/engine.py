@@ -52,6 +52,7 @@ from pipelines.imageprep import check_request_work, flatten, prepare_inpaint, re
 from pipelines.job_state import CompletableJob
 from pipelines.library_logging import describe_components, quiet_libraries
 from pipelines.lora import LoraManager, registry_for
+from pipelines.matting import BackgroundRemover
 from pipelines.optimize import apply_optimizations, prepare_call, warmup_shapes, watch_compiles
 from pipelines.previews import PreviewMaker
 from pipelines.registry import ModelSpec, Registry
@@ -255,6 +256,8 @@ class Engine:
         self._next_sweep = 0.0
         self.calls = 0  # pipeline calls made (tests and metrics: batching shows as fewer calls than jobs)
         self.observers = Observers()  # metrics exporters (server.metrics): JobEnded, PipelineCall
+        removal = registry.background_removal
+        self.background_remover = BackgroundRemover(removal, self.device) if removal is not None else None
 
     # Lifecycle ---------------------------------------------------------------------------------------------------
 
@@ -524,6 +527,8 @@ class Engine:
             raise InvalidRequest("init_images", f"task {req.task.value} needs an input image")
         if req.task == Task.INPAINT and req.mask is None:
             raise InvalidRequest("mask", "inpainting needs a mask")
+        if req.transparent_background and self.background_remover is None:
+            raise InvalidRequest("background", "no background_removal model is configured in models.yaml")
         if req.hires is not None:
             if req.task != Task.TXT2IMG:
                 raise InvalidRequest("enable_hr", "hires fix applies to txt2img only")
@@ -783,7 +788,10 @@ class Engine:
                 job._finish(JobStatus.CANCELLED, error=JobCancelled(f"job {job.id} was cancelled"))
                 continue
             try:
-                job.images.extend(job.finish_images(images))
+                finished = job.finish_images(images)
+                if job.request.transparent_background and self.background_remover is not None:
+                    finished = self.background_remover.apply(finished)
+                job.images.extend(finished)
             except Exception as e:
                 self._fail(job, e)
                 continue

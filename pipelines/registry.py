@@ -203,12 +203,26 @@ class ModelSpec(BaseModel):
             yield f"{alias} [{self.short_hash}]"
 
 
+class BackgroundRemovalSpec(BaseModel):
+    """models.yaml `background_removal:`: the model that gives generated images an alpha channel (`background:
+    transparent`). A local transformers folder holding a semantic-segmentation (or matting) model that answers
+    per-pixel class logits (AutoModelForSemanticSegmentation: SegFormer, DPT, BEiT, MobileViT, UperNet...) and its
+    image processor; alpha = 1 - P(`background_label`) per pixel, resized to the image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str  # the folder (absolute, or relative to models.yaml); safetensors weights only
+    background_label: int = Field(0, ge=0)  # the class index that means background
+    device: str = "auto"  # auto (the engine's device) | cpu | cuda | cuda:N
+
+
 class RegistryFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     default_model: str | None = None
     models: dict[str, dict]
     routes: dict[str, str] = Field(default_factory=dict)  # used by the /v2 gateway
+    background_removal: BackgroundRemovalSpec | None = None
 
 
 class Registry:
@@ -225,10 +239,12 @@ class Registry:
         default_model: str | None = None,
         source: Path | None = None,
         routes: dict[str, str] | None = None,
+        background_removal: BackgroundRemovalSpec | None = None,
     ):
         if not models:
             raise RegistryError(f"{source or 'models.yaml'}: no models defined")
         self.source = source
+        self.background_removal = background_removal
         self._scanned: frozenset[str] = frozenset()
         self._lock = threading.Lock()  # serialises changes (two rescans at once); readers never take it
         self._install(models)
@@ -385,4 +401,7 @@ def load_registry(path: str | Path) -> Registry:
             if update:
                 spec = spec.model_copy(update=update)
         specs.append(spec)
-    return Registry(specs, top.default_model, source=path, routes=top.routes)
+    removal = top.background_removal
+    if removal is not None and not Path(removal.source).is_absolute():
+        removal = removal.model_copy(update={"source": str((path.parent / removal.source).resolve())})
+    return Registry(specs, top.default_model, source=path, routes=top.routes, background_removal=removal)

@@ -101,6 +101,8 @@ class GenerationRequest:
     # Live previews every N denoising steps (0: none), on the job's progress (pipelines.previews).
     preview_every: int = 0
     hires: HiresOptions | None = None  # A1111 hires fix (txt2img): upscale, then a second img2img pass
+    # `background: transparent`: the finished images get alpha from models.yaml's `background_removal` model (RGBA).
+    transparent_background: bool = False
     # Free-form tags the dialect wants echoed back (never read by the GPU side).
     tags: dict[str, Any] = field(default_factory=dict)
     # When the request stops being worth running: absolute wall-clock time, `time.time()` seconds since the epoch

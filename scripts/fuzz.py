@@ -80,6 +80,8 @@ def fuzz_env(max_side: int = 512) -> dict[str, str]:
         "EASEL_FETCH_TIMEOUT_S": "3",
         "EASEL_WEBHOOK_TIMEOUT_S": "2",
         "EASEL_WEBHOOK_MAX_ATTEMPTS": "1",
+        # gemini-3 4K would resize to 4096^2 and encode a ~30 MB PNG per request (seconds of CPU): tests/api cover it.
+        "EASEL_GEMINI_4K_UPSCALE": "false",
     }
 
 

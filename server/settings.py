@@ -121,12 +121,17 @@ class Settings(BaseSettings):
     result_url_secret: SecretStr | None = None
     sweep_interval_s: float = Field(300.0, gt=0)  # how often expired results and records are deleted
     max_output_pixels: int = Field(2048 * 2048, ge=64 * 64)  # gemini-3 image_size is capped to this
+    # gemini-3 `image_size: 4K` beyond the caps above: made at the model's size, then resized to 4K with this filter.
+    # false: 4K is capped as 1K/2K are (no 4K images on this server).
+    gemini_4k_upscale: bool = True
+    gemini_upscaler: UpscalerName = "lanczos"
     # gpt-image quality -> denoising steps, as a factor of the model's default steps (models.yaml defaults.steps);
     # standard / hd are dall-e-3's names (OpenAI /v1/images), the gateway's routes take the first four
     gpt_image_quality_steps: dict[str, float] = Field(
         default_factory=lambda: {"auto": 1.0, "low": 0.5, "medium": 1.0, "high": 1.5, "standard": 1.0, "hd": 1.5}
     )
     gateway_img2img_strength: float = Field(0.75, ge=0.0, le=1.0)  # reference images without a mask
+    openai_variation_strength: float = Field(0.6, gt=0.0, le=1.0)  # /v1/images/variations: how far from the image
     gateway_inpaint_strength: float = Field(1.0, ge=0.0, le=1.0)  # the white area of a gpt-image edit mask
 
     # Fetching image URLs (qwen edit `image`): loopback/private/link-local/metadata addresses are refused unless
@@ -154,6 +159,14 @@ class Settings(BaseSettings):
     genpicz_quality_steps: dict[str, float] = Field(default_factory=lambda: {"standard": 0.5, "hd": 1.0, "ultra": 1.5})
     genpicz_upscaler: UpscalerName = "lanczos"  # `upscale: true` resizes 4x with this Pillow filter
     genpicz_max_upscaled_pixels: int = Field(4096 * 4096, ge=64 * 64)  # 4x output above this: 422 naming `upscale`
+    # `upscale` is a Studio plan feature (seed 001): keys on other plans get a 403 naming `upscale`. True opens it to
+    # every plan. An open server (no keys) and admin keys may always upscale.
+    genpicz_upscale_all_plans: bool = False
+    # GET /v1/styles thumbnails: one picture per style of this prompt, made on first fetch and kept in the data dir.
+    style_thumbnail_model: str | None = None  # default: models.yaml default_model
+    style_thumbnail_size: int = Field(256, ge=64, le=1024)  # square side, rounded down to the model's multiple
+    style_thumbnail_steps: int | None = Field(None, ge=1, le=150)  # default: the model's default steps
+    style_thumbnail_prompt: str = "a lighthouse on a rocky coast at sunset"
 
     # Webhooks (server.webhooks): a signed POST when a job with a `webhook_url` finishes, retried from the database.
     webhook_allow_http: bool = False  # https targets only by default; true also accepts http://

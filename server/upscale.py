@@ -37,3 +37,18 @@ def upscaler(method: str, factor: int) -> Callable[[Image.Image], Image.Image]:
     if method.lower() not in _FILTERS:
         raise ValueError(f"unknown upscaler {method!r}; one of: {', '.join(UPSCALER_NAMES)}")
     return partial(upscale, factor=factor, method=method)
+
+
+def resize_to(image: Image.Image, size: tuple[int, int], method: str = "lanczos") -> Image.Image:
+    """`image` resized to exactly `size` (an upscale whose factor need not be whole, e.g. to 4K)."""
+    resample = _FILTERS.get(method.lower())
+    if resample is None:
+        raise ValueError(f"unknown upscaler {method!r}; one of: {', '.join(UPSCALER_NAMES)}")
+    return image if image.size == size else image.resize(size, resample)
+
+
+def resizer(size: tuple[int, int], method: str) -> Callable[[Image.Image], Image.Image]:
+    """An image -> image function resizing to `size` (e.g. `JobSpec.postprocess`); the name is checked now."""
+    if method.lower() not in _FILTERS:
+        raise ValueError(f"unknown upscaler {method!r}; one of: {', '.join(UPSCALER_NAMES)}")
+    return partial(resize_to, size=size, method=method)

@@ -27,7 +27,9 @@ from server.access.ratelimit import RateDecision, RateLimiter
 from server.errors import A1111_PREFIXES, ErrorInfo, renderer_for
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-OPEN_PREFIXES = ("/docs-assets/",)  # the API pages' own scripts and styles (server.app.DOCS_ASSETS_PATH)
+# The API pages' own scripts and styles (server.app.DOCS_ASSETS_PATH), and the style presets' example thumbnails
+# (server.thumbnails: public pictures of a fixed prompt, one per style, made once).
+OPEN_PREFIXES = ("/docs-assets/", "/v1/style-thumbnails/")
 
 
 class AccessControl:

@@ -1,9 +1,13 @@
-"""`background: transparent`, shared by the dialects that have it: only a model listed in `alpha_model_ids` can make
-alpha, and only png or webp can carry it."""
+"""`background: transparent`, shared by the dialects that have it (OpenAI, IndoxHub, Genrex).
+
+Alpha comes from models.yaml's `background_removal:` model, applied by the engine after generation
+(`GenerationRequest.transparent_background`), or from a model listed in `alpha_model_ids` (one that makes alpha
+itself). Without either the request is refused naming the field; jpeg, which has no alpha channel, always is.
+"""
 
 from __future__ import annotations
 
-from pipelines.registry import ModelSpec
+from pipelines.registry import ModelSpec, Registry
 from server.errors import ApiError, FieldError
 from server.settings import Settings
 
@@ -12,19 +16,23 @@ def check_transparent_background(
     background: str | None,
     output_format: str | None,
     spec: ModelSpec,
+    registry: Registry,
     settings: Settings,
     *,
     background_field: str = "background",
     format_field: str = "output_format",
-) -> None:
-    """422 naming the field when a transparent background cannot be made."""
+) -> bool:
+    """Whether the engine must remove the background (True only for `transparent` on a model without its own alpha).
+    4xx naming the field when a transparent background cannot be made or carried."""
     if background != "transparent":
-        return
-    if spec.id not in settings.alpha_model_ids:
+        return False
+    if spec.id not in settings.alpha_model_ids and registry.background_removal is None:
         message = (
-            f"transparent backgrounds need a model that produces alpha; '{spec.id}' does not (use auto or opaque, "
-            "or list such a model in alpha_model_ids)"
+            f"transparent backgrounds need a background-removal model and none is configured ('{spec.id}' makes no "
+            "alpha itself): use auto or opaque, or set background_removal in models.yaml"
         )
         raise ApiError.invalid([FieldError(background_field, message)])
-    if output_format == "jpeg":
-        raise ApiError.invalid([FieldError(format_field, "jpeg has no alpha channel; use png or webp")])
+    if output_format in ("jpeg", "jpg"):
+        message = "jpeg has no alpha channel: a transparent background needs png or webp"
+        raise ApiError.invalid([FieldError(format_field, message)])
+    return spec.id not in settings.alpha_model_ids

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipelines.engine_api import JobStatus
 from pipelines.errors import EngineError, InvalidRequest, ModelNotFound, QueueFull
-from pipelines.registry import Registry
+from pipelines.registry import BackgroundRemovalSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, Progress, Task
 from pipelines.sampler_names import resolve_sampler, scheduler_label_for_info
 
@@ -30,6 +30,21 @@ FLOW_MATCHING_FAMILIES = frozenset({"flux", "qwen-image", "qwen-image-edit"})
 
 def seed_color(seed: int) -> tuple[int, int, int]:
     return (seed * 37 % 256, seed * 91 % 256, seed * 53 % 256)
+
+
+def with_background_removal(registry: Registry) -> Registry:
+    """`registry`'s models plus a `background_removal:` model (the fake engine only reads the flag it sets)."""
+    removal = BackgroundRemovalSpec(source="/models/segmentation")
+    return Registry(list(registry), registry.default_model, routes=registry.routes, background_removal=removal)
+
+
+def fake_image(req: GenerationRequest, seed: int) -> Image.Image:
+    """The seed's colour; with `transparent_background` (the engine's background removal) the left half clear."""
+    image = Image.new("RGB", (req.width, req.height), seed_color(seed))
+    if req.transparent_background:
+        image = image.convert("RGBA")
+        image.paste((*seed_color(seed), 0), (0, 0, req.width // 2, req.height))
+    return image
 
 
 class FakeJob:
@@ -111,7 +126,7 @@ class FakeJob:
                         time.sleep(engine.step_delay)
                 # As A1111: a stopped batch is still decoded and returned.
                 call_seeds = seeds[it * req.batch_size : (it + 1) * req.batch_size]
-                images.extend(Image.new("RGB", (req.width, req.height), seed_color(s)) for s in call_seeds)
+                images.extend(fake_image(req, s) for s in call_seeds)
             spec = engine.registry.get(req.model) if engine.registry is not None else None
             # What the real engine does (Engine._run_job): same resolution, same reported label.
             default_sampler = spec.defaults.sampler if spec is not None else None

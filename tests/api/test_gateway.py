@@ -368,6 +368,34 @@ def test_gemini_sizes(gw: Gateway) -> None:
     assert decode(r.json()["images"][0]).size == (1152, 2048)  # 2K, capped by max_height 2048
 
 
+def test_gemini_4k_is_made_at_the_model_size_and_upscaled(gw: Gateway) -> None:
+    """Seed 003: 4K is 4096^2 for 1:1. Beyond the caps, the model (demo-flux, 512^2) makes the ratio at its own size and
+    the stored image is resized to 4K; the response and the task say so."""
+    r = gw.post("gemini-3", {"prompt": "a fox", "image_size": "4K"})
+    assert r.status_code == 200, r.text
+    image = decode(r.json()["images"][0]).convert("RGB")
+    assert image.size == (4096, 4096) and image.getpixel((4095, 0)) == image.getpixel((0, 4095))  # the fake's colour
+    assert (gw.engine.requests[-1].width, gw.engine.requests[-1].height) == (512, 512)
+    assert "made at 512x512 by demo-flux, then upscaled to 4096x4096 (lanczos)" in r.json()["info"]
+
+    accepted = gw.post("gemini-3", {"prompt": "a fox", "image_size": "4K", "aspect_ratio": "16:9", "async": True})
+    task = gw.poll(accepted.json()["task_address"])
+    assert decode(task["result"]["images"][0]).size == (5456, 3072) and "upscaled" in task["result"]["info"]
+    assert (gw.engine.requests[-1].width, gw.engine.requests[-1].height) == (688, 384)
+
+    r = gw.post("gemini-3", {"prompt": "a fox", "image_size": "2K"})
+    assert "info" not in r.json() and decode(r.json()["images"][0]).size == (2048, 2048)
+
+
+def test_gemini_4k_within_raised_caps_is_made_by_the_model(make_gateway: Callable[..., Gateway]) -> None:
+    gw = make_gateway(max_width=4096, max_height=4096, max_output_pixels=4096 * 4096)
+    r = gw.post("gemini-3", {"prompt": "a fox", "image_size": "4K"})
+    assert "info" not in r.json() and (gw.engine.requests[-1].width, gw.engine.requests[-1].height) == (4096, 4096)
+    capped = make_gateway(data_dir=gw.settings.data_dir.parent / "capped", gemini_4k_upscale=False)
+    r = capped.post("gemini-3", {"prompt": "a fox", "image_size": "4K"})
+    assert "info" not in r.json() and decode(r.json()["images"][0]).size == (2048, 2048)  # the old cap
+
+
 @pytest.mark.parametrize(
     "ratio, size, expected",
     [

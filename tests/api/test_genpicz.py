@@ -80,7 +80,7 @@ def make_genpicz(tmp_path: Path, registry: Registry) -> Iterator[Callable[..., G
     def make(reg: Registry | None = None, **overrides: Any) -> GenPicz:
         reg = reg or registry
         engine = FakeEngine(reg)
-        settings = Settings(data_dir=tmp_path / f"data{len(opened)}", **overrides)
+        settings = Settings(**{"data_dir": tmp_path / f"data{len(opened)}", **overrides})
         app = create_app(settings, engine=engine, registry=reg)
         client = TestClient(app)
         client.__enter__()  # lifespan: job store start-up and shut-down
@@ -281,6 +281,30 @@ def test_upscale_pixel_cap_is_a_setting(make_genpicz: Callable[..., GenPicz]):
     error = assert_error(gp.generate(upscale=True, width=768), 422, "invalid_request", "upscale")
     assert "genpicz_max_upscaled_pixels" in error["message"]
     assert gp.ok(upscale=False, width=768)["width"] == 768
+
+
+@pytest.mark.parametrize("all_plans", [False, True])
+def test_upscale_is_for_the_studio_plan(make_genpicz: Callable[..., GenPicz], all_plans: bool):
+    """Seed 001: "Studio plan only": other plans get a 403 in GenPicz's shape, unless genpicz_upscale_all_plans."""
+    gp = make_genpicz(genpicz_upscale_all_plans=all_plans)
+    keys = gp.app.state.keys
+    studio, pro = keys.create("s", plan="studio"), keys.create("p", plan="pro")
+    admin = keys.create("root", plan="starter", admin=True)
+
+    def post(key: Any, **fields: Any) -> httpx.Response:
+        body = {**SMALL, "width": 512, "height": 512, **fields}
+        return gp.client.post("/v1/generate", json=body, headers={"Authorization": f"Bearer {key.secret}"})
+
+    assert post(studio, upscale=True).json()["width"] == 2048
+    assert post(admin, upscale=True).json()["width"] == 2048
+    assert post(pro, upscale=False).json()["width"] == 512
+    r = post(pro, upscale=True)
+    if all_plans:
+        assert r.status_code == 200 and r.json()["width"] == 2048
+    else:
+        error = assert_error(r, 403, "plan_not_allowed", "upscale")
+        assert "Studio" in error["message"] and "'pro'" in error["message"]
+        assert len(gp.engine.requests) == 3  # refused before it reached the engine
 
 
 def test_upscalers_by_name():
@@ -518,8 +542,57 @@ def test_styles_lists_the_presets(gp: GenPicz):
     }  # fmt: skip
     assert expected <= {s["id"] for s in styles}
     for s in styles:
-        assert set(s) == {"id", "name", "description"} and s["name"] and s["description"]
-    assert {"id": "cinematic", "name": "Cinematic", "description": book.get("cinematic").description} in styles
+        assert set(s) == {"id", "name", "description", "thumbnail_url"} and s["name"] and s["description"]
+    cinematic = next(s for s in styles if s["id"] == "cinematic")
+    assert (cinematic["name"], cinematic["description"]) == ("Cinematic", book.get("cinematic").description)
+
+
+def test_style_thumbnails_are_made_once_on_first_fetch(make_genpicz: Callable[..., GenPicz]):
+    """Seed 001: /v1/styles lists example thumbnails. Listing makes nothing; the first fetch of a URL makes it with
+    the default model (demo-sd15) at a small size, later fetches serve the stored file."""
+    gp = make_genpicz(style_thumbnail_size=100, style_thumbnail_steps=2)
+    styles = gp.client.get("/v1/styles").json()["styles"]
+    urls = {s["id"]: s["thumbnail_url"] for s in styles}
+    assert gp.engine.requests == [] and len(set(urls.values())) == len(urls)  # fast: nothing generated yet
+    assert urls["cinematic"].startswith("http://testserver/v1/style-thumbnails/")
+    r = gp.client.get(urls["cinematic"])
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    assert "immutable" in r.headers["cache-control"]
+    assert png(r.content).size == (96, 96)  # 100 rounded down to the model's multiple
+    (req,) = gp.engine.requests
+    assert (req.model, req.steps, req.seed) == ("demo-sd15", 2, 0)
+    assert req.prompt.startswith("cinematic film still of a lighthouse")
+    again = gp.client.get(urls["cinematic"])
+    assert again.content == r.content and len(gp.engine.requests) == 1  # cached in the data directory
+    assert list((gp.app.state.settings.data_dir / "style-thumbnails").glob("*.png"))
+    assert gp.client.get(urls["cinematic"].replace(".png", ".jpg")).status_code == 404
+    assert_error(gp.client.get("/v1/style-thumbnails/" + "0" * 32 + ".png"), 404, "not_found")
+
+
+def test_style_thumbnails_change_with_the_model_or_the_style(make_genpicz: Callable[..., GenPicz], tmp_path: Path):
+    styles = tmp_path / "styles.yaml"
+    styles.write_text("styles:\n  ink:\n    name: Ink\n    prompt: 'ink drawing of {prompt}'\n")
+    data = tmp_path / "shared-data"
+    first = make_genpicz(styles=styles, data_dir=data, style_thumbnail_steps=1)
+    url = first.client.get("/v1/styles").json()["styles"][0]["thumbnail_url"]
+    assert first.client.get(url).status_code == 200
+    other_model = make_genpicz(styles=styles, data_dir=data, style_thumbnail_model="demo-sdxl")
+    moved = other_model.client.get("/v1/styles").json()["styles"][0]["thumbnail_url"]
+    assert moved != url and other_model.client.get(moved).status_code == 200
+    assert other_model.client.get(url).status_code == 404  # made for the old model: removed when the new one came
+    styles.write_text("styles:\n  ink:\n    name: Ink\n    prompt: 'sumi-e ink painting of {prompt}'\n")
+    restyled = make_genpicz(styles=styles, data_dir=data, style_thumbnail_steps=1)
+    new_url = restyled.client.get("/v1/styles").json()["styles"][0]["thumbnail_url"]
+    assert new_url != url and restyled.client.get(new_url).status_code == 200
+    assert restyled.engine.requests[-1].prompt.startswith("sumi-e ink painting of")
+
+
+def test_style_thumbnails_are_public_when_keys_are_required(gp: GenPicz):
+    key = gp.app.state.keys.create("alice")
+    assert gp.client.get("/v1/styles").status_code == 401
+    listed = gp.client.get("/v1/styles", headers={"Authorization": f"Bearer {key.secret}"})
+    url = listed.json()["styles"][0]["thumbnail_url"]
+    assert gp.client.get(url).status_code == 200  # no key: a public picture, as result URLs
 
 
 def test_other_errors_under_genpicz_paths(gp: GenPicz):

@@ -24,7 +24,7 @@ from pipelines.errors import GenerationFailed, InvalidRequest, QueueFull
 from pipelines.registry import Registry
 from server.app import create_app
 from server.settings import Settings
-from tests.api.fake_engine import FakeEngine
+from tests.api.fake_engine import FakeEngine, with_background_removal
 from tests.unit.test_jobs import CancellingFakeEngine
 
 PROMPT = "A futuristic city skyline at sunset with flying cars"
@@ -139,6 +139,18 @@ def test_prompt_bounds_are_inclusive(gx: Genrex) -> None:
 def test_transparent_background_says_why(gx: Genrex) -> None:
     body = assert_error(gx.create({**SMALL, "background": "transparent"}), "background")
     assert "alpha" in body["message"] and "demo-sdxl" in body["message"]
+
+
+def test_transparent_background_with_a_removal_model(make_genrex: Callable[..., Genrex], registry: Registry) -> None:
+    """Seed 000's `background: transparent`: the engine is asked for alpha (models.yaml background_removal)."""
+    gx = make_genrex(with_background_removal(registry))
+    done = gx.poll(gx.submit({**SMALL, "background": "transparent"}))
+    assert done["status"] == "completed" and gx.engine.requests[-1].transparent_background
+    image = Image.open(io.BytesIO(gx.client.get(done["data"]["url"]).content))
+    assert image.format == "PNG" and image.mode == "RGBA" and image.getpixel((0, 0))[3] == 0
+    assert_error(gx.create({**SMALL, "background": "transparent", "format": "jpeg"}), "format")
+    gx.poll(gx.submit({**SMALL, "background": "opaque"}))
+    assert not gx.engine.requests[-1].transparent_background
 
 
 def test_alpha_capable_model_setting(make_genrex: Callable[..., Genrex]) -> None:

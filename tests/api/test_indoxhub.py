@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import re
 import time
 import uuid
@@ -26,7 +27,7 @@ from pipelines.registry import Registry
 from server.api.indoxhub.adapter import aspect_size
 from server.app import create_app
 from server.settings import Settings
-from tests.api.fake_engine import FakeEngine, seed_color
+from tests.api.fake_engine import FakeEngine, seed_color, with_background_removal
 
 PATH = "/api/v1/images/generations"
 SMALL = {"prompt": "a fox in the snow", "size": "64x64"}
@@ -113,7 +114,6 @@ def assert_error(r: httpx.Response, field: str | None, status: int = 422) -> dic
         ({"response_format": "png"}, "response_format"),
         ({"model": "demo-qwen-image-edit"}, "model"),  # edits images; cannot make one from text
         ({"provider": "x" * 101}, "provider"),
-        ({"byok_api_key": "sk-my-own-key"}, "byok_api_key"),
         ({"additional_params": "seed=1"}, "additional_params"),
         ({"additional_params": {"aspect_ratio": "wide"}}, "additional_params.aspect_ratio"),
         ({"additional_params": {"aspect_ratio": "1:9"}}, "additional_params.aspect_ratio"),
@@ -136,11 +136,24 @@ def test_each_field_is_a_422_naming_it(hub: Hub, patch: dict[str, Any], field: s
     assert hub.engine.requests == [] and hub.app.state.jobs.list_jobs() == []  # nothing ran, nothing recorded
 
 
-def test_byok_refusal_says_why(hub: Hub) -> None:
-    body = assert_error(hub.post({**SMALL, "byok_api_key": "sk-abc"}), "byok_api_key")
-    assert "upstream provider" in body["message"]
-    assert hub.ok({**SMALL, "byok_api_key": None})["success"]  # null or empty: not given
-    assert hub.ok({**SMALL, "byok_api_key": ""})["success"]
+def test_byok_api_key_is_ignored_never_stored_or_logged(
+    make_hub: Callable[..., Hub], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seed 002 lists `byok_api_key`: accepted, said to be ignored, and found nowhere afterwards."""
+    hub = make_hub()
+    secret = "sk-byok-7f3a9c2e-do-not-keep"
+    with caplog.at_level(logging.DEBUG):
+        out = hub.ok({**SMALL, "byok_api_key": secret, "additional_params": {"seed": 4}})
+        hub.ok({**SMALL, "byok_api_key": secret, "user": "u-2"})
+        assert_error(hub.post({**SMALL, "byok_api_key": secret, "n": 99}), "n")  # a refused request keeps it neither
+    assert "byok_api_key ignored" in out["message"] and "runs its own models" in out["message"]
+    assert secret not in caplog.text and secret not in repr(hub.engine.requests)
+    stored = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("easel.db") for p in stored)
+    for path in stored:  # the job DB (and its WAL), result files: none holds the key
+        assert secret.encode() not in path.read_bytes(), path
+    quiet = hub.ok({**SMALL, "byok_api_key": None})  # null or empty: not given, nothing said
+    assert quiet["message"] == "" and hub.ok({**SMALL, "byok_api_key": ""})["message"] == ""
 
 
 def test_transparent_background_says_why(hub: Hub) -> None:
@@ -150,6 +163,16 @@ def test_transparent_background_says_why(hub: Hub) -> None:
     assert "alpha" in body["message"] and "demo-sdxl" in body["message"]
     for background in ("auto", "opaque"):
         assert hub.ok({**SMALL, "additional_params": {"background": background}})["success"]
+
+
+def test_transparent_background_with_a_removal_model(make_hub: Callable[..., Hub], registry: Registry) -> None:
+    hub = make_hub(with_background_removal(registry))
+    body = {**SMALL, "response_format": "b64_json", "additional_params": {"background": "transparent"}}
+    out = hub.ok(body)
+    assert hub.engine.requests[-1].transparent_background
+    assert decode(out["data"][0]["b64_json"]).mode == "RGBA"
+    jpeg = {**SMALL, "additional_params": {"background": "transparent", "output_format": "jpeg"}}
+    assert "no alpha channel" in assert_error(hub.post(jpeg), "additional_params.output_format")["message"]
 
 
 def test_alpha_capable_models_may_use_transparent(make_hub: Callable[..., Hub]) -> None:

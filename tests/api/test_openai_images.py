@@ -25,9 +25,10 @@ from PIL import Image
 from pipelines.errors import GenerationFailed, InvalidRequest, QueueFull
 from pipelines.registry import Registry, load_registry
 from pipelines.request import GenerationRequest, Task
+from server.api.openai_images.adapter import image_tokens
 from server.app import create_app
 from server.settings import Settings
-from tests.api.fake_engine import FakeEngine, seed_color
+from tests.api.fake_engine import FakeEngine, seed_color, with_background_removal
 
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"
@@ -228,6 +229,29 @@ def test_opaque_and_auto_backgrounds_are_fine(api: Api) -> None:
         assert api.generate(background=background).json()["background"] == "opaque"
 
 
+def test_transparent_background_without_a_removal_model_says_how(api: Api) -> None:
+    error = assert_openai_error(api.generate(background="transparent"), "background", code="invalid_value")
+    assert "background_removal" in error["message"] and "models.yaml" in error["message"]
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+def test_transparent_background_asks_the_engine_for_alpha(
+    make_api: Callable[..., Api], registry: Registry, fmt: str
+) -> None:
+    api = make_api(with_background_removal(registry))
+    r = api.generate(background="transparent", output_format=fmt, size="96x64")
+    assert r.status_code == 200, r.text
+    assert r.json()["background"] == "transparent" and api.last.transparent_background
+    image = decode(r.json()["data"][0]["b64_json"])
+    assert image.format == fmt.upper() and image.mode == "RGBA" and image.size == (96, 64)
+    assert image.getpixel((0, 0))[3] == 0 and image.getpixel((95, 0))[3] == 255
+    r = api.edit([("image", ("in.png", png(), "image/png"))], background="transparent")
+    assert r.status_code == 200 and r.json()["background"] == "transparent" and api.last.transparent_background
+    assert api.generate(background="auto").json()["background"] == "opaque" and not api.last.transparent_background
+    error = assert_openai_error(api.generate(background="transparent", output_format="jpeg"), "output_format")
+    assert "jpeg has no alpha" in error["message"]
+
+
 def test_jobs_are_recorded_with_the_wire_request_but_no_image_bytes(api: Api) -> None:
     assert api.generate(user="alice", seed=1).status_code == 200
     image = png()
@@ -306,6 +330,22 @@ def test_unknown_model_is_404_model_not_found(api: Api) -> None:
     assert "dall-e-9" in error["message"]
 
 
+@pytest.mark.parametrize(
+    "name, model_id, fmt",
+    [("openai/dall-e-3", "demo-sdxl", "url"), ("openai/gpt-image-1", "demo-sdxl", "b64_json")]
+    + [("google/demo-flux", "demo-flux", "b64_json"), ("OpenAI/DALL-E-2", "demo-sdxl", "url")],
+)
+def test_provider_prefixed_model_names_resolve(api: Api, name: str, model_id: str, fmt: str) -> None:
+    """IndoxHub's `provider/name` form (seed 002's OpenAI SDK example) on /v1: the name after the slash runs."""
+    r = api.generate(model=name)
+    assert r.status_code == 200, r.text
+    assert api.last.model == model_id and set(r.json()["data"][0]) == {fmt}
+    assert api.client.get(f"/v1/models/{name}").json()["root"] == model_id
+    r = api.edit([("image", ("in.png", png(), "image/png"))], model=name if model_id != "demo-flux" else "demo-sd15")
+    assert r.status_code == 200, r.text
+    assert_openai_error(api.generate(model="openai/dall-e-9"), "model", status=404, code="model_not_found")
+
+
 def test_invalid_json_is_400_without_param(api: Api) -> None:
     r = api.client.post(GENERATIONS, content=b"{not json", headers={"Content-Type": "application/json"})
     assert_openai_error(r, None)
@@ -352,7 +392,7 @@ def test_timeout_is_504_naming_the_task(make_api: Callable[..., Api]) -> None:
 
 
 def test_unknown_routes_and_methods_answer_in_openai_shape(api: Api) -> None:
-    assert_openai_error(api.client.post("/v1/images/variations"), None, status=404)
+    assert_openai_error(api.client.post("/v1/images/nope"), None, status=404)
     r = api.client.get(GENERATIONS)
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
 
@@ -574,3 +614,79 @@ def test_sdk_raises_bad_request_with_param(api: Api) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         sdk_call(api, lambda c: c.images.generate(prompt="a fox", model="no-such-model"))
     assert missing.value.code == "model_not_found"
+
+
+# Variations -----------------------------------------------------------------------------------------------------------
+
+VARIATIONS = "/v1/images/variations"
+
+
+def vary(api: Api, image: bytes | None = None, **fields: Any) -> httpx.Response:
+    files = [("image", ("in.png", png(96, 64, (200, 10, 10)) if image is None else image, "image/png"))]
+    return api.client.post(VARIATIONS, data={k: str(v) for k, v in fields.items()}, files=files)
+
+
+def test_variations_are_image_to_image_on_the_generations_model(api: Api) -> None:
+    r = vary(api, size="64x64", n=3, seed=9)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [set(item) for item in body["data"]] == [{"url"}] * 3  # OpenAI's default for variations: url
+    assert body["size"] == "64x64" and body["background"] == "opaque" and body["output_format"] == "png"
+    req = api.last
+    assert (req.model, req.task, req.width, req.height, req.batch_size) == ("demo-sdxl", Task.IMG2IMG, 64, 64, 3)
+    assert (req.seed, req.prompt, req.strength, req.steps) == (9, "", 0.6, 20)  # openai_variation_strength
+    assert req.init_images[0].getpixel((0, 0)) == (200, 10, 10) and req.init_images[0].size == (96, 64)
+    fetched = api.client.get(body["data"][2]["url"])
+    assert decode(fetched.content).getpixel((0, 0)) == seed_color(11)  # seed + 2: each variation differs
+    assert body["usage"]["input_tokens_details"]["image_tokens"] == image_tokens(96, 64)
+
+
+def test_variation_defaults_and_extensions(api: Api) -> None:
+    assert vary(api).json()["size"] == "1024x1024"  # OpenAI's default size
+    assert vary(api, size="auto").json()["size"] == "96x64"  # the image's own
+    r = vary(api, size="64x64", model="dall-e-2", response_format="b64_json", user="bob", prompt="a red barn")
+    assert r.status_code == 200, r.text
+    assert decode(r.json()["data"][0]["b64_json"]).size == (64, 64)
+    assert vary(api, size="64x64", model="openai/demo-sd15", strength=0.3, steps=4, guidance_scale=2).status_code == 200
+    req = api.last
+    assert (req.model, req.strength, req.steps, req.guidance) == ("demo-sd15", 0.3, 4, 2.0)
+    records = api.client.app.state.jobs.list_jobs(dialect="openai")  # type: ignore[attr-defined]
+    assert any(r.request_json.get("user") == "bob" and r.request_json["prompt"] == "a red barn" for r in records)
+    assert all("image" not in r.request_json or r.request_json["image"].startswith("<image") for r in records)
+
+
+@pytest.mark.parametrize(
+    "fields, param, status",
+    [
+        ({"n": 11}, "n", 400),
+        ({"n": 0}, "n", 400),
+        ({"size": "65x64"}, "size", 400),
+        ({"response_format": "png"}, "response_format", 400),
+        ({"strength": 0}, "strength", 400),
+        ({"prompt": "x", "quality": "hd"}, "quality", 400),  # not a variations field
+        ({"model": "demo-qwen-image-edit"}, "model", 400),
+        ({"model": "dall-e-9"}, "model", 404),
+    ],
+)
+def test_variation_fields_are_validated(api: Api, fields: dict[str, Any], param: str, status: int) -> None:
+    assert_openai_error(vary(api, **fields), param, status=status)
+    assert not api.engine.requests
+
+
+def test_variation_image_is_required_once_and_decoded(api: Api) -> None:
+    assert_openai_error(api.client.post(VARIATIONS, data={"n": "1"}, files=[("x", ("a", b"", "text/plain"))]), "x")
+    r = api.client.post(VARIATIONS, files=[("image", ("a.png", png(), "image/png"))] * 2)
+    assert_openai_error(r, "image")
+    assert_openai_error(vary(api, image=b"not an image"), "image")
+    assert_openai_error(api.client.post(VARIATIONS, json={"n": 1}), "image")
+    assert not api.engine.requests
+
+
+def test_sdk_create_variation(api: Api) -> None:
+    image = ("in.png", png(64, 64), "image/png")
+    result = sdk_call(
+        api, lambda c: c.images.create_variation(image=image, n=2, size="256x256", response_format="b64_json")
+    )
+    assert [decode(d.b64_json).size for d in result.data] == [(256, 256)] * 2
+    result = sdk_call(api, lambda c: c.images.create_variation(image=image, model="dall-e-2", size="256x256"))
+    assert result.data[0].url and "/v2/results/" in result.data[0].url

@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import REPO_ROOT
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -22,17 +24,31 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, port: int, proc: subprocess.Popen, log: Path):
+    def __init__(self, port: int, proc: subprocess.Popen, log: Path, data_dir: Path):
         self.port = port
+        self.data_dir = data_dir
         self.proc = proc
         self.log = log
         self.url = f"http://127.0.0.1:{port}"
+
+
+def served_models_yaml(folder: Path) -> Path:
+    """The repo's models.yaml plus a `background_removal:` model (a tiny random-weight SegFormer folder built here),
+    so `background: transparent` runs end to end."""
+    from pipelines.demo import build_demo_background_remover
+
+    remover = build_demo_background_remover(folder / "background-removal")
+    path = folder / "models.yaml"
+    text = (REPO_ROOT / "models.yaml").read_text()
+    path.write_text(f"{text}\nbackground_removal:\n  source: {remover}\n")
+    return path
 
 
 @pytest.fixture(scope="session")
 def live_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     port = free_port()
     log = tmp_path_factory.mktemp("server-log") / "easel.log"
+    models = served_models_yaml(tmp_path_factory.mktemp("models"))
     easel = Path(sys.executable).parent / "easel"
     env = {
         **os.environ,
@@ -41,16 +57,30 @@ def live_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "EASEL_DRAIN_TIMEOUT_S": "5",  # teardown: leftover jobs get 5 s, not the default 30
         # Genrex sizes are 1024 px and up: one step at `low` keeps its end-to-end test fast on CPU.
         "EASEL_GENREX_QUALITY_STEPS": '{"low": 0.05, "medium": 0.5, "high": 1.0}',
+        # GenPicz style thumbnails: 2 steps at 128 px instead of the model's 20 at 256.
+        "EASEL_STYLE_THUMBNAIL_STEPS": "2",
+        "EASEL_STYLE_THUMBNAIL_SIZE": "128",
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(easel), "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)],
+            [
+                str(easel),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(data_dir),
+                "--models",
+                str(models),
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
         )
-    server = LiveServer(port, proc, log)
+    server = LiveServer(port, proc, log, data_dir)
     deadline = time.monotonic() + 300
     try:
         while True:

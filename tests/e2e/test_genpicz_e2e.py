@@ -92,3 +92,12 @@ def test_errors_in_genpicz_shape(live: httpx.Client) -> None:
     }
     styles = live.get("/v1/styles").json()["styles"]
     assert {"auto", "cinematic", "photograph"} <= {s["id"] for s in styles}
+
+
+def test_style_thumbnail_is_made_by_the_default_model_and_kept(live: httpx.Client) -> None:
+    styles = {s["id"]: s for s in live.get("/v1/styles").json()["styles"]}
+    url = styles["sketch"]["thumbnail_url"]
+    image = fetch_png(live, url)
+    assert image.size == (128, 128)  # demo-sd15 (models.yaml default_model) at style_thumbnail_size (conftest)
+    again = live.get(url)
+    assert again.headers["cache-control"].startswith("public") and again.content == live.get(url).content

@@ -66,8 +66,12 @@ def test_indoxhub_b64_json_and_url(live_server: LiveServer) -> None:
         assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/webp"
         assert decode(fetched.content).size == (64, 64)
 
-        r = client.post(INDOXHUB, json={"prompt": "x", "size": "64x64", "byok_api_key": "sk-1"})
-        assert r.status_code == 422 and r.json()["error"]["field"] == "byok_api_key"
+        secret = "sk-byok-e2e-5b1d0c"  # accepted, said to be ignored, in neither the server log nor the job DB
+        body = {"prompt": "x", "size": "64x64", "byok_api_key": secret, "quality": "low", "response_format": "b64_json"}
+        r = client.post(INDOXHUB, json=body)
+        assert r.status_code == 200 and "byok_api_key ignored" in r.json()["message"]
+        assert secret not in live_server.log.read_text()
+        assert all(secret.encode() not in p.read_bytes() for p in live_server.data_dir.glob("easel.db*"))
 
 
 def test_genrex_create_poll_fetch(live_server: LiveServer) -> None:

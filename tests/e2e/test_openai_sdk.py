@@ -85,6 +85,49 @@ def test_generate_url_and_other_formats(client: openai.OpenAI, live_server: Live
     assert image.format == "WEBP" and image.size == (64, 64)
 
 
+def test_seed_002_sdk_example_with_a_provider_prefixed_model(live_server: LiveServer) -> None:
+    """IndoxHub's own example (seed 002): `base_url=".../v1"`, `model="openai/dall-e-3"`, a dall-e URL answer."""
+    with openai.OpenAI(api_key="YOUR_API_KEY", base_url=f"{live_server.url}/v1", max_retries=0, timeout=300) as c:
+        response = c.images.generate(
+            model="openai/dall-e-3",
+            prompt="A serene mountain landscape at sunset, photorealistic",
+            size="64x64",  # the example's 1024x1024, small to stay fast on CPU
+            n=1,
+            extra_body=FAST,
+        )
+    url = (response.data or [])[0].url
+    assert url and url.startswith(f"{live_server.url}/v2/results/")
+    assert decode(httpx.get(url).content).size == (64, 64)
+
+
+def test_transparent_background_has_real_alpha(client: openai.OpenAI, live_server: LiveServer) -> None:
+    """models.yaml's background_removal model (the live server's tiny SegFormer) gives png and webp an alpha channel."""
+    result = client.images.generate(
+        prompt="a red apple", size="80x64", background="transparent", extra_body={**FAST, "seed": 2}
+    )
+    assert result.background == "transparent"
+    image = decode((result.data or [])[0].b64_json or "")
+    assert image.format == "PNG" and image.mode == "RGBA" and image.size == (80, 64)
+    alpha = np.asarray(image.getchannel("A"))
+    assert alpha.min() < 255 and len(np.unique(alpha)) > 8  # per-pixel, not all opaque
+
+    result = client.images.generate(
+        prompt="a red apple",
+        size="64x64",
+        background="transparent",
+        output_format="webp",
+        response_format="url",
+        extra_body=FAST,
+    )
+    fetched = decode(httpx.get((result.data or [])[0].url or "").content)
+    assert fetched.format == "WEBP" and fetched.mode == "RGBA" and fetched.size == (64, 64)
+    assert np.asarray(fetched.getchannel("A")).min() < 255
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(prompt="x", size="64x64", background="transparent", output_format="jpeg")
+    assert caught.value.param == "output_format"
+
+
 def test_edit_with_mask_keeps_the_opaque_area(client: openai.OpenAI) -> None:
     source = noise(64, 64, seed=0)
     mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
@@ -112,6 +155,17 @@ def test_edit_with_two_images(client: openai.OpenAI) -> None:
         image=images, prompt="combine them", model="demo-qwen-image-edit", size="64x64", extra_body=FAST
     )
     assert decode((result.data or [])[0].b64_json or "").size == (64, 64)
+
+
+def test_create_variation_makes_distinct_images_near_the_source(client: openai.OpenAI) -> None:
+    source = noise(64, 64, seed=4)
+    # img2img runs steps x strength (0.6) denoising steps: 2 steps give 1
+    result = client.images.create_variation(
+        image=png_file(source, "source.png"), n=2, size="64x64", response_format="b64_json", extra_body={"steps": 2}
+    )
+    first, second = (np.asarray(decode(d.b64_json or "").convert("RGB"), dtype=np.int16) for d in result.data or [])
+    assert first.shape == second.shape == (64, 64, 3)
+    assert not np.array_equal(first, second)  # seed, seed + 1
 
 
 def test_invalid_input_raises_bad_request_with_param(client: openai.OpenAI) -> None:

@@ -32,6 +32,7 @@ from server.images import decode_image
 from server.jobs import JobSpec, StoredImage
 from server.jobs.service import Renderer
 from server.settings import Settings
+from server.upscale import resizer
 from server.webhooks.policy import check_webhook_url
 
 DIALECT = "gateway"
@@ -42,6 +43,7 @@ EDIT_FAMILIES = frozenset({"qwen-image-edit"})
 KONTEXT_VARIANT = "flux-kontext"
 MASK_BLUR = 4  # px: soft edge between the edited area and the kept original (A1111's default)
 RANDOM_SEED = -1
+GEMINI_FIELDS = {"width": "image_size", "height": "image_size"}
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,25 @@ def gemini(body: GeminiRequest, ctx: Context) -> Plan:
     require_text_to_image(spec, route)
     check_prompt(body, ctx.settings)
     width, height = sizes.gemini_size(body.aspect_ratio, body.image_size, spec.size_multiple, ctx.settings)
+    upscale = None
+    if body.image_size == "4K" and ctx.settings.gemini_4k_upscale:
+        upscale = sizes.gemini_4k(body.aspect_ratio, spec, ctx.settings)
+    if upscale is not None:
+        width, height = upscale.generate
     request = _base_request(spec, body, route, width=width, height=height)
-    job = _spec(body, route, request, images_base64, ctx.settings)
-    return Plan(job, {"width": "image_size", "height": "image_size"})
+    if upscale is None:
+        return Plan(_spec(body, route, request, images_base64, ctx.settings), GEMINI_FIELDS)
+    method = ctx.settings.gemini_upscaler
+    (out_w, out_h) = upscale.output
+    info = (
+        f"made at {width}x{height} by {spec.id}, then upscaled to {out_w}x{out_h} ({method}): 4K is beyond this "
+        "server's max_width/max_height/max_output_pixels, which bound what the model itself makes"
+    )
+
+    def render(result: GenerationResult, images: list[StoredImage]) -> dict[str, Any]:
+        return {**images_base64(result, images), "info": info}
+
+    job = _spec(body, route, request, render, ctx.settings)
+    job.postprocess = resizer(upscale.output, method)
+    job.request_json["made"] = info
+    return Plan(job, GEMINI_FIELDS)

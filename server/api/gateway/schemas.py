@@ -92,6 +92,7 @@ class GeminiRequest(GatewayRequest):
 
 class ImagesResponse(BaseModel):
     images: list[str] = Field(description="base64 images (flux, gemini-3) or absolute URLs (gpt-image)")
+    info: str | None = Field(None, description="gemini-3 4K beyond the size caps: how the image was made (upscaled)")
 
 
 class UrlsResponse(BaseModel):

@@ -14,7 +14,7 @@ from server.errors import add_error_renderer
 
 __all__ = ["install", "GENPICZ_PREFIXES"]
 
-GENPICZ_PREFIXES = ("/v1/generate", "/v1/generations", "/v1/styles", "/v1/account")
+GENPICZ_PREFIXES = ("/v1/generate", "/v1/generations", "/v1/styles", "/v1/style-thumbnails/", "/v1/account")
 
 
 def install(app: FastAPI) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult
+from server.access.principal import Principal
 from server.api.gateway.adapter import require_text_to_image, route_model, seed_of
 from server.api.gateway.sizes import check_size
 from server.api.genpicz.schemas import GenerateRequest
@@ -35,6 +36,7 @@ ROUTE = "genpicz"  # models.yaml `routes:` key, job route and result_ttl_s_by_ro
 ID_PREFIX = "gen_"
 AUTO_STYLE = "auto"
 UPSCALE_FACTOR = 4
+UPSCALE_PLAN = "studio"  # seed 001: "Upscale output to 4x resolution. Studio plan only."
 CREDITS_PER_IMAGE = 1
 # Job statuses -> GenPicz statuses. A cancelled job (only a shutdown or a delete cancels one) reads as failed.
 STATUSES = {"queued": "queued", "running": "processing", "completed": "completed", "failed": "failed"}
@@ -82,6 +84,17 @@ def check_upscale(body: GenerateRequest, settings: Settings) -> None:
                 )
             ]
         )
+
+
+def check_upscale_plan(body: GenerateRequest, principal: Principal | None, settings: Settings) -> None:
+    """403 naming `upscale` for a key whose plan is not Studio (unless genpicz_upscale_all_plans). An open server has
+    no plans, and an admin key may do anything."""
+    if not body.upscale or settings.genpicz_upscale_all_plans or principal is None or principal.admin:
+        return
+    plan = principal.key.plan if principal.key is not None else "basic"
+    if plan != UPSCALE_PLAN:
+        message = f"upscale is available on the Studio plan only; this key's plan is '{plan}'"
+        raise ApiError(403, message, field="upscale", code="plan_not_allowed")
 
 
 def plan_generation(body: GenerateRequest, ctx: Context) -> JobSpec:

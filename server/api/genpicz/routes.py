@@ -3,14 +3,15 @@ GET /v1/styles."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from pipelines.errors import InvalidRequest
-from server.access.principal import can_see, owner_filter
+from pipelines.errors import EngineNotReady, InvalidRequest
+from server.access.principal import can_see, current, owner_filter
 from server.api.genpicz import adapter
 from server.api.genpicz.errors import render_genpicz
 from server.api.genpicz.schemas import (
@@ -29,13 +30,17 @@ from server.jobs.http import base_url, submit, wait_watching
 from server.jobs.store import FINISHED
 from server.settings import Settings
 from server.styles import StyleBook
+from server.thumbnails import KEY_CHARS, Thumbnails
 
+THUMBNAIL_KEY = re.compile(rf"[0-9a-f]{{{KEY_CHARS}}}")
+IMMUTABLE = "public, max-age=31536000, immutable"  # an address always serves the same picture
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 MAX_PAGE = 1_000_000
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in (
+        (403, "plan_not_allowed: `upscale` needs the Studio plan (genpicz_upscale_all_plans opens it)"),
         (404, "not_found"),
         (422, "invalid_request: `param` names the field"),
         (429, "rate_limit_exceeded: the queue is full; retry after `Retry-After` seconds"),
@@ -43,6 +48,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (504, "timeout: the image was not ready within sync_timeout_s; poll GET /v1/generations/{generation_id}"),
     )
 }
+
+
+def _thumbnails(request: Request) -> Thumbnails:
+    state = request.app.state
+    if getattr(state, "thumbnails", None) is None:
+        state.thumbnails = Thumbnails(state.settings, state.registry, state.styles)
+    return state.thumbnails
 
 
 def _jobs(request: Request) -> JobService:
@@ -117,6 +129,7 @@ def build_router() -> APIRouter:
         """Generate an image from a prompt and wait for it: `image_url` is served by this server."""
         settings: Settings = request.app.state.settings
         ctx = adapter.Context(request.app.state.registry, settings, request.app.state.styles)
+        adapter.check_upscale_plan(body, current(request), settings)
         spec = adapter.plan_generation(body, ctx)
         try:
             ticket = await submit(request, spec)
@@ -170,8 +183,30 @@ def build_router() -> APIRouter:
 
     @router.get("/styles", response_model=StyleList)
     async def styles(request: Request) -> StyleList:
-        """The style presets `style` accepts."""
+        """The style presets `style` accepts, each with an example thumbnail's URL."""
         book: StyleBook = request.app.state.styles
-        return StyleList(styles=[StyleItem(id=s.id, name=s.name, description=s.description) for s in book])
+        urls = _thumbnails(request).urls(base_url(request))
+        items = [StyleItem(id=s.id, name=s.name, description=s.description, thumbnail_url=urls[s.id]) for s in book]
+        return StyleList(styles=items)
+
+    @router.get(
+        "/style-thumbnails/{name}",
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}}, 404: ERRORS[404]},
+    )
+    async def style_thumbnail(request: Request, name: str) -> Response:
+        """A style's example thumbnail (the URL GET /v1/styles gives). Public; the first fetch makes it."""
+        key = name.removesuffix(".png")
+        if not THUMBNAIL_KEY.fullmatch(key) or not name.endswith(".png"):
+            raise ApiError(404, f"no style thumbnail '{name}'", code="not_found")
+        engine = request.app.state.engine
+        if engine is None:
+            raise EngineNotReady("the engine is starting; retry shortly")
+        path = await _thumbnails(request).get(key, engine)
+        if path is None:
+            raise ApiError(
+                404, f"no style thumbnail '{name}' (unknown, or its style or model changed)", code="not_found"
+            )
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": IMMUTABLE})
 
     return router

@@ -83,6 +83,9 @@ class StyleItem(BaseModel):
     id: str
     name: str
     description: str
+    thumbnail_url: str = Field(
+        description="An example output of the style (PNG, public, not expiring; made on first fetch, then cached)"
+    )
 
 
 class StyleList(BaseModel):

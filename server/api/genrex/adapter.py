@@ -75,7 +75,9 @@ def plan(body: CreateImageRequest, ctx: Context) -> JobSpec:
     require_text_to_image(spec, route)
     width, height = SIZES[body.size]
     sizes.check_size(width, height, spec, settings)
-    check_transparent_background(body.background, body.format, spec, settings, format_field="format")
+    transparent = check_transparent_background(
+        body.background, body.format, spec, ctx.registry, settings, format_field="format"
+    )
     webhook_url = check_webhook_url(body.webhook_url or None, settings)
     prompt, negative = style.apply(body.prompt)
     request = GenerationRequest(
@@ -88,6 +90,7 @@ def plan(body: CreateImageRequest, ctx: Context) -> JobSpec:
         guidance=spec.defaults.cfg,
         seed=RANDOM_SEED,
         tags={"dialect": DIALECT, "route": route, "style": style.id},
+        transparent_background=transparent,
     )
     return JobSpec(
         request=request,

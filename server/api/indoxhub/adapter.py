@@ -19,6 +19,7 @@ from server.api.background import check_transparent_background
 from server.api.gateway import sizes
 from server.api.gateway.adapter import EDIT_FAMILIES, require_text_to_image, route_model, seed_of
 from server.api.indoxhub.schemas import IndoxHubRequest, parse_aspect_ratio
+from server.api.model_names import resolve_name
 from server.errors import ApiError, FieldError
 from server.jobs import JobSpec, StoredImage
 from server.jobs.db import JobRecord
@@ -32,6 +33,10 @@ DEFAULT_PROVIDER = "easel"
 OPENAI_STYLES = ("vivid", "natural")  # dall-e-3's styles: accepted, no local equivalent
 QUALITY_STEPS_NAME = {"standard": "medium", "hd": "high"}  # dall-e-3 names -> the gpt-image quality table
 MAX_LISTED_MODELS = 20
+BYOK_MESSAGE = (
+    "byok_api_key ignored: this server runs its own models and calls no upstream provider; the key was neither used "
+    "nor stored"
+)
 # GenerationRequest fields the engine may name -> the wire field the client sent.
 WIRE_FIELDS = {
     "width": "size",
@@ -60,10 +65,14 @@ class Plan:
     provider: str
     model: str  # as the client named it (without a provider prefix), or the local id
     ignored: list[str]  # parameters accepted but not applied
+    byok_ignored: bool = False  # a byok_api_key came (and went: it is never stored or logged)
 
     @property
     def message(self) -> str:
-        return f"accepted but not applied by this server: {', '.join(self.ignored)}" if self.ignored else ""
+        parts = [f"accepted but not applied by this server: {', '.join(self.ignored)}"] if self.ignored else []
+        if self.byok_ignored:
+            parts.append(BYOK_MESSAGE)
+        return "; ".join(parts)
 
 
 def _invalid(field: str, message: str) -> ApiError:
@@ -79,12 +88,8 @@ def resolve_model(name: str | None, registry: Registry) -> tuple[ModelSpec, str,
         spec = route_model(registry, ROUTE)
         require_text_to_image(spec, ROUTE)
         return spec, spec.id, None
-    name = name.strip()
-    spec = registry.resolve(name)
-    shown, prefix = name, None
-    if spec is None and "/" in name:
-        prefix, shown = name.split("/", 1)
-        spec = registry.resolve(shown)
+    resolved = resolve_name(registry, name)
+    spec, shown, prefix = resolved.spec, resolved.name, resolved.provider
     if spec is None:
         known = sorted(m.id for m in registry)
         listed = ", ".join(known[:MAX_LISTED_MODELS]) + (", ..." if len(known) > MAX_LISTED_MODELS else "")
@@ -140,10 +145,6 @@ def steps_for(quality: str | None, spec: ModelSpec, settings: Settings) -> int:
 
 
 def _check_plain_fields(body: IndoxHubRequest, settings: Settings) -> None:
-    if body.byok_api_key and body.byok_api_key.strip():
-        raise _invalid(
-            "byok_api_key", "not accepted: this server runs its own models and calls no upstream provider; remove it"
-        )
     if len(body.prompt) > settings.max_prompt_chars:
         raise _invalid("prompt", f"longer than max_prompt_chars={settings.max_prompt_chars}")
     if body.n > settings.max_images_per_request:
@@ -179,10 +180,11 @@ def plan(body: IndoxHubRequest, ctx: Context) -> Plan:
     spec, shown_model, prefix = resolve_model(body.model, ctx.registry)
     width, height = output_size(body, spec, settings)
     params = body.additional_params
-    check_transparent_background(
+    transparent = check_transparent_background(
         params.background,
         params.output_format,
         spec,
+        ctx.registry,
         settings,
         background_field="additional_params.background",
         format_field="additional_params.output_format",
@@ -201,6 +203,7 @@ def plan(body: IndoxHubRequest, ctx: Context) -> Plan:
         seed=seed_of(params.seed),
         batch_size=body.n,
         tags={"dialect": DIALECT, "route": ROUTE},
+        transparent_background=transparent,
     )
     recorded = body.model_dump(mode="json", exclude={"byok_api_key"})
     if (prompt, negative) != (body.prompt, params.negative_prompt or ""):
@@ -216,7 +219,8 @@ def plan(body: IndoxHubRequest, ctx: Context) -> Plan:
     )
     if params.output_compression is not None:
         job.quality = params.output_compression
-    return Plan(job, body.provider or prefix or DEFAULT_PROVIDER, shown_model, ignored)
+    byok = bool(body.byok_api_key and body.byok_api_key.strip())
+    return Plan(job, body.provider or prefix or DEFAULT_PROVIDER, shown_model, ignored, byok)
 
 
 # Response ----------------------------------------------------------------------------------------------------------

@@ -83,7 +83,11 @@ class IndoxHubRequest(BaseModel):
     style: str | None = Field(None, max_length=100, description="A style preset id (styles.yaml); vivid / natural")
     response_format: ResponseFormat = Field("url", description="url (served by this server, expiring) or b64_json")
     additional_params: AdditionalParams = Field(default_factory=AdditionalParams)
-    byok_api_key: str | None = Field(None, description="Refused: this server calls no upstream provider")
+    byok_api_key: str | None = Field(
+        None,
+        repr=False,  # never in a repr, hence never in a log line or traceback that prints the request
+        description="Accepted and ignored (never stored or logged): this server runs its own models",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""OpenAI Images: /v1/images/generations, /v1/images/edits, /v1/models (errors in OpenAI's shape).
+"""OpenAI Images: /v1/images/generations, /edits, /variations, /v1/models (errors in OpenAI's shape).
 
 The official `openai` SDK works unchanged with `base_url=http://<host>:7860/v1`. See README "OpenAI Images API".
 """

@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, InpaintOptions, Task, evenly
+from server.api.background import check_transparent_background
 from server.api.gateway import sizes
 from server.api.gateway.adapter import (
     EDIT_FAMILIES,
@@ -32,7 +33,8 @@ from server.api.gateway.adapter import (
     seed_of,
     stitch,
 )
-from server.api.openai_images.schemas import EditFields, GenerateRequest, ImageOptions
+from server.api.model_names import bare_name, resolve_name
+from server.api.openai_images.schemas import EditFields, GenerateRequest, ImageOptions, VariationFields
 from server.errors import ApiError, FieldError
 from server.images import b64, decode_image
 from server.jobs import JobSpec, StoredImage
@@ -43,6 +45,8 @@ from server.webhooks.policy import check_webhook_url
 DIALECT = "openai"
 GENERATE_ROUTE = "openai"
 EDIT_ROUTE = "openai-edit"
+VARIATION_ROUTE = "openai-variation"  # the job's route (result_ttl_s_by_route); the model is routes: openai's
+DEFAULT_VARIATION_SIZE = "1024x1024"  # OpenAI's default for variations
 MAX_EDIT_IMAGES = 16  # OpenAI's limit for GPT-image edits
 TRANSPARENT_BELOW = 128  # mask alpha below this counts as transparent (OpenAI: alpha 0), i.e. the area to edit
 QUALITY_LABELS = {
@@ -94,6 +98,7 @@ class Output:
     quality: str  # low | medium | high
     prompt_tokens: int
     input_image_tokens: int
+    transparent: bool = False  # alpha made by the background-removal model (or a model that makes alpha)
 
 
 # Usage -------------------------------------------------------------------------------------------------------------
@@ -136,7 +141,7 @@ def renderer(out: Output) -> Renderer:
         return {
             "created": int(time.time()),
             "data": data,
-            "background": "opaque",
+            "background": "transparent" if out.transparent else "opaque",
             "output_format": out.output_format,
             "quality": out.quality,
             "size": f"{width}x{height}",
@@ -151,7 +156,7 @@ def renderer(out: Output) -> Renderer:
 
 def resolve_model(registry: Registry, name: str | None, route: str) -> ModelSpec:
     if name and name.strip():
-        spec = registry.resolve(name)
+        spec = resolve_name(registry, name).spec  # `openai/dall-e-3` (IndoxHub's form) runs dall-e-3's model
         if spec is None:
             raise ApiError(
                 404,
@@ -165,7 +170,7 @@ def resolve_model(registry: Registry, name: str | None, route: str) -> ModelSpec
 
 def default_response_format(model_name: str | None) -> str:
     """OpenAI: dall-e models answer with URLs by default, GPT-image models with base64; local names get base64."""
-    return "url" if (model_name or "").strip().lower().startswith("dall-e") else "b64_json"
+    return "url" if (bare_name(model_name) or "").lower().startswith("dall-e") else "b64_json"
 
 
 def check_options(body: ImageOptions, settings: Settings) -> None:
@@ -179,15 +184,11 @@ def check_options(body: ImageOptions, settings: Settings) -> None:
         errors.append(FieldError("n", f"above this server's max_images_per_request={settings.max_images_per_request}"))
     if body.steps is not None and body.steps > settings.max_steps:
         errors.append(FieldError("steps", f"above this server's max_steps={settings.max_steps}"))
-    if body.background == "transparent":
-        errors.append(
-            FieldError("background", "transparent backgrounds are not supported: no model on this server makes alpha")
-        )
     if errors:
         raise ApiError.invalid(errors)
 
 
-def output_of(body: ImageOptions, prompt_tokens: int, input_image_tokens: int = 0) -> Output:
+def output_of(body: ImageOptions, prompt_tokens: int, input_image_tokens: int = 0, transparent: bool = False) -> Output:
     return Output(
         # A stream carries the images themselves, as OpenAI's does.
         response_format="b64_json" if body.stream else body.response_format or default_response_format(body.model),
@@ -195,7 +196,14 @@ def output_of(body: ImageOptions, prompt_tokens: int, input_image_tokens: int = 
         quality=QUALITY_LABELS[body.quality or "auto"],
         prompt_tokens=prompt_tokens,
         input_image_tokens=input_image_tokens,
+        transparent=transparent,
     )
+
+
+def transparency(body: ImageOptions, spec: ModelSpec, ctx: Context) -> tuple[bool, bool]:
+    """(the response says transparent, the engine removes the background) for `background`."""
+    removal = check_transparent_background(body.background, body.output_format, spec, ctx.registry, ctx.settings)
+    return body.background == "transparent", removal
 
 
 def _request(spec: ModelSpec, body: ImageOptions, route: str, settings: Settings, **fields: Any) -> GenerationRequest:
@@ -249,8 +257,11 @@ def generation_plan(body: GenerateRequest, ctx: Context) -> Plan:
             code="invalid_value",
         )
     width, height = _gpt_size(body.size or "auto", spec, ctx)
-    request = _request(spec, body, GENERATE_ROUTE, ctx.settings, width=width, height=height)
-    out = output_of(body, text_tokens(body.prompt))
+    transparent, removal = transparency(body, spec, ctx)
+    request = _request(
+        spec, body, GENERATE_ROUTE, ctx.settings, width=width, height=height, transparent_background=removal
+    )
+    out = output_of(body, text_tokens(body.prompt), transparent=transparent)
     return Plan(_spec(body, GENERATE_ROUTE, request, out, ctx.settings), **_streaming(body, "image_generation"))
 
 
@@ -291,7 +302,8 @@ def edit_plan(body: EditFields, parts: list[ImagePart], mask_part: ImagePart | N
     spec = resolve_model(ctx.registry, body.model, EDIT_ROUTE)
     images = [decode_part(part, ctx.settings).convert("RGB") for part in parts]
     width, height = _gpt_size(body.size or "auto", spec, ctx, images[0])
-    fields: dict[str, Any] = {"width": width, "height": height}
+    transparent, removal = transparency(body, spec, ctx)
+    fields: dict[str, Any] = {"width": width, "height": height, "transparent_background": removal}
     if mask_part is not None:
         raw_mask = decode_part(mask_part, ctx.settings)
         if raw_mask.size != images[0].size:
@@ -314,7 +326,7 @@ def edit_plan(body: EditFields, parts: list[ImagePart], mask_part: ImagePart | N
         fields.update(task=Task.IMG2IMG, init_images=[images[0]], strength=ctx.settings.gateway_img2img_strength)
     request = _request(spec, body, EDIT_ROUTE, ctx.settings, **fields)
     input_tokens = sum(image_tokens(im.width, im.height) for im in images)
-    out = output_of(body, text_tokens(body.prompt), input_tokens)
+    out = output_of(body, text_tokens(body.prompt), input_tokens, transparent)
     job = _spec(body, EDIT_ROUTE, request, out, ctx.settings)
     job.request_json.update(image=[_described(p) for p in parts], mask=_described(mask_part) if mask_part else None)
     return Plan(job, **_streaming(body, "image_edit"))
@@ -328,3 +340,61 @@ def _described(part: ImagePart) -> str:
     """What the job record keeps of an uploaded image: its size, never its bytes."""
     kind = "bytes" if isinstance(part.data, bytes) else "base64 characters"
     return f"<image, {len(part.data)} {kind}>"
+
+
+# Variations --------------------------------------------------------------------------------------------------------
+
+
+def variation_plan(body: VariationFields, part: ImagePart, ctx: Context) -> Plan:
+    """OpenAI `images.create_variation`: image-to-image from the uploaded image on the generations model, without a
+    prompt unless the `prompt` extension gives one; image i uses seed + i, so the n variations differ."""
+    settings = ctx.settings
+    errors: list[FieldError] = []
+    if body.n is not None and body.n > settings.max_images_per_request:
+        errors.append(FieldError("n", f"above this server's max_images_per_request={settings.max_images_per_request}"))
+    if body.steps is not None and body.steps > settings.max_steps:
+        errors.append(FieldError("steps", f"above this server's max_steps={settings.max_steps}"))
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(body, name)
+        if text and len(text) > settings.max_prompt_chars:
+            errors.append(FieldError(name, f"longer than this server's max_prompt_chars={settings.max_prompt_chars}"))
+    if errors:
+        raise ApiError.invalid(errors)
+    spec = resolve_model(ctx.registry, body.model, GENERATE_ROUTE)
+    if spec.family in EDIT_FAMILIES:
+        message = f"model '{spec.id}' (family {spec.family}) edits by instruction; variations need an image model"
+        raise ApiError(400, message, field="model", code="invalid_value")
+    image = decode_part(part, settings).convert("RGB")
+    width, height = _gpt_size(body.size or DEFAULT_VARIATION_SIZE, spec, ctx, image)
+    request = GenerationRequest(
+        model=spec.id,
+        prompt=body.prompt or "",
+        negative_prompt=body.negative_prompt or "",
+        task=Task.IMG2IMG,
+        init_images=[image],
+        strength=body.strength if body.strength is not None else settings.openai_variation_strength,
+        width=width,
+        height=height,
+        steps=body.steps or spec.defaults.steps,
+        guidance=spec.defaults.cfg if body.guidance_scale is None else body.guidance_scale,
+        seed=seed_of(body.seed),
+        batch_size=body.n or 1,
+        tags={"dialect": DIALECT, "route": VARIATION_ROUTE},
+    )
+    out = Output(
+        response_format=body.response_format or "url",
+        output_format="png",
+        quality="medium",
+        prompt_tokens=text_tokens(body.prompt or ""),
+        input_image_tokens=image_tokens(image.width, image.height),
+    )
+    job = JobSpec(
+        request=request,
+        dialect=DIALECT,
+        route=VARIATION_ROUTE,
+        request_json={**body.model_dump(exclude_none=True), "image": _described(part)},
+        render=renderer(out),
+        output_format="png",
+        ttl_s=settings.result_ttl_for(VARIATION_ROUTE),
+    )
+    return Plan(job)

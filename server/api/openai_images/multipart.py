@@ -8,12 +8,13 @@ byte and pixel caps of `server.images.decode_image`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from server.api.openai_images.adapter import MAX_EDIT_IMAGES, ImagePart
-from server.api.openai_images.schemas import EditFields
+from server.api.openai_images.schemas import EditFields, VariationFields
 from server.errors import ApiError, FieldError
 
 IMAGE_FIELDS = ("image", "image[]")
@@ -30,6 +31,12 @@ class EditForm:
     mask: ImagePart | None
 
 
+@dataclass(frozen=True)
+class VariationForm:
+    fields: VariationFields
+    image: ImagePart
+
+
 def is_multipart(content_type: str | None) -> bool:
     return (content_type or "").lower().startswith("multipart/form-data")
 
@@ -40,9 +47,9 @@ async def _part(field: str, value: UploadFile | str) -> ImagePart:
     return ImagePart(field, await value.read())
 
 
-def validate_fields(values: dict[str, str]) -> EditFields:
+def validate_fields(values: dict[str, str], schema: type[EditFields | VariationFields] = EditFields) -> Any:
     try:
-        return EditFields.model_validate(values)
+        return schema.model_validate(values)
     except ValidationError as e:
         errors = [
             FieldError(".".join(str(p) for p in err["loc"]) or "body", err["msg"], err["type"]) for err in e.errors()
@@ -72,3 +79,26 @@ async def read_edit_form(form: FormData, content_type: str | None) -> EditForm:
     if not images:
         raise ApiError.invalid([FieldError("image", "missing", "missing")])
     return EditForm(fields, images, masks[0] if masks else None)
+
+
+async def read_variation_form(form: FormData, content_type: str | None) -> VariationForm:
+    """One `image` part (OpenAI takes exactly one) and the text fields of `VariationFields`."""
+    if not is_multipart(content_type):
+        got = content_type or "no body"
+        message = f"send multipart/form-data, as the OpenAI API takes image variations (got {got})"
+        raise ApiError.invalid([FieldError("image", message)])
+    images: list[ImagePart] = []
+    values: dict[str, str] = {}
+    for name, value in form.multi_items():
+        if name in IMAGE_FIELDS:
+            images.append(await _part(name, value))
+        elif isinstance(value, str):
+            values[name] = value
+        else:
+            raise ApiError.invalid([FieldError(name, "expected a text field, got a file")])
+    fields = validate_fields(values, VariationFields)
+    if not images:
+        raise ApiError.invalid([FieldError("image", "missing", "missing")])
+    if len(images) > 1:
+        raise ApiError.invalid([FieldError("image", f"{len(images)} images sent; variations take exactly one")])
+    return VariationForm(fields, images[0])

@@ -1,4 +1,4 @@
-"""`POST /v1/images/generations`, `POST /v1/images/edits`, `GET /v1/models`, `GET /v1/models/{id}`.
+"""`POST /v1/images/generations`, `/edits`, `/variations`, `GET /v1/models`, `GET /v1/models/{id}`.
 
 Calls are synchronous, as OpenAI's: the job runs through the JobService (recorded, result files stored, so `url`
 responses are this server's /v2/results URLs) and the answer is the stored body. A call that outlives
@@ -20,8 +20,9 @@ from pipelines.errors import EngineError, InvalidRequest
 from pipelines.registry import ModelSpec, Registry
 from server import imagework
 from server.api.gateway.adapter import Context
+from server.api.model_names import resolve_name
 from server.api.openai_images import adapter
-from server.api.openai_images.multipart import MAX_FIELDS, MAX_FILES, read_edit_form
+from server.api.openai_images.multipart import MAX_FIELDS, MAX_FILES, read_edit_form, read_variation_form
 from server.api.openai_images.schemas import (
     ErrorResponse,
     GenerateRequest,
@@ -29,6 +30,7 @@ from server.api.openai_images.schemas import (
     ModelCard,
     ModelList,
     edit_form_openapi,
+    variation_form_openapi,
 )
 from server.api.openai_images.streaming import stream_plan
 from server.errors import ApiError, stored_job_error
@@ -109,7 +111,7 @@ def find_card(registry: Registry, name: str) -> ModelCard:
     cards = {card.id.lower(): card for card in model_cards(registry)}
     card = cards.get(name.lower())
     if card is None:
-        spec = registry.resolve(name)  # a hash or an A1111 title also names a model
+        spec = resolve_name(registry, name).spec  # a hash, an A1111 title or `provider/name` also names a model
         if spec is None:
             raise ApiError(404, f"The model '{name}' does not exist", field="model", code="model_not_found")
         card = cards[spec.id.lower()]
@@ -144,6 +146,18 @@ def build_router() -> APIRouter:
             return plan
 
         plan = await imagework.prepare(request, planned)
+        return await run_plan(request, plan)
+
+    @router.post(
+        "/images/variations", response_model=ImagesResponse, responses=ERRORS, openapi_extra=variation_form_openapi()
+    )
+    async def variations(request: Request) -> Response:
+        """OpenAI `images.create_variation` (multipart): `image`, `n`, `size`, `response_format`, `model`, `user`.
+        Image-to-image from the image on the generations model; extensions `prompt`, `negative_prompt`, `seed`,
+        `steps`, `guidance_scale`, `strength`."""
+        async with request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS) as form:
+            parsed = await read_variation_form(form, request.headers.get("content-type"))
+        plan = await run_in_threadpool(adapter.variation_plan, parsed.fields, parsed.image, _context(request))
         return await run_plan(request, plan)
 
     @router.get("/models", response_model=ModelList)

@@ -45,7 +45,10 @@ class ImageOptions(BaseModel):
     )
     output_format: OutputFormat | None = Field(None, description="Default png")
     output_compression: int | None = Field(None, ge=0, le=100, description="jpeg/webp quality, default 100")
-    background: Background | None = Field(None, description="`transparent` is refused: no model here makes alpha")
+    background: Background | None = Field(
+        None,
+        description="`transparent`: alpha from models.yaml's background_removal model (png/webp; refused without one)",
+    )
     stream: bool | None = Field(
         None,
         description="Server-Sent Events: `image_generation.partial_image` / `image_edit.partial_image` (live "
@@ -79,6 +82,38 @@ class EditFields(ImageOptions):
     input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted for compatibility; no effect")
 
 
+class VariationFields(BaseModel):
+    """The text fields of POST /v1/images/variations (multipart/form-data; OpenAI's `image_create_variation_params`)
+    plus Easel's extensions; `image` is the file part."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="A model id or alias (dall-e-2...); default: routes: openai")
+    n: int | None = Field(None, ge=1, le=MAX_N, description="Number of variations, 1-10 (and max_images_per_request)")
+    size: str | None = Field(None, description="WxH (default 1024x1024, as OpenAI's) or `auto`: the image's size")
+    response_format: ResponseFormat | None = Field(None, description="Default `url`, as OpenAI's variations")
+    user: str | None = Field(None, max_length=256, description="End-user id; recorded with the job")
+    # Easel extensions
+    prompt: str | None = Field(None, description="Easel extension: what the variations should show (default: none)")
+    negative_prompt: str | None = Field(None, description="Easel extension: what not to draw")
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="Easel extension: seed (-1 or absent: random)")
+    steps: int | None = Field(None, ge=1, description="Easel extension: denoising steps (default: the model's)")
+    guidance_scale: float | None = Field(None, ge=0.0, le=100.0, description="Easel extension: default the model's cfg")
+    strength: float | None = Field(
+        None, gt=0.0, le=1.0, description="Easel extension: how far from the image (default openai_variation_strength)"
+    )
+
+
+def variation_form_openapi() -> dict[str, Any]:
+    schema = VariationFields.model_json_schema()
+    schema["properties"] = {
+        "image": {"type": "string", "format": "binary", "description": "The image to make variations of"},
+        **schema["properties"],
+    }
+    schema["required"] = ["image"]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
@@ -102,7 +137,7 @@ class Usage(BaseModel):
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
-    background: Literal["opaque"]
+    background: Literal["opaque", "transparent"]
     output_format: OutputFormat
     quality: Literal["low", "medium", "high"]
     size: str
