@@ -1,10 +1,11 @@
 """Which work can share one pipeline call.
 
 Requests batch together when everything that shapes the denoising loop is equal: model, task, size, steps,
-sampler and schedule, guidance, strength, and the LoRAs (structured or `<lora:...>` tags, which are active for a
-whole call). Prompts, negative prompts and seeds may differ (each image keeps its own
-generator). Inpainting and instruction edits carry per-request masks / reference images that the pipelines take
-once per call, so they never share a call with another request. Deadlines may differ too: a request past its deadline
+sampler and schedule, guidance, strength, variation-seed strength and seed resize, tiling, and the LoRAs
+(structured or `<lora:...>` tags, which are active for a whole call). Prompts, negative prompts and seeds may differ
+(each image keeps its own generator). Hires and refiner requests run alone (two passes). Inpainting and
+instruction edits carry per-request masks / reference images that the pipelines take once per call, so they never
+share a call with another request. Deadlines may differ too: a request past its deadline
 leaves a shared call on its own (the engine fails it at the next step and drops its images).
 """
 
@@ -21,7 +22,7 @@ BATCHABLE_TASKS = frozenset({Task.TXT2IMG, Task.IMG2IMG})
 
 def batch_key(job_id: str, req: GenerationRequest, choice: SamplerChoice) -> Hashable:
     """Equal keys may share a pipeline call; a unique key runs alone."""
-    if req.task not in BATCHABLE_TASKS or req.hires is not None:  # hires: two passes of their own
+    if req.task not in BATCHABLE_TASKS or req.hires is not None or req.refiner:  # two passes of their own
         return ("alone", job_id)
     return (
         req.model,
@@ -37,4 +38,7 @@ def batch_key(job_id: str, req: GenerationRequest, choice: SamplerChoice) -> Has
         # cannot do both, so empty and non-empty negatives (once extra-network tags are removed) do not mix.
         bool(clean_prompts(req)[1]),
         request_loras(req),
+        # Variation noise is made by hand (pipelines.variation) and tiling switches the convolutions of the call.
+        (req.subseed_strength, req.seed_resize_from_w, req.seed_resize_from_h),
+        req.tiling,
     )

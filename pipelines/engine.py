@@ -13,6 +13,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import math
 import queue
 import random
 import threading
@@ -30,6 +31,7 @@ from pipelines import checkpoints, demo, log_context
 from pipelines.batching import batch_key
 from pipelines.cache import PipelineCache, free_device_memory
 from pipelines.checkpoints import NO_TXT2IMG_VARIANTS
+from pipelines.embeddings import TextualInversions
 from pipelines.engine_api import JobStatus
 from pipelines.errors import (
     DeadlineExceeded,
@@ -69,6 +71,7 @@ from pipelines.telemetry import (
     PipelineCall,
     StepClock,
 )
+from pipelines.variation import wants_variation
 
 log = logging.getLogger("easel.engine")
 
@@ -87,6 +90,7 @@ class EngineConfig:
     max_batch_by_family: dict[str, int] = dataclasses.field(default_factory=dict)
     max_wait_ms: float = 10.0  # how long a busy device waits for batch companions
     lora_dir: Path | None = None  # A1111-style Lora folder (*.safetensors); None = LoRAs are not available
+    embeddings_dir: Path | None = None  # A1111 textual-inversion embeddings (*.safetensors), used by name in prompts
     configs_dir: Path | None = None  # per-variant config folders for single-file checkpoints (prefetch-configs)
     allow_pickle: bool = False  # load diffusers folders with pickle weights (.bin) for every model
     request_timeout_s: float = 600.0  # deadline of a request that brings none (queue wait + run)
@@ -361,6 +365,9 @@ class Engine:
         if request.task in (Task.IMG2IMG, Task.INPAINT) and request.strength < MIN_DENOISING_STRENGTH:
             request = dataclasses.replace(request, strength=MIN_DENOISING_STRENGTH)
         seed = request.seed if request.seed is not None and request.seed >= 0 else random.randrange(MAX_SEED)
+        # The resolved seeds ride on the request: A1111 resolves a random subseed like the seed, used or not.
+        subseed = request.subseed if request.subseed >= 0 else random.randrange(MAX_SEED)
+        request = dataclasses.replace(request, seed=seed, subseed=subseed)
         job = Job(request, seed, resolve_sampler(request.sampler or spec.defaults.sampler, "Euler", request.schedule))
         with self._admission:
             refusal = self.admission_error()  # again under the lock: a drain or a full queue may have begun
@@ -536,7 +543,40 @@ class Engine:
                 raise InvalidRequest("hr_upscaler", f"unknown upscaler; one of: {', '.join(HIRES_UPSCALERS)}")
             if not 0.0 <= req.hires.denoising_strength <= 1.0:
                 raise InvalidRequest("denoising_strength", "must be between 0 and 1")
+        self._validate_a1111_extras(spec, req)
+        self._refiner_spec(spec, req)
         check_request_work(req, self.config.max_work_pixels)  # before any input is resized on the worker
+
+    @staticmethod
+    def _validate_a1111_extras(spec: ModelSpec, req: GenerationRequest) -> None:
+        """Variation seeds apply to txt2img (the hires first pass included) on SD1.5/SDXL/FLUX/Qwen-Image, tiling on
+        SD1.5/SDXL; elsewhere they are refused rather than silently ignored."""
+        sd = spec.family in ("sd15", "sdxl")
+        if not math.isfinite(req.subseed_strength):
+            raise InvalidRequest("subseed_strength", "must be a finite number")
+        if wants_variation(req.subseed_strength, req.seed_resize_from_w, req.seed_resize_from_h):
+            if spec.family not in ("sd15", "sdxl", "flux", "qwen-image"):
+                raise InvalidRequest("subseed_strength", f"variation seeds are not supported for family {spec.family}")
+            if req.task != Task.TXT2IMG:
+                raise InvalidRequest("subseed_strength", "variation seeds apply to txt2img only in this server")
+        if req.tiling and not sd:
+            raise InvalidRequest("tiling", f"tiling (seamless images) is not supported for family {spec.family}")
+
+    def _refiner_spec(self, spec: ModelSpec, req: GenerationRequest) -> ModelSpec | None:
+        """The refiner model of an SDXL txt2img request, or None; refused (a 4xx naming the A1111 field) where
+        it cannot run."""
+        if not req.refiner:
+            return None
+        refiner = self.registry.resolve(req.refiner)
+        if refiner is None:
+            raise InvalidRequest("refiner_checkpoint", f"model '{req.refiner}' not found")
+        if spec.family != "sdxl" or refiner.family != "sdxl":
+            raise InvalidRequest("refiner_checkpoint", "a refiner runs after an SDXL model and must be SDXL itself")
+        if req.task != Task.TXT2IMG or req.hires is not None:
+            raise InvalidRequest("refiner_checkpoint", "the refiner applies to txt2img without hires fix here")
+        if not (math.isfinite(req.refiner_switch_at) and 0.0 < req.refiner_switch_at < 1.0):
+            raise InvalidRequest("refiner_switch_at", "must be between 0 and 1 (exclusive)")
+        return refiner
 
     def _load_model(self, spec: ModelSpec) -> LoadedModel:
         if spec.is_demo:
@@ -568,6 +608,8 @@ class Engine:
         loaded = adapter.load(spec, str(path), self.device, dtype)
         for line in describe_components(loaded.base.components):
             log.info("  %s %s", spec.id, line)
+        if self.config.embeddings_dir is not None:
+            loaded.embeddings = TextualInversions(self.config.embeddings_dir)
         if self.config.lora_dir is not None:
             loaded.loras = LoraManager(loaded.base, registry_for(self.config.lora_dir))
         # The warm-up makes an image from text, which the refiner and FLUX Fill cannot: they compile on first use.
@@ -869,7 +911,12 @@ class Engine:
                 job0.choice, loaded.base.scheduler.config, adapter.flow_matching, sdxl=spec.family == "sdxl"
             )
 
-        items = [BatchItem(job.prepared, job.seeds_for(it)) for job, it in units]
+        # A1111: image i of a job uses seed + i and subseed + i.
+        items = [
+            BatchItem(job.prepared, seeds, [job.request.subseed + s - job.seed for s in seeds])
+            for job, it in units
+            for seeds in [job.seeds_for(it)]
+        ]
 
         def on_step(step: int, total: int) -> bool:
             now = time.time()
@@ -891,6 +938,13 @@ class Engine:
         with torch.inference_mode(), watch_compiles(spec.id, compiled, width, height, n_images):
             if job0.request.hires is not None:  # hires jobs run alone (batching.batch_key)
                 outputs = [adapter.run_hires(loaded, items[0].request, items[0].seeds, make_scheduler, clock)]
+            elif (refiner_spec := self._refiner_spec(spec, job0.request)) is not None:  # alone too
+                refiner = self.cache.get(refiner_spec)
+
+                def refiner_scheduler() -> Any:
+                    return build_scheduler(job0.choice, refiner.base.scheduler.config, adapter.flow_matching, sdxl=True)
+
+                outputs = [adapter.run_refined(loaded, refiner, items[0], make_scheduler(), refiner_scheduler(), clock)]
             else:
                 try:
                     outputs = adapter.run_batch(loaded, items, make_scheduler(), reporter)

@@ -22,12 +22,13 @@ A prompt without weights, BREAK or more than 75 tokens gives exactly diffusers' 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 
+from pipelines.embeddings import Embedding, TextualInversions, TokenTable, fixes_applied
 from pipelines.prompts import is_break, parse_prompt_attention
 from pipelines.text_cache import TextEmbeddingCache
 
@@ -45,10 +46,15 @@ class CacheScope:
 
 @dataclass
 class Chunk:
-    """One encoder input: CHUNK_LENGTH + 2 token ids and a weight per position."""
+    """One encoder input: CHUNK_LENGTH + 2 token ids and a weight per position, and the textual-inversion embeddings
+    it uses (position in the chunk's tokens, before BOS; their placeholder ids are 0, as A1111's)."""
 
     ids: list[int]
     weights: list[float]
+    fixes: list[tuple[int, Embedding]] = field(default_factory=list)
+
+    def fix_key(self) -> tuple:
+        return tuple((offset, emb.ident) for offset, emb in self.fixes)
 
 
 class _Tokens:
@@ -62,16 +68,21 @@ class _Tokens:
         comma = tokenizer.convert_tokens_to_ids(",</w>")
         self.comma: int | None = None if comma in (None, tokenizer.unk_token_id) else comma
 
-    def chunk(self, ids: list[int], weights: list[float]) -> Chunk:
+    def chunk(self, ids: list[int], weights: list[float], fixes: list | None = None) -> Chunk:
         fill = CHUNK_LENGTH - len(ids)
-        return Chunk([self.bos, *ids, self.eos] + [self.pad] * fill, [1.0, *weights, 1.0] + [1.0] * fill)
+        return Chunk(
+            [self.bos, *ids, self.eos] + [self.pad] * fill, [1.0, *weights, 1.0] + [1.0] * fill, list(fixes or [])
+        )
 
     def empty(self) -> Chunk:
         return self.chunk([], [])
 
 
-def tokenize_chunks(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
-    """The chunks of one prompt (at least one), as A1111's `tokenize_line`."""
+def tokenize_chunks(
+    tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK, embeddings: TokenTable | None = None
+) -> list[Chunk]:
+    """The chunks of one prompt (at least one), as A1111's `tokenize_line`. With `embeddings`, the tokens of an
+    embedding's name become its vectors' placeholders (a name never straddles two chunks)."""
     tok = _Tokens(tokenizer)
     parsed = parse_prompt_attention(text)
     # verbose=False: no "sequence longer than 77" warning, chunking is the point.
@@ -80,31 +91,47 @@ def tokenize_chunks(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK
     chunks: list[Chunk] = []
     ids: list[int] = []
     weights: list[float] = []
+    fixes: list[tuple[int, Embedding]] = []
     last_comma = -1
 
     def flush() -> None:
-        nonlocal ids, weights, last_comma
-        chunks.append(tok.chunk(ids, weights))
-        ids, weights, last_comma = [], [], -1
+        nonlocal ids, weights, fixes, last_comma
+        chunks.append(tok.chunk(ids, weights, fixes))
+        ids, weights, fixes, last_comma = [], [], [], -1
 
     for fragment, fragment_ids in zip(parsed, tokenized, strict=True):
         if is_break(fragment):
             flush()
             continue
-        for token in fragment_ids:
+        position = 0
+        while position < len(fragment_ids):
+            token = fragment_ids[position]
             if token == tok.comma:
                 last_comma = len(ids)
             elif len(ids) == CHUNK_LENGTH and 0 <= last_comma and CHUNK_LENGTH - last_comma <= comma_backtrack:
-                # Keep the words after the last comma together: they start the next chunk.
+                # Keep the words after the last comma together: they start the next chunk (with their embeddings,
+                # where A1111 leaves those behind in the full chunk).
                 cut = last_comma + 1
                 moved_ids, moved_weights = ids[cut:], weights[cut:]
-                ids, weights = ids[:cut], weights[:cut]
+                moved_fixes = [(o - cut, e) for o, e in fixes if o >= cut]
+                ids, weights, fixes = ids[:cut], weights[:cut], [(o, e) for o, e in fixes if o < cut]
                 flush()
-                ids, weights = moved_ids, moved_weights
+                ids, weights, fixes = moved_ids, moved_weights, moved_fixes
             if len(ids) == CHUNK_LENGTH:
                 flush()
-            ids.append(token)
-            weights.append(fragment[1])
+            emb = embeddings.find(fragment_ids, position) if embeddings is not None else None
+            if emb is None:
+                ids.append(token)
+                weights.append(fragment[1])
+                position += 1
+                continue
+            n = min(int(emb.vectors.shape[0]), CHUNK_LENGTH)
+            if len(ids) + n > CHUNK_LENGTH:
+                flush()
+            fixes.append((len(ids), emb))
+            ids.extend([0] * n)
+            weights.extend([fragment[1]] * n)
+            position += len(emb.ids)
     if ids or not chunks:
         flush()
     return chunks
@@ -126,9 +153,15 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.where(weighted[:, None, None], scaled.to(z.dtype), z)
 
 
-def _chunk_all(tokenizers: list, texts: list[str]) -> list[list[list[Chunk]]]:
+def _chunk_all(
+    tokenizers: list, texts: list[str], tables: list[TokenTable | None] | None = None
+) -> list[list[list[Chunk]]]:
     """Per tokenizer, the chunks of each text, all padded with empty chunks to one common count."""
-    per_tok = [[tokenize_chunks(tok, t) for t in texts] for tok in tokenizers]
+    tables = tables or [None] * len(tokenizers)
+    per_tok = [
+        [tokenize_chunks(tok, t, embeddings=table) for t in texts]
+        for tok, table in zip(tokenizers, tables, strict=True)
+    ]
     n = max(len(c) for per_text in per_tok for c in per_text)
     return [
         [c + [_Tokens(tok).empty() for _ in range(n - len(c))] for c in per_text]
@@ -151,7 +184,7 @@ def _encode(
     chunks it lacks go through the encoder (`layer` names what `hidden` reads, for the cache key)."""
     n_texts, n_chunks = len(chunked), len(chunked[0])
     scope = cache.scope if cache is not None else None
-    keys = [(id(encoder), layer, scope, tuple(ch.ids), tuple(ch.weights)) for c in chunked for ch in c]
+    keys = [(id(encoder), layer, scope, tuple(ch.ids), tuple(ch.weights), ch.fix_key()) for c in chunked for ch in c]
     chunk_of = dict(zip(keys, (ch for c in chunked for ch in c), strict=True))  # one chunk per distinct key
     rows: dict[Hashable, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for key in chunk_of if cache is not None else ():
@@ -162,7 +195,8 @@ def _encode(
     if missing:
         ids = torch.tensor([chunk_of[key].ids for key in missing], device=device)
         weights = torch.tensor([chunk_of[key].weights for key in missing], device=device)
-        out = encoder(ids, output_hidden_states=all_layers)
+        with fixes_applied(encoder, [chunk_of[key].fixes for key in missing]):
+            out = encoder(ids, output_hidden_states=all_layers)
         z = apply_emphasis(hidden(out), weights)
         pooled = getattr(out, "text_embeds", None)
         for j, key in enumerate(missing):
@@ -173,6 +207,12 @@ def _encode(
     z = z.reshape(n_texts, n_chunks * z.shape[1], z.shape[2])
     first = [rows[key][1] for key in keys[::n_chunks]]  # each text's first chunk
     return z, None if first[0] is None else torch.stack(first)
+
+
+def _table(embeddings: TextualInversions | None, tokenizer, encoder, key: str | None) -> TokenTable | None:
+    if embeddings is None:
+        return None
+    return embeddings.table(tokenizer, key, encoder.get_input_embeddings().embedding_dim)
 
 
 def _unique(texts: list[str]) -> tuple[list[str], list[int]]:
@@ -189,6 +229,7 @@ def encode_sd15(
     negatives: list[str],
     clip_skip: int = 1,
     cache: CacheScope | None = None,
+    embeddings: TextualInversions | None = None,
 ) -> dict[str, torch.Tensor]:
     """`prompt_embeds` / `negative_prompt_embeds` for a StableDiffusion*Pipeline call, one row per image.
 
@@ -203,7 +244,7 @@ def encode_sd15(
         return getattr(encoder, "text_model", encoder).final_layer_norm(out.hidden_states[-clip_skip])
 
     texts, index = _unique(prompts + negatives)
-    (chunked,) = _chunk_all([pipe.tokenizer], texts)
+    (chunked,) = _chunk_all([pipe.tokenizer], texts, [_table(embeddings, pipe.tokenizer, encoder, None)])
     z, _ = _encode(encoder, chunked, pipe._execution_device, hidden, clip_skip > 1, cache, ("clip_skip", clip_skip))
     z = z[index]
     return {"prompt_embeds": z[: len(prompts)], "negative_prompt_embeds": z[len(prompts) :]}
@@ -211,7 +252,11 @@ def encode_sd15(
 
 @torch.no_grad()
 def encode_sdxl(
-    pipe: DiffusionPipeline, prompts: list[str], negatives: list[str], cache: CacheScope | None = None
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    negatives: list[str],
+    cache: CacheScope | None = None,
+    embeddings: TextualInversions | None = None,
 ) -> dict[str, torch.Tensor]:
     """`prompt_embeds`, `negative_prompt_embeds`, `pooled_prompt_embeds`, `negative_pooled_prompt_embeds` for a
     StableDiffusionXL*Pipeline call, one row per image.
@@ -219,12 +264,14 @@ def encode_sdxl(
     With every negative empty and the model's `force_zeros_for_empty_prompt`, the negative embeddings are zeros, as
     diffusers does.
     """
-    pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
-    pairs = [(t, e) for t, e in pairs if t is not None and e is not None]  # the refiner has only the second one
+    named = [(pipe.tokenizer, pipe.text_encoder, "clip_l"), (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")]
+    named = [(t, e, k) for t, e, k in named if t is not None and e is not None]  # the refiner has only the second one
+    pairs = [(t, e) for t, e, _ in named]
+    tables = [_table(embeddings, t, e, k) for t, e, k in named]
     zero_negative = not any(negatives) and bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
     texts, index = _unique(prompts if zero_negative else prompts + negatives)
     hidden, pooled = [], None
-    for chunked, (_, encoder) in zip(_chunk_all([t for t, _ in pairs], texts), pairs, strict=True):
+    for chunked, (_, encoder) in zip(_chunk_all([t for t, _ in pairs], texts, tables), pairs, strict=True):
         # The penultimate layer without the final layer norm, as diffusers and A1111 do for SDXL.
         z, pooled = _encode(
             encoder, chunked, pipe._execution_device, lambda out: out.hidden_states[-2], True, cache, "penultimate"

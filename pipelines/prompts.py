@@ -8,8 +8,9 @@
 - `strip_attention` turns A1111 syntax into plain text for text encoders that are not CLIP (FLUX's T5, Qwen's VL
   model): the text is kept, weights and brackets and BREAK go.
 
-Not supported (the text goes to the encoder as written): prompt editing `[a:b:when]`, alternation `[a|b]`, `AND`
-composition, textual-inversion embeddings, `#` comment lines.
+Prompt editing `[a:b:when]` and alternation `[a|b]` are scheduled by `pipelines.prompt_schedules` before this
+parser sees each step's text; textual-inversion embeddings are found by `pipelines.prompt_embeds`. Not supported (the
+text goes to the encoder as written): `AND` composition, `#` comment lines.
 """
 
 from __future__ import annotations

@@ -101,6 +101,18 @@ class GenerationRequest:
     # Live previews every N denoising steps (0: none), on the job's progress (pipelines.previews).
     preview_every: int = 0
     hires: HiresOptions | None = None  # A1111 hires fix (txt2img): upscale, then a second img2img pass
+    # A1111 variation seeds (pipelines.variation): image i's noise is slerp(strength, noise(seed+i),
+    # noise(subseed+i)); `seed_resize_from_w/h` > 0 make that noise at another size, pasted centred. -1: random.
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    # A1111 `tiling`: seamless images (circular padding in the denoiser's and the VAE's convolutions, this call only).
+    tiling: bool = False
+    # A1111 SDXL refiner: the model (registry id or name) that takes over at `refiner_switch_at` of the denoising
+    # (the base stops with diffusers' `denoising_end`, the refiner goes on from its latents with `denoising_start`).
+    refiner: str | None = None
+    refiner_switch_at: float = 0.8
     # `background: transparent`: the finished images get alpha from models.yaml's `background_removal` model (RGBA).
     transparent_background: bool = False
     # Free-form tags the dialect wants echoed back (never read by the GPU side).

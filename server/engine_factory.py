@@ -27,6 +27,7 @@ def engine_config(settings: Settings, **overrides: Any) -> Any:
         configs_dir=settings.configs_dir,
         allow_pickle=settings.allow_pickle,
         lora_dir=settings.lora_dir,
+        embeddings_dir=settings.embeddings_dir,
         request_timeout_s=settings.request_timeout_s,
         max_consecutive_ooms=settings.max_consecutive_ooms,
         cuda_memory_fraction=settings.cuda_memory_fraction,

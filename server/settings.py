@@ -45,6 +45,10 @@ class Settings(BaseSettings):
         return self.checkpoints_dir / "Lora" if self.checkpoints_dir else None
 
     @property
+    def embeddings_dir(self) -> Path | None:
+        return self.checkpoints_dir / "embeddings" if self.checkpoints_dir else None
+
+    @property
     def stable_diffusion_dir(self) -> Path | None:
         return self.checkpoints_dir / "Stable-diffusion" if self.checkpoints_dir else None
 

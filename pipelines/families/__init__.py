@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipelines.families.base import BatchItem, FamilyAdapter, LoadedModel, StepCallback, generators
 from pipelines.request import GenerationRequest, Task
+from pipelines.variation import batch_noise, wants_variation
 
 log = logging.getLogger("easel.engine")
 
@@ -81,8 +82,14 @@ def call_view(pipe: DiffusionPipeline, scheduler: Any | None, steps: int) -> Dif
     return view
 
 
-def step_callback(on_step: StepCallback, default_total: int) -> Callable[[DiffusionPipeline, int, Any, dict], dict]:
+def step_callback(
+    on_step: StepCallback,
+    default_total: int,
+    conditioning: Callable[[DiffusionPipeline, int, dict], None] | None = None,
+) -> Callable[[DiffusionPipeline, int, Any, dict], dict]:
     """`callback_on_step_end` reporting (steps done, total) and setting `_interrupt` when `on_step` returns True.
+    `conditioning(pipe, next_step, callback_kwargs)` may replace the tensors the next step reads (A1111 prompt
+    editing: `prompt_embeds`, listed in the call's `callback_on_step_end_tensor_inputs`).
 
     The total is the number of timesteps the pipeline really runs (`_num_timesteps`: fewer than `steps` for
     img2img/inpaint with strength < 1, one more for PNDM's PLMS warm-up step).
@@ -102,11 +109,44 @@ def step_callback(on_step: StepCallback, default_total: int) -> Callable[[Diffus
             except Exception as e:  # a preview must never cost the image (e.g. latents of an unexpected layout)
                 log.warning("live previews off for this call: %s: %s", type(e).__name__, e)
                 previews = None
+        if conditioning is not None:
+            conditioning(pipe, i + 1, callback_kwargs)
         if on_step(i + 1, total):
             pipe._interrupt = True
         return callback_kwargs
 
     return callback
+
+
+def packed_variation_latents(pipe: DiffusionPipeline, items: list[BatchItem], width: int, height: int, video: bool):
+    """FLUX / Qwen-Image txt2img with A1111 variation seeds: each image's noise (pipelines.variation) in the shape
+    the pipeline draws it ((C, h, w), Qwen's with a frame axis), packed into 2x2 patches as the pipeline packs its
+    own; None when the call has no variation (the pipeline draws the noise itself)."""
+    req = items[0].request
+    if req.task != Task.TXT2IMG or not wants_variation(
+        req.subseed_strength, req.seed_resize_from_w, req.seed_resize_from_h
+    ):
+        return None
+    f = pipe.vae_scale_factor
+    c = pipe.transformer.config.in_channels // 4
+    h, w = 2 * (height // (f * 2)), 2 * (width // (f * 2))
+    noise = torch.cat(
+        [
+            batch_noise(
+                (c, h, w),
+                it.seeds,
+                it.image_subseeds(),
+                it.request.subseed_strength,
+                it.request.seed_resize_from_w,
+                it.request.seed_resize_from_h,
+                f,
+            )
+            for it in items
+        ]
+    )
+    if video:
+        noise = noise[:, None]
+    return pipe._pack_latents(noise, noise.shape[0], c, h, w).to(pipe._execution_device, pipe.transformer.dtype)
 
 
 def init_image_arg(req: GenerationRequest, n: int) -> Image.Image | list[Image.Image]:

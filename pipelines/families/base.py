@@ -18,6 +18,7 @@ from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, Task
 from pipelines.text_cache import TextEmbeddingCache
 
 if TYPE_CHECKING:
+    from pipelines.embeddings import TextualInversions
     from pipelines.lora import LoraManager
     from pipelines.previews import PreviewMaker
 
@@ -42,10 +43,18 @@ class StepReporter:
 
 @dataclass
 class BatchItem:
-    """One request's share of a pipeline call: its (prepared) request and the seeds of its images."""
+    """One request's share of a pipeline call: its (prepared) request, the seeds of its images and their variation
+    subseeds (A1111: subseed + i for image i; None: derived from the request's resolved seed and subseed)."""
 
     request: GenerationRequest
     seeds: list[int]
+    subseeds: list[int] | None = None
+
+    def image_subseeds(self) -> list[int]:
+        if self.subseeds is not None:
+            return self.subseeds
+        req = self.request
+        return [max(req.subseed, 0) + s - max(req.seed, 0) for s in self.seeds]
 
 
 class UnsupportedTask(ValueError):
@@ -64,6 +73,7 @@ class LoadedModel:
     optimizations: list[str] = field(default_factory=list)  # CUDA fast-path steps applied at load time
     loras: LoraManager | None = None  # LoRA adapters of `base` (and `derived`); None: no Lora directory configured
     text_cache: TextEmbeddingCache = field(default_factory=TextEmbeddingCache)  # encoder outputs of recent prompts
+    embeddings: TextualInversions | None = None  # textual-inversion embeddings folder (SD1.5/SDXL prompts)
 
     def approx_bytes(self) -> int:
         total = 0
@@ -140,6 +150,18 @@ class FamilyAdapter(abc.ABC):
             second, init_images=[im.resize(plan.upscale_to, resample).crop(box) for im in first]
         )
         return self.run(loaded, second, seeds, make_scheduler(), progress.second)
+
+    def run_refined(
+        self,
+        loaded: LoadedModel,
+        refiner: LoadedModel,
+        item: BatchItem,
+        scheduler: Any,
+        refiner_scheduler: Any,
+        on_step: StepCallback,
+    ) -> list[Image.Image]:
+        """A1111's refiner: the base model up to `refiner_switch_at`, then the refiner model (SDXL only)."""
+        raise UnsupportedTask(f"model family {'/'.join(self.families)} has no refiner support")
 
     def check_task(self, task: Task) -> None:
         if task not in self.tasks:

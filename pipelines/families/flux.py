@@ -32,6 +32,7 @@ from pipelines.families import (
     dtype_kwargs,
     loop_kwargs,
     mask_arg,
+    packed_variation_latents,
     split_outputs,
     to_pil,
 )
@@ -97,6 +98,9 @@ class FluxAdapter(FamilyAdapter):
             guidance_scale=req.guidance,
             **loop_kwargs(req, batch_seeds(items), on_step),
         )
+        latents = packed_variation_latents(pipe, items, req.width, req.height, video=False)
+        if latents is not None:
+            kwargs.update(latents=latents)
         if req.task == Task.IMG2IMG and loaded.spec.variant == "flux-kontext":
             # Kontext edits the image as given (no strength). Its defaults rescale the output to ~1 MP and the input
             # to a preferred resolution; the request's size (the init image is already resized to it) is kept instead.

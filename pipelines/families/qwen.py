@@ -36,6 +36,7 @@ from pipelines.families import (
     first_init_image,
     loop_kwargs,
     mask_arg,
+    packed_variation_latents,
     split_outputs,
     to_pil,
 )
@@ -138,6 +139,9 @@ class QwenImageAdapter(_QwenBase):
             height=req.height,
             **loop_kwargs(req, batch_seeds(items), on_step),
         )
+        latents = packed_variation_latents(pipe, items, req.width, req.height, video=True)
+        if latents is not None:
+            kwargs.update(latents=latents)
         if req.task == Task.IMG2IMG:
             kwargs.update(image=batch_init_images(items), strength=req.strength)
         elif req.task == Task.INPAINT:

@@ -32,12 +32,15 @@ from pipelines.families import (
     dtype_kwargs,
     loop_kwargs,
     mask_arg,
+    schedule_steps,
     split_outputs,
+    step_callback,
     to_pil,
 )
 from pipelines.families.base import (
     BatchItem,
     FamilyAdapter,
+    HiresProgress,
     LoadedModel,
     StepCallback,
     UnsupportedTask,
@@ -47,9 +50,12 @@ from pipelines.hires import LATENT_UPSCALE_MODES, crop_box
 from pipelines.lora import lora_scope
 from pipelines.optimize import place
 from pipelines.prompt_embeds import CacheScope, encode_sd15, encode_sdxl
+from pipelines.prompt_schedules import schedules, text_at_step
 from pipelines.prompts import extract_loras, request_loras
 from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, Task
+from pipelines.tiling import tiling_scope
+from pipelines.variation import batch_noise, wants_variation
 
 _CLASSES: dict[str, dict[Task, type[DiffusionPipeline]]] = {
     "sd15": {
@@ -63,6 +69,68 @@ _CLASSES: dict[str, dict[Task, type[DiffusionPipeline]]] = {
         Task.INPAINT: StableDiffusionXLInpaintPipeline,
     },
 }
+
+
+# The loop's conditioning tensors a step callback may replace, and the `encode_*` keys they come from as
+# (negative, positive): with CFG the loop holds them concatenated [negative, positive].
+CONDITIONING_INPUTS = {"sd15": ("prompt_embeds",), "sdxl": ("prompt_embeds", "add_text_embeds")}
+_LOOP_TENSORS = {
+    "prompt_embeds": ("negative_prompt_embeds", "prompt_embeds"),
+    "add_text_embeds": ("negative_pooled_prompt_embeds", "pooled_prompt_embeds"),
+}
+
+
+def scheduled_conditioning(
+    encode_texts: Callable[[list[str], list[str]], dict[str, torch.Tensor]],
+    scheduled: list[list[tuple[int, str]]],
+    n: int,
+    steps: int,
+) -> tuple[list[dict[str, torch.Tensor]], Callable[[DiffusionPipeline, int, dict], None]]:
+    """A1111 prompt editing for one call: the encoder arguments of every sampling step (0..steps), and the step
+    callback hook that swaps them in. `scheduled` holds each prompt's then each negative prompt's schedule
+    (pipelines.prompt_schedules); `n` is the number of images. The distinct step texts are encoded in one go, so
+    every step's embeddings have the same number of chunks."""
+    step_texts = [tuple(text_at_step(s, k) for s in scheduled) for k in range(steps + 1)]
+    configs = list(dict.fromkeys(step_texts))
+    encoded = encode_texts([t for c in configs for t in c[:n]], [t for c in configs for t in c[n:]])
+    per_config = [{key: value[j * n : (j + 1) * n] for key, value in encoded.items()} for j in range(len(configs))]
+    per_step = [per_config[configs.index(t)] for t in step_texts]
+
+    def switch(pipe: DiffusionPipeline, step: int, callback_kwargs: dict) -> None:
+        conds = per_step[min(step, len(per_step) - 1)]
+        for name, (negative, positive) in _LOOP_TENSORS.items():
+            if name not in callback_kwargs or positive not in conds:
+                continue
+            cfg = pipe.do_classifier_free_guidance
+            callback_kwargs[name] = torch.cat([conds[negative], conds[positive]]) if cfg else conds[positive]
+
+    return per_step, switch
+
+
+def variation_latents(pipe: DiffusionPipeline, items: list[BatchItem], width: int, height: int) -> torch.Tensor | None:
+    """The initial noise of a txt2img call with A1111 variation seeds (pipelines.variation), or None when no item
+    asks for any (the pipeline then draws each image's noise from its own generator, as before). The batcher keeps
+    variation and plain requests apart (pipelines.batching), so a call is all one or the other."""
+    req = items[0].request
+    if not wants_variation(req.subseed_strength, req.seed_resize_from_w, req.seed_resize_from_h):
+        return None
+    f = pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, height // f, width // f)  # what the txt2img pipeline draws
+    noise = torch.cat(
+        [
+            batch_noise(
+                shape,
+                it.seeds,
+                it.image_subseeds(),
+                it.request.subseed_strength,
+                it.request.seed_resize_from_w,
+                it.request.seed_resize_from_h,
+                f,
+            )
+            for it in items
+        ]
+    )
+    return noise.to(pipe._execution_device, pipe.unet.dtype)
 
 
 class StableDiffusionAdapter(FamilyAdapter):
@@ -114,6 +182,7 @@ class StableDiffusionAdapter(FamilyAdapter):
         on_step: StepCallback,
         output_type: str = "pt",
         init_latents: torch.Tensor | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Any:
         """One pipeline call: PIL images, or the final latents (`output_type="latent"`, for a latent hires pass).
         `init_latents` replaces the init images of an img2img call (diffusers treats 4-channel input as latents)."""
@@ -126,9 +195,13 @@ class StableDiffusionAdapter(FamilyAdapter):
         kwargs: dict[str, Any] = dict(
             guidance_scale=req.guidance,
             **loop_kwargs(req, seeds, on_step, output_type),
+            **(extra or {}),
         )
         if req.task == Task.TXT2IMG:
             kwargs.update(width=req.width, height=req.height)
+            latents = variation_latents(pipe, items, req.width, req.height)
+            if latents is not None:
+                kwargs.update(latents=latents)
         elif req.task == Task.IMG2IMG:
             # img2img takes its size from the (already resized) init images.
             image = init_latents if init_latents is not None else batch_init_images(items)
@@ -141,14 +214,57 @@ class StableDiffusionAdapter(FamilyAdapter):
                 width=req.width,
                 height=req.height,
             )
-        with lora_scope(loaded, items):  # the text encoders may carry LoRA weights too: encode inside
+        # The text encoders may carry LoRA weights too: encode inside. Tiling is on for this call only.
+        with lora_scope(loaded, items), tiling_scope(pipe, req.tiling):
             # SDXL: all-empty negatives become zeros (force_zeros_for_empty_prompt); the batcher never mixes empty
             # and non-empty negative prompts in one call.
             encode = encode_sdxl if loaded.spec.family == "sdxl" else encode_sd15
             cache = CacheScope(loaded.text_cache, request_loras(req))  # LoRAs change what the encoders give
-            kwargs.update(encode(pipe, prompts, negatives, cache=cache))
+
+            def encode_texts(ps: list[str], ns: list[str]) -> dict[str, torch.Tensor]:
+                return encode(pipe, ps, ns, cache=cache, embeddings=loaded.embeddings)
+
+            scheduled = schedules(prompts + negatives, req.steps)
+            if scheduled is None:
+                kwargs.update(encode_texts(prompts, negatives))
+            else:  # prompt editing / alternation: the conditioning changes between steps
+                per_step, switch = scheduled_conditioning(encode_texts, scheduled, len(prompts), schedule_steps(req))
+                kwargs.update(per_step[0])
+                kwargs.update(
+                    callback_on_step_end=step_callback(on_step, schedule_steps(req), switch),
+                    callback_on_step_end_tensor_inputs=["latents", *CONDITIONING_INPUTS[loaded.spec.family]],
+                )
             images = pipe(**kwargs).images
         return images if output_type == "latent" else to_pil(images)
+
+    def run_refined(
+        self,
+        loaded: LoadedModel,
+        refiner: LoadedModel,
+        item: BatchItem,
+        scheduler: Any,
+        refiner_scheduler: Any,
+        on_step: StepCallback,
+    ) -> list[Image.Image]:
+        """The base denoises up to `refiner_switch_at` of the schedule (`denoising_end`) and hands its latents to the
+        refiner, which denoises the rest (`denoising_start`, no new noise): A1111's switch of model mid-sampling."""
+        req = item.request
+        switch = req.refiner_switch_at
+        first_steps = max(1, round(req.steps * switch))
+        progress = HiresProgress(on_step, first_steps, max(1, req.steps - first_steps))
+        latents = self._call(loaded, [item], scheduler, progress.first, "latent", extra={"denoising_end": switch})
+        if progress.stopped:  # interrupted: the base's latents as they are, as A1111 returns an interrupted job
+            return self._decode(loaded, latents)
+        second = dataclasses.replace(req, task=Task.IMG2IMG, strength=1.0, model=refiner.spec.id, refiner=None)
+        images = self._call(
+            refiner,
+            [BatchItem(second, item.seeds, item.subseeds)],
+            refiner_scheduler,
+            progress.second,
+            init_latents=latents,
+            extra={"denoising_start": switch},
+        )
+        return list(images)
 
     @staticmethod
     def _decode(loaded: LoadedModel, latents: torch.Tensor) -> list[Image.Image]:

@@ -24,6 +24,7 @@ from server.styles import StyleBook
 
 MAX_SEED = 2**63 - 1
 A1111_RANDOM_SEED_RANGE = 4294967294  # processing.get_fixed_seed: randrange(4294967294)
+DEFAULT_REFINER_SWITCH_AT = 0.8  # A1111's UI default, used when a request names a refiner without a switch point
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
 # GenerationRequest field -> A1111 field, to name the A1111 field when the engine refuses a request.
 ENGINE_FIELD_NAMES = {
@@ -361,12 +362,25 @@ def to_generation_request(
         inpaint=inpaint,
         resize_mode=resize_mode,
         hires=hires_options(body) if isinstance(body, Txt2ImgRequest) and body.enable_hr else None,
+        subseed=body.subseed,
+        subseed_strength=body.subseed_strength,
+        seed_resize_from_w=max(body.seed_resize_from_w, 0),
+        seed_resize_from_h=max(body.seed_resize_from_h, 0),
+        tiling=bool(body.tiling),
+        refiner=refiner_name(body),
+        refiner_switch_at=DEFAULT_REFINER_SWITCH_AT if body.refiner_switch_at is None else body.refiner_switch_at,
         tags={"dialect": "a1111", **({"task_id": body.force_task_id} if body.force_task_id else {})},
     )
 
 
+def refiner_name(body: GenerationBase) -> str | None:
+    """`refiner_checkpoint`, None for A1111's spellings of "no refiner"."""
+    name = (body.refiner_checkpoint or "").strip()
+    return None if name in ("", "None", "none") else name
+
+
 def resolve_subseed(subseed: int) -> int:
-    """Variation seeds are not implemented; the subseed is still resolved and reported as A1111 does."""
+    """A1111 resolves -1 to a random subseed (used by variation seeds, reported either way)."""
     return random.randrange(A1111_RANDOM_SEED_RANGE) if subseed == -1 else subseed
 
 
@@ -395,8 +409,24 @@ def all_seeds(result: GenerationResult, first_seed: int, total: int) -> list[int
     return seeds + [start + i for i in range(len(seeds), total)] if start >= 0 else seeds
 
 
+def variation_params(prep: Prepared, index: int) -> dict[str, Any]:
+    """A1111's "Variation seed", "Variation seed strength" and "Seed resize from" infotext keys for image `index`."""
+    req = prep.request
+    resized = req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0
+    return {
+        "Variation seed": None if req.subseed_strength == 0 else prep.subseed + index,
+        "Variation seed strength": None if req.subseed_strength == 0 else format_number(req.subseed_strength),
+        "Seed resize from": f"{req.seed_resize_from_w}x{req.seed_resize_from_h}" if resized else None,
+    }
+
+
 def image_infotext(
-    prep: Prepared, result: GenerationResult, seed: int, options: InfotextOptions, version: str | None
+    prep: Prepared,
+    result: GenerationResult,
+    seed: int,
+    options: InfotextOptions,
+    version: str | None,
+    index: int = 0,
 ) -> str:
     body = prep.body
     model_hash = result.model_hash or prep.spec.short_hash
@@ -409,7 +439,11 @@ def image_infotext(
         "Size": "{}x{}".format(*reported_size(prep, result)),
         "Model hash": model_hash if options.add_model_hash else None,
         "Model": prep.spec.id if options.add_model_name else None,
+        **variation_params(prep, index),
         "Denoising strength": prep.extra_generation_params.get("Denoising strength"),
+        "Tiling": "True" if prep.request.tiling else None,
+        "Refiner": prep.request.refiner,
+        "Refiner switch at": format_number(prep.request.refiner_switch_at) if prep.request.refiner else None,
         **prep.extra_generation_params,
         "Version": version if options.add_version else None,
     }
@@ -454,7 +488,7 @@ def build_info(
         "all_seeds": seeds,
         "subseed": prep.subseed,
         "all_subseeds": [prep.subseed + i for i in range(total)],
-        "subseed_strength": 0.0,  # variation seeds are not applied; report what ran
+        "subseed_strength": body.subseed_strength,
         "width": reported_size(prep, result)[0],
         "height": reported_size(prep, result)[1],
         "sampler_name": result.sampler,

@@ -51,9 +51,6 @@ def ignored_features(body: GenerationBase) -> list[str]:
     """A1111 features accepted for compatibility but not applied (yet); logged so a surprised user can find out."""
     checks = {
         "restore_faces": body.restore_faces,
-        "tiling": body.tiling,
-        "subseed_strength (variation seeds)": body.subseed_strength,
-        "refiner_checkpoint": body.refiner_checkpoint,
     }
     return [name for name, value in checks.items() if value]
 
@@ -134,13 +131,14 @@ async def prepare(request: Request, body: GenerationBase, session: Session) -> t
             extra = adapter.txt2img_extra_params(body, choice.spec)
 
     generation.preview_every = preview_interval(session.options)
+    generation.subseed = adapter.resolve_subseed(body.subseed)
     prep = Prepared(
         body=body,
         spec=choice.spec,
         request=generation,
         job_timestamp=datetime.now().strftime("%Y%m%d%H%M%S"),
         extra_generation_params=extra,
-        subseed=adapter.resolve_subseed(body.subseed),
+        subseed=generation.subseed,
     )
     return prep, choice.field
 
@@ -266,7 +264,9 @@ def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], ve
     seeds = adapter.all_seeds(result, prep.request.seed, prep.request.total_images)
     images: list[Image.Image] = list(result.images)
     infotexts = [
-        adapter.image_infotext(prep, result, seeds[i] if i < len(seeds) else prep.request.seed, text_opts, version)
+        adapter.image_infotext(
+            prep, result, seeds[i] if i < len(seeds) else prep.request.seed, text_opts, version, index=i
+        )
         for i in range(len(images))
     ]
     index_of_first_image = 0

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from pipelines import embedding_files
 from pipelines.lora import registry_for
 from server import imagework
 from server.access.principal import can_see, is_admin, owner_filter
@@ -230,8 +231,9 @@ def _add_listing_routes(router: APIRouter) -> None:
         return [PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt) for s in book]
 
     @router.get("/embeddings")
-    async def embeddings() -> dict[str, dict]:
-        return {"loaded": {}, "skipped": {}}
+    async def embeddings(request: Request, session: Session = Depends(get_session)) -> dict[str, dict]:
+        folder, family = request.app.state.settings.embeddings_dir, session.current_model.family
+        return await run_in_threadpool(embedding_files.listing, folder, family)
 
     # Features this server does not have yet answer with empty lists / null, like an A1111 without them.
     for path in (
