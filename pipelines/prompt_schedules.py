@@ -149,14 +149,17 @@ def _text_at(node: Node, step: int) -> str:
     return _text_at(node.options[(step - 1) % len(node.options)], step)
 
 
-def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
-    """A1111's schedule of one prompt: [(end_at_step, text)], sorted; one entry for a prompt without editing."""
+def prompt_schedule(text: str, steps: int, base_steps: int | None = None) -> list[tuple[int, str]]:
+    """A1111's schedule of one prompt: [(end_at_step, text)], sorted; one entry for a prompt without editing.
+    `base_steps`: this is a hires second pass of `steps` after a first pass of `base_steps` (A1111's `hires_steps`
+    offsets: step numbers count on from the first pass, fractions from 1.0)."""
+    int_offset, flt_offset = (0, 0.0) if base_steps is None else (base_steps, 1.0)
     tree, _ = _parse_seq(text, 0, True)
     ends = {steps}
     for node in _walk(tree):
         if isinstance(node, _Scheduled):
             v = float(node.number)
-            node.when = min(steps, int(v * steps if "." in node.number else v))
+            node.when = min(steps, int((v - flt_offset) * steps if "." in node.number else v - int_offset))
             if node.when >= 1:
                 ends.add(node.when)
         else:
@@ -172,9 +175,9 @@ def text_at_step(schedule: list[tuple[int, str]], step: int) -> str:
     return schedule[0][1]  # A1111 falls back to the first entry
 
 
-def schedules(texts: list[str], steps: int) -> list[list[tuple[int, str]]] | None:
+def schedules(texts: list[str], steps: int, base_steps: int | None = None) -> list[list[tuple[int, str]]] | None:
     """Each text's schedule, or None when no text changes across steps (the common case: one encoding per call)."""
     if not any("[" in t for t in texts):
         return None
-    out = [prompt_schedule(t, steps) for t in texts]
+    out = [prompt_schedule(t, steps, base_steps) for t in texts]
     return out if any(len(s) > 1 for s in out) else None

@@ -113,6 +113,8 @@ class GenerationRequest:
     # (the base stops with diffusers' `denoising_end`, the refiner goes on from its latents with `denoising_start`).
     refiner: str | None = None
     refiner_switch_at: float = 0.8
+    # Set on a hires second pass: the first pass's steps, so prompt editing counts on from them as A1111 does.
+    prompt_schedule_base_steps: int | None = None
     # `background: transparent`: the finished images get alpha from models.yaml's `background_removal` model (RGBA).
     transparent_background: bool = False
     # Free-form tags the dialect wants echoed back (never read by the GPU side).

@@ -201,6 +201,7 @@ def start_hires(
         steps=steps,
         strength=max(req.hires.denoising_strength, MIN_DENOISING_STRENGTH),  # 0 leaves no step to run
         hires=None,
+        prompt_schedule_base_steps=req.steps,
     )
     estimate = max(1, int(steps * req.hires.denoising_strength))
     return plan, second, HiresProgress(on_step, req.steps, estimate)

@@ -224,7 +224,7 @@ class StableDiffusionAdapter(FamilyAdapter):
             def encode_texts(ps: list[str], ns: list[str]) -> dict[str, torch.Tensor]:
                 return encode(pipe, ps, ns, cache=cache, embeddings=loaded.embeddings)
 
-            scheduled = schedules(prompts + negatives, req.steps)
+            scheduled = schedules(prompts + negatives, req.steps, req.prompt_schedule_base_steps)
             if scheduled is None:
                 kwargs.update(encode_texts(prompts, negatives))
             else:  # prompt editing / alternation: the conditioning changes between steps

@@ -262,6 +262,10 @@ def test_prompt_schedules_follow_a1111() -> None:
     assert prompt_schedule("((a][:b:c [d:3]", 10) == [(3, "((a][:b:c "), (10, "((a][:b:c d")]
     assert prompt_schedule("(a:[b:c:2])", 4) == [(2, "(a:b)"), (4, "(a:c)")]
     assert prompt_schedule("plain (x:1.2) [y]", 5) == [(5, "plain (x:1.2) [y]")]
+    # A hires second pass of 10 steps after 20: step numbers count on, fractions from 1.0 (A1111's hires_steps).
+    assert prompt_schedule("[a:b:25]", 10, base_steps=20) == [(5, "a"), (10, "b")]
+    assert prompt_schedule("[a:b:0.5]", 10, base_steps=20) == [(10, "b")]
+    assert prompt_schedule("[a:b:1.5]", 10, base_steps=20) == [(5, "a"), (10, "b")]
     # Sampling step k uses the first entry ending at or after k (A1111's reconstruct_cond_batch).
     schedule = prompt_schedule("[cat:dog:2]", 4)
     assert [text_at_step(schedule, k) for k in range(4)] == ["cat", "cat", "cat", "dog"]
