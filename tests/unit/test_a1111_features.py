@@ -363,7 +363,8 @@ def engine(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         "  demo-sdxl:\n    family: sdxl\n    source: demo:sdxl\n"
         "  demo-flux:\n    family: flux\n    source: demo:flux\n"
     )
-    eng = Engine(load_registry(yaml), EngineConfig(data_dir=data_dir, queue_size=4))
+    embeddings = tmp_path_factory.mktemp("embeddings")
+    eng = Engine(load_registry(yaml), EngineConfig(data_dir=data_dir, queue_size=4, embeddings_dir=embeddings))
     eng.start()
     yield eng
     eng.stop()
@@ -401,3 +402,23 @@ def test_engine_runs_the_refiner_and_resolves_subseeds(engine) -> None:
     assert len(result.images) == 1 and result.images[0].size == (64, 64)
     assert job.progress.sampling_step == job.progress.sampling_steps
     assert job.request.seed == 3 and job.request.subseed >= 0  # -1 resolved, as A1111 does
+
+
+def test_engine_uses_the_embeddings_folder(engine) -> None:
+    """A file dropped into the folder is used by name on the next request, and gone when the file is."""
+    spec = engine.registry.get("demo-sd15")
+    loaded = engine.cache.get(spec)
+    assert loaded.embeddings is not None
+    folder = loaded.embeddings.folder
+    dim = loaded.base.text_encoder.get_input_embeddings().embedding_dim
+    req = GenerationRequest(model="demo-sd15", prompt="a foxstyle", width=64, height=64, steps=2, seed=4)
+    before = _px(engine.submit(req).wait_sync(120).images[0])
+    path = folder / "foxstyle.safetensors"
+    save_file({"emb_params": torch.randn(2, dim, generator=torch.Generator().manual_seed(1)) * 3}, str(path))
+    try:
+        with_emb = _px(engine.submit(req).wait_sync(120).images[0])
+    finally:
+        path.unlink()
+    after = _px(engine.submit(req).wait_sync(120).images[0])
+    assert not np.array_equal(with_emb, before)
+    assert np.array_equal(after, before)
