@@ -149,6 +149,9 @@ class Progress:
     # The latest live preview (pipelines.previews: 1/8 of the image size) and the step it shows; None until one.
     preview: Image.Image | None = None
     preview_step: int = 0
+    # The last few previews as (step, image), oldest first: a watcher that looks less often than steps go by (OpenAI
+    # `partial_images`) still gets each one.
+    recent_previews: tuple[tuple[int, Image.Image], ...] = ()
 
     @property
     def fraction(self) -> float:

@@ -113,6 +113,7 @@ def test_engine_jobs_carry_their_latest_preview(registry: Registry, data_dir: Pa
         assert result.images[0].size == (64, 64)
         progress = job.progress
         assert progress.preview_step == 2 and progress.preview.size == (8, 8)
+        assert [step for step, _ in progress.recent_previews] == [2]
         plain = engine.submit(GenerationRequest(model="demo-sd15", prompt="x", width=64, height=64, steps=2, seed=1))
         asyncio.run(plain.wait(timeout=120))
         assert plain.progress.preview is None
@@ -121,5 +122,7 @@ def test_engine_jobs_carry_their_latest_preview(registry: Registry, data_dir: Pa
         job = engine.submit(edit)
         asyncio.run(job.wait(timeout=120))
         assert job.progress.preview is not None
+        # Every step previews: the job keeps the last few, oldest first.
+        assert [step for step, _ in job.progress.recent_previews] == [1, 2]
     finally:
         engine.stop()
