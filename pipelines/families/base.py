@@ -65,6 +65,11 @@ class LoadedModel:
     loras: LoraManager | None = None  # LoRA adapters of `base` (and `derived`); None: no Lora directory configured
     text_cache: TextEmbeddingCache = field(default_factory=TextEmbeddingCache)  # encoder outputs of recent prompts
 
+    @property
+    def execution_device(self) -> torch.device | None:
+        """Where the pipeline computes, when that is fixed (None with CPU-offload hooks, which move modules)."""
+        return self.device if self.spec.performance.offload == "none" else None
+
     def approx_bytes(self) -> int:
         total = 0
         for comp in self.base.components.values():
