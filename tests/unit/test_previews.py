@@ -5,37 +5,21 @@ the steps without one."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from pipelines import demo
 from pipelines.engine import Engine, EngineConfig
 from pipelines.families import adapter_for, step_callback
-from pipelines.families.base import LoadedModel, StepReporter
+from pipelines.families.base import StepReporter
 from pipelines.previews import LATENT_RGB, PreviewMaker, latents_to_rgb
-from pipelines.registry import ModelSpec, Registry
+from pipelines.registry import Registry
 from pipelines.request import GenerationRequest, Task, evenly, wants_preview
 from tests.unit.test_fast_path import DeviceValue
 
 FAMILIES = ["sd15", "sdxl", "flux", "qwen-image"]
-
-
-@pytest.fixture(scope="module")
-def load(demo_root: Path) -> Callable[[str], LoadedModel]:
-    cache: dict[str, LoadedModel] = {}
-
-    def _load(family: str) -> LoadedModel:
-        if family not in cache:
-            spec = ModelSpec(id=f"demo-{family}", family=family, source=f"demo:{family}")
-            path = demo.ensure_demo_model(family, demo_root)
-            cache[family] = adapter_for(family).load(spec, str(path), torch.device("cpu"), torch.float32)
-        return cache[family]
-
-    return _load
 
 
 def test_preview_schedule() -> None:
