@@ -628,7 +628,7 @@ def test_error_body_shapes_by_dialect(client: TestClient):
     assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
     r = client.post(f"{SD}/txt2img", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and set(r.json()) == A1111_ERROR_KEYS and isinstance(r.json()["detail"], list)
-    r = client.post(f"{SD}/extra-single-image", json={})
+    r = client.post(f"{SD}/interrogate", json={"image": "x", "model": "clip"})
     assert r.status_code == 501 and set(r.json()) == A1111_ERROR_KEYS
 
 
