@@ -37,4 +37,5 @@ def batch_key(job_id: str, req: GenerationRequest, choice: SamplerChoice) -> Has
         # cannot do both, so empty and non-empty negatives (once extra-network tags are removed) do not mix.
         bool(clean_prompts(req)[1]),
         request_loras(req),
+        req.skip_missing_loras,
     )
