@@ -38,6 +38,7 @@ def batch_key(job_id: str, req: GenerationRequest, choice: SamplerChoice) -> Has
         # cannot do both, so empty and non-empty negatives (once extra-network tags are removed) do not mix.
         bool(clean_prompts(req)[1]),
         request_loras(req),
+        req.skip_missing_loras,
         # Variation noise is made by hand (pipelines.variation) and tiling switches the convolutions of the call.
         (req.subseed_strength, req.seed_resize_from_w, req.seed_resize_from_h),
         req.tiling,

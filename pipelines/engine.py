@@ -76,6 +76,7 @@ from pipelines.variation import wants_variation
 log = logging.getLogger("easel.engine")
 
 MAX_SEED = 4294967294  # A1111: random.randrange(4294967294)
+KEPT_PREVIEWS = 4  # per job, for watchers that look less often than previews come (OpenAI partial_images <= 3)
 
 
 @dataclass
@@ -176,6 +177,7 @@ class Job(CompletableJob):
 
     def _set_preview(self, step: int, image: Image.Image) -> None:
         p = self._progress
+        p.recent_previews = (*p.recent_previews[-(KEPT_PREVIEWS - 1) :], (step, image))
         p.preview, p.preview_step = image, step
 
     def _set_progress(self, job_no: int, step: int, steps: int) -> None:

@@ -384,9 +384,16 @@ def lora_scope(loaded: LoadedModel, items: Sequence[BatchItem]) -> contextlib.Ab
     The LoRAs of a request are its `loras` plus the `<lora:...>` tags of its prompt (`prompts.request_loras`); the
     batcher only puts requests with the same set into one call.
     """
-    refs = request_loras(items[0].request)
+    first = items[0].request
+    refs = request_loras(first)
     if any(request_loras(it.request) != refs for it in items[1:]):
         raise ValueError("requests with different LoRAs cannot share a pipeline call")
+    if first.skip_missing_loras and refs:  # A1111: a missing network is left out, the image is still made
+        registry = loaded.loras.registry if loaded.loras is not None else None
+        missing = [ref.name for ref in refs if registry is None or registry.get(ref.name) is None]
+        if missing:
+            log.warning("Lora not found: %s (generating without)", ", ".join(missing))
+            refs = tuple(ref for ref in refs if ref.name not in missing)
     if loaded.loras is None:
         if refs:
             raise InvalidRequest("loras", "LoRAs are not available on this server (no Lora directory is configured)")

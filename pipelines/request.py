@@ -98,6 +98,8 @@ class GenerationRequest:
     # LoRAs from structured fields. `<lora:name:w>` tags in the prompt stay in `prompt` (the infotext shows it as
     # sent) and are added to these by the family adapter (`pipelines.prompts.request_loras`).
     loras: list[LoraRef] = field(default_factory=list)
+    # A1111 generates when a named LoRA is missing (and says so); other dialects refuse the request (422).
+    skip_missing_loras: bool = False
     # Live previews every N denoising steps (0: none), on the job's progress (pipelines.previews).
     preview_every: int = 0
     hires: HiresOptions | None = None  # A1111 hires fix (txt2img): upscale, then a second img2img pass
@@ -163,6 +165,9 @@ class Progress:
     # The latest live preview (pipelines.previews: 1/8 of the image size) and the step it shows; None until one.
     preview: Image.Image | None = None
     preview_step: int = 0
+    # The last few previews as (step, image), oldest first: a watcher that looks less often than steps go by (OpenAI
+    # `partial_images`) still gets each one.
+    recent_previews: tuple[tuple[int, Image.Image], ...] = ()
 
     @property
     def fraction(self) -> float:

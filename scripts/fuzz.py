@@ -116,9 +116,7 @@ CHEAP_FIELDS: dict[str, object] = {
 # 5xx answers that are the designed behaviour, by path (with or without the gateway's /v2/automatic1111 prefix).
 # Anything else >= 500 is a finding.
 EXPECTED_5XX: dict[tuple[str, str], tuple[int, str]] = {
-    ("POST", "/sdapi/v1/extra-single-image"): (501, "A1111 extras (upscalers, face restoration) are not implemented"),
-    ("POST", "/sdapi/v1/extra-batch-images"): (501, "A1111 extras (upscalers, face restoration) are not implemented"),
-    ("POST", "/sdapi/v1/interrogate"): (501, "A1111 interrogate (captioning) is not implemented"),
+    ("POST", "/sdapi/v1/interrogate"): (501, "A1111 interrogate's captioners (clip, deepdanbooru) are not installed"),
 }
 A1111_GATEWAY_PREFIX = "/v2/automatic1111"
 # The requests library refuses to send these: the server never saw the request.

@@ -49,3 +49,24 @@ def registry():
     from pipelines.registry import load_registry
 
     return load_registry(REPO_ROOT / "models.yaml")
+
+
+@pytest.fixture(scope="module")
+def load(demo_root: Path):
+    """`load(family)`: each family's demo model through its adapter, float32 on CPU, loaded once per test module."""
+    import torch
+
+    from pipelines import demo
+    from pipelines.families import adapter_for
+    from pipelines.registry import ModelSpec
+
+    cache = {}
+
+    def _load(family: str):
+        if family not in cache:
+            spec = ModelSpec(id=f"demo-{family}", family=family, source=f"demo:{family}")
+            path = demo.ensure_demo_model(family, demo_root)  # shared with the engine and e2e tests
+            cache[family] = adapter_for(family).load(spec, str(path), torch.device("cpu"), torch.float32)
+        return cache[family]
+
+    return _load

@@ -63,10 +63,29 @@ def derive(loaded: LoadedModel, task: Task, cls: type[DiffusionPipeline]) -> Dif
     return loaded.derived[task]
 
 
-def call_view(pipe: DiffusionPipeline, scheduler: Any | None, steps: int) -> DiffusionPipeline:
+_PINNED_DEVICE_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def _pin_execution_device(view: DiffusionPipeline, device: torch.device) -> None:
+    """Give the view a fixed `_execution_device`. diffusers works it out on every read by walking every module of
+    every component for offload hooks, a few ms of Python per read on a full-size model, read several times per call
+    (on a GPU that is time the device idles). Only for pipelines without offload hooks, whose device is known."""
+    key = (type(view), str(device))
+    pinned = _PINNED_DEVICE_CLASSES.get(key)
+    if pinned is None:
+        base = type(view)
+        pinned = type(base.__name__, (base,), {"_execution_device": device, "__module__": base.__module__})
+        _PINNED_DEVICE_CLASSES[key] = pinned
+    view.__class__ = pinned
+
+
+def call_view(
+    pipe: DiffusionPipeline, scheduler: Any | None, steps: int, device: torch.device | None = None
+) -> DiffusionPipeline:
     """A per-call shallow copy of a cached pipeline that runs with its own scheduler.
 
-    Components (weights) are shared; attributes the call sets (`scheduler`, `_interrupt`, `_guidance_scale`, ...)
+    `device`: the pipeline's device when it has no CPU-offload hooks (`LoadedModel.execution_device`), pinned on the
+    view. Components (weights) are shared; attributes the call sets (`scheduler`, `_interrupt`, `_guidance_scale`, ...)
     land on the copy only, so nothing leaks into the cached pipeline or other requests. Cheaper than `from_pipe`,
     which re-runs `__init__` and casts every shared module to one dtype. Schedulers are stateful (timesteps, step
     index), so even without a requested one the call gets a fresh instance of the model's own.
@@ -79,6 +98,8 @@ def call_view(pipe: DiffusionPipeline, scheduler: Any | None, steps: int) -> Dif
         scheduler = type(scheduler).from_config(scheduler.config, shift_terminal=None)
     view = copy.copy(pipe)
     view.scheduler = scheduler
+    if device is not None:
+        _pin_execution_device(view, device)
     return view
 
 

@@ -75,6 +75,11 @@ class LoadedModel:
     text_cache: TextEmbeddingCache = field(default_factory=TextEmbeddingCache)  # encoder outputs of recent prompts
     embeddings: TextualInversions | None = None  # textual-inversion embeddings folder (SD1.5/SDXL prompts)
 
+    @property
+    def execution_device(self) -> torch.device | None:
+        """Where the pipeline computes, when that is fixed (None with CPU-offload hooks, which move modules)."""
+        return self.device if self.spec.performance.offload == "none" else None
+
     def approx_bytes(self) -> int:
         total = 0
         for comp in self.base.components.values():

@@ -89,7 +89,7 @@ class FluxAdapter(FamilyAdapter):
         on_step: StepCallback,
     ) -> list[list[Image.Image]]:
         req = items[0].request
-        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
+        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps, loaded.execution_device)
         prompts, _ = batch_prompts(items)
         kwargs: dict[str, Any] = dict(
             prompt=[strip_attention(extract_loras(p)[0]) for p in prompts],

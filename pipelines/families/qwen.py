@@ -128,7 +128,7 @@ class QwenImageAdapter(_QwenBase):
         on_step: StepCallback,
     ) -> list[list[Image.Image]]:
         req = items[0].request
-        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
+        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps, loaded.execution_device)
         prompts, negatives = batch_prompts(items)
         negative = [_negative(n, req.guidance) for n in negatives]
         kwargs: dict[str, Any] = dict(
@@ -187,7 +187,7 @@ class QwenImageEditAdapter(_QwenBase):
         if len(items) != 1:
             raise ValueError("Qwen-Image-Edit runs one request per pipeline call")
         req, seeds = items[0].request, items[0].seeds
-        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
+        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps, loaded.execution_device)
         kwargs = _qwen_kwargs(req)
         kwargs.update(
             image=first_init_image(req),  # the prompt template has one image slot

@@ -187,7 +187,7 @@ class StableDiffusionAdapter(FamilyAdapter):
         """One pipeline call: PIL images, or the final latents (`output_type="latent"`, for a latent hires pass).
         `init_latents` replaces the init images of an img2img call (diffusers treats 4-channel input as latents)."""
         req = items[0].request
-        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps)
+        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps, loaded.execution_device)
         prompts, negatives = batch_prompts(items)
         prompts = [extract_loras(p)[0] for p in prompts]
         negatives = [extract_loras(n)[0] for n in negatives]

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from anyio import to_thread
 from fastapi.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.access.config import BasicUsers
@@ -30,6 +31,15 @@ OPEN_PATHS = frozenset({"/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "
 # The API pages' own scripts and styles (server.app.DOCS_ASSETS_PATH), and the style presets' example thumbnails
 # (server.thumbnails: public pictures of a fixed prompt, one per style, made once).
 OPEN_PREFIXES = ("/docs-assets/", "/v1/style-thumbnails/")
+
+
+def _has_route(scope: Scope) -> bool:
+    """Whether any route of the app answers this path (with any method)."""
+    router = getattr(scope.get("app"), "router", None)
+    routes = getattr(router, "routes", None)
+    if routes is None:
+        return True  # no route table to ask: treat it as known, so credentials are checked
+    return any(route.matches(scope)[0] != Match.NONE for route in routes)
 
 
 class AccessControl:
@@ -72,6 +82,11 @@ class AccessControl:
         headers = dict(scope["headers"])
         authorization = headers.get(b"authorization", b"").decode("latin-1")
         a1111 = path.startswith(A1111_PREFIXES)
+        if a1111 and not _has_route(scope):
+            # A1111 checks credentials per route, so a path it does not have is a 404 (with or without them): the
+            # route table is public anyway (/openapi.json).
+            await self.app(scope, receive, send)
+            return
 
         principal = await to_thread.run_sync(self._authenticate, authorization, a1111)
         if principal is False:

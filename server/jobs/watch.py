@@ -44,14 +44,18 @@ class Snapshot:
 
 
 async def watch(handle: JobHandle, finished: concurrent.futures.Future) -> AsyncIterator[Snapshot]:
-    """Each change of the job's state until it is finished (and stored: `finished` is the ticket's future)."""
+    """Each change of the job's state until it is finished (and stored: `finished` is the ticket's future), the
+    state it ended in included."""
     done = asyncio.wrap_future(finished)
     last = None
-    while not done.done():
+    while True:
+        ended = done.done()
         snap = Snapshot(handle.status, handle.progress)
         if snap.key != last:
             last = snap.key
             yield snap
+        if ended:
+            return
         await asyncio.wait([done], timeout=POLL_S)
 
 

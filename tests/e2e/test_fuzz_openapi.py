@@ -1,7 +1,8 @@
 """Schemathesis fuzz of the whole OpenAPI schema (every dialect) against a real `easel serve`: no request gets a 5xx.
 
-scripts/fuzz.py does the work and documents it: what counts as a finding (a 5xx other than the documented 501s of
-unimplemented A1111 extras, a dropped or hung request, a server not live and ready afterwards) and the four modes
+scripts/fuzz.py does the work and documents it: what counts as a finding (a 5xx other than the documented 501 of
+A1111 interrogate, whose captioners are not installed, a dropped or hung request, a server not live and ready
+afterwards) and the four modes
 (positive, cheap: positive with cost fields pinned small and real input images, negative, hostile: cheap with one
 field at an edge value such as a lone surrogate or a 64-bit limit). This test runs it with a
 few examples per operation and mode and a fixed seed, against its own server with tight limits (2 steps, 512x512,

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,21 +42,6 @@ PIPELINE_CLASS = {
     "qwen-image": "QwenImagePipeline",
     "qwen-image-edit": "QwenImageEditPipeline",
 }
-
-
-@pytest.fixture(scope="module")
-def load(demo_root: Path) -> Callable[[str], LoadedModel]:
-    """Load each family's demo model once per module (float32, CPU)."""
-    cache: dict[str, LoadedModel] = {}
-
-    def _load(family: str) -> LoadedModel:
-        if family not in cache:
-            spec = ModelSpec(id=f"demo-{family}", family=family, source=f"demo:{family}")
-            path = demo.ensure_demo_model(family, demo_root)  # shared with the engine and e2e tests
-            cache[family] = adapter_for(family).load(spec, str(path), torch.device("cpu"), torch.float32)
-        return cache[family]
-
-    return _load
 
 
 def _pattern(width: int, height: int) -> Image.Image:

@@ -3,12 +3,16 @@ and the progress/cancel callback never reads a device value (each read would sta
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from pipelines.families import step_callback, to_pil
+
+CPU = torch.device("cpu")
 
 
 def diffusers_pil(images: torch.Tensor) -> list[np.ndarray]:
@@ -74,3 +78,34 @@ def test_step_callback_reads_no_device_value() -> None:
     stop["now"] = True
     callback(pipe, 1, t, {"latents": latents})
     assert pipe._interrupt and seen == [(1, 4), (2, 4)]
+
+
+def test_call_views_pin_the_execution_device_without_changing_the_pipeline(demo_root, monkeypatch) -> None:
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines import demo
+    from pipelines.families import adapter_for, call_view
+    from pipelines.registry import ModelSpec
+    from pipelines.request import GenerationRequest
+
+    spec = ModelSpec(id="demo-sd15", family="sd15", source="demo:sd15")
+    loaded = adapter_for("sd15").load(spec, str(demo.ensure_demo_model("sd15", Path(demo_root))), CPU, torch.float32)
+    view = call_view(loaded.base, None, 2, loaded.execution_device)
+    assert isinstance(view, StableDiffusionPipeline) and type(view).__name__ == "StableDiffusionPipeline"
+    assert view._execution_device == CPU and type(loaded.base) is StableDiffusionPipeline  # the cached one untouched
+    walked = []
+    monkeypatch.setattr(StableDiffusionPipeline, "components", property(lambda self: walked.append(1) or {}))
+    assert view._execution_device == CPU and not walked  # no walk over the modules
+    monkeypatch.undo()
+    offloaded = ModelSpec(id="m", family="sd15", source="demo:sd15", performance={"offload": "model"})
+    assert dataclasses.replace(loaded, spec=offloaded).execution_device is None  # hooks move modules: not pinned
+    req = GenerationRequest(model="demo-sd15", prompt="a fox", width=64, height=64, steps=2, seed=1)
+
+    def image(model):
+        scheduler = type(loaded.base.scheduler).from_config(loaded.base.scheduler.config)
+        with torch.inference_mode():
+            return np.asarray(adapter_for("sd15").run(model, req, [1], scheduler, lambda s, t: False)[0])
+
+    assert np.array_equal(image(loaded), image(dataclasses.replace(loaded, spec=offloaded)))  # pinned == walked

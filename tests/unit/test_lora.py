@@ -182,6 +182,23 @@ def test_unknown_lora_and_no_lora_dir_are_request_errors(loaded: LoadedModel, sd
     _image(bare, "a red fox")  # no tag, no manager: fine
 
 
+def test_missing_loras_are_left_out_when_the_dialect_asks(loaded: LoadedModel, sd15_path: Path) -> None:
+    """A1111 (`skip_missing_loras`): a LoRA that is not there is left out, the others still apply."""
+
+    def image(model: LoadedModel, prompt: str) -> np.ndarray:
+        req = GenerationRequest(model="demo-sd15", prompt=prompt, width=64, height=64, steps=2, guidance=4.0,
+                                skip_missing_loras=True)  # fmt: skip
+        with torch.inference_mode():
+            (im,) = adapter_for("sd15").run(model, req, [7], None, lambda i, n: False)
+        return np.asarray(im, dtype=np.int16)
+
+    with_style = _image(loaded, "a red fox <lora:style_a:1>")
+    assert np.array_equal(image(loaded, "a red fox <lora:style_a:1><lora:does_not_exist:0.5>"), with_style)
+    assert np.array_equal(image(loaded, "a red fox <lora:does_not_exist:1>"), _image(loaded))
+    bare = _load(sd15_path, None)  # no Lora folder at all: every LoRA is missing
+    assert np.array_equal(image(bare, "a red fox <lora:style_a:1>"), _image(bare))
+
+
 def _tensor_count() -> int:
     gc.collect()
     with warnings.catch_warnings():  # isinstance() pokes deprecated torch module attributes

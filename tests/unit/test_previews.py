@@ -5,37 +5,21 @@ the steps without one."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from pipelines import demo
 from pipelines.engine import Engine, EngineConfig
 from pipelines.families import adapter_for, step_callback
-from pipelines.families.base import LoadedModel, StepReporter
+from pipelines.families.base import StepReporter
 from pipelines.previews import LATENT_RGB, PreviewMaker, latents_to_rgb
-from pipelines.registry import ModelSpec, Registry
+from pipelines.registry import Registry
 from pipelines.request import GenerationRequest, Task, evenly, wants_preview
 from tests.unit.test_fast_path import DeviceValue
 
 FAMILIES = ["sd15", "sdxl", "flux", "qwen-image"]
-
-
-@pytest.fixture(scope="module")
-def load(demo_root: Path) -> Callable[[str], LoadedModel]:
-    cache: dict[str, LoadedModel] = {}
-
-    def _load(family: str) -> LoadedModel:
-        if family not in cache:
-            spec = ModelSpec(id=f"demo-{family}", family=family, source=f"demo:{family}")
-            path = demo.ensure_demo_model(family, demo_root)
-            cache[family] = adapter_for(family).load(spec, str(path), torch.device("cpu"), torch.float32)
-        return cache[family]
-
-    return _load
 
 
 def test_preview_schedule() -> None:
@@ -113,6 +97,7 @@ def test_engine_jobs_carry_their_latest_preview(registry: Registry, data_dir: Pa
         assert result.images[0].size == (64, 64)
         progress = job.progress
         assert progress.preview_step == 2 and progress.preview.size == (8, 8)
+        assert [step for step, _ in progress.recent_previews] == [2]
         plain = engine.submit(GenerationRequest(model="demo-sd15", prompt="x", width=64, height=64, steps=2, seed=1))
         asyncio.run(plain.wait(timeout=120))
         assert plain.progress.preview is None
@@ -121,5 +106,7 @@ def test_engine_jobs_carry_their_latest_preview(registry: Registry, data_dir: Pa
         job = engine.submit(edit)
         asyncio.run(job.wait(timeout=120))
         assert job.progress.preview is not None
+        # Every step previews: the job keeps the last few, oldest first.
+        assert [step for step, _ in job.progress.recent_previews] == [1, 2]
     finally:
         engine.stop()

@@ -6,16 +6,12 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a test that reaches for the network is a bug
 
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines import demo
 from pipelines.families import adapter_for
-from pipelines.families.base import LoadedModel
 from pipelines.prompt_embeds import (
     CHUNK_LENGTH,
     CacheScope,
@@ -24,25 +20,10 @@ from pipelines.prompt_embeds import (
     encode_sdxl,
     tokenize_chunks,
 )
-from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, LoraRef
 from pipelines.text_cache import TextEmbeddingCache
 
 LONG_WORDS = 100  # "a " * 100: 100 tokens with the demo's byte tokenizer, past one 75-token chunk
-
-
-@pytest.fixture(scope="module")
-def load(demo_root: Path) -> Callable[[str], LoadedModel]:
-    cache: dict[str, LoadedModel] = {}
-
-    def _load(family: str) -> LoadedModel:
-        if family not in cache:
-            spec = ModelSpec(id=f"demo-{family}", family=family, source=f"demo:{family}")
-            path = demo.ensure_demo_model(family, demo_root)
-            cache[family] = adapter_for(family).load(spec, str(path), torch.device("cpu"), torch.float32)
-        return cache[family]
-
-    return _load
 
 
 @pytest.fixture(scope="module")

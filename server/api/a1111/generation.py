@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -16,10 +17,12 @@ from starlette.concurrency import run_in_threadpool
 from pipelines import log_context
 from pipelines.engine_api import EngineClient, JobHandle, JobStatus
 from pipelines.errors import EngineNotReady, InvalidRequest
+from pipelines.lora import registry_for
+from pipelines.prompts import extract_loras, merge_loras
 from pipelines.request import GenerationRequest, GenerationResult
 from server import imagework
 from server.access.principal import job_owner
-from server.api.a1111 import adapter
+from server.api.a1111 import adapter, paste
 from server.api.a1111 import options as opts
 from server.api.a1111.adapter import InputImages, Prepared
 from server.api.a1111.schemas import GenerationBase, Img2ImgRequest, Txt2ImgRequest
@@ -36,6 +39,9 @@ log = logging.getLogger("easel.a1111")
 # The gateway's documented default checkpoint for /v2/automatic1111/sdapi/v1/txt2img (any models.yaml alias).
 GATEWAY_DEFAULT_MODEL = "Realistic_Vision_V5.1.safetensors"
 ASYNC_ROUTE = "txt2img"  # the job record's route (and result_ttl_s_by_route key) of async gateway txt2img
+# Its own infotext key: A1111 reads "Face restoration" back as "restore faces on".
+FACE_RESTORATION_KEY = "Face restoration not applied"
+FACE_RESTORATION_NOT_APPLIED = "no face-restoration model is installed"
 
 
 def require_engine(request: Request) -> EngineClient:
@@ -45,14 +51,6 @@ def require_engine(request: Request) -> EngineClient:
             getattr(request.app.state, "engine_error", None) or "the engine is starting; retry shortly"
         )
     return engine
-
-
-def ignored_features(body: GenerationBase) -> list[str]:
-    """A1111 features accepted for compatibility but not applied (yet); logged so a surprised user can find out."""
-    checks = {
-        "restore_faces": body.restore_faces,
-    }
-    return [name for name, value in checks.items() if value]
 
 
 def preview_interval(options: dict[str, Any]) -> int:
@@ -93,16 +91,44 @@ def _engine_field(e: InvalidRequest, model_field: str | None) -> InvalidRequest:
     return e if name == e.field else InvalidRequest(name, e.message)
 
 
+def face_restoration_requested(body: GenerationBase, options: dict[str, Any]) -> bool:
+    """A1111: `restore_faces` when sent, else the `face_restoration` option."""
+    return bool(body.restore_faces if body.restore_faces is not None else options.get("face_restoration"))
+
+
+def missing_loras(prompt: str, lora_dir: Path | None) -> list[str]:
+    """The LoRAs the prompt's `<lora:...>` tags name that the Lora folder does not have (all, without a folder)."""
+    names = [ref.name for ref in merge_loras(extract_loras(prompt)[1])]
+    if not names:
+        return []
+    registry = registry_for(lora_dir) if lora_dir is not None else None
+    return [name for name in names if registry is None or registry.get(name) is None]
+
+
+async def warnings_for(request: Request, body: GenerationBase, generation: GenerationRequest, options: dict[str, Any]
+                       ) -> dict[str, str]:  # fmt: skip
+    """What A1111 does without refusing the request but this server must say: LoRAs it cannot find (left out, as
+    A1111 does) and face restoration it cannot apply. Infotext keys, logged too."""
+    notes: dict[str, str] = {}
+    missing = await run_in_threadpool(missing_loras, generation.prompt, request.app.state.settings.lora_dir)
+    if missing:
+        notes["Lora not found"] = ", ".join(missing)
+        log.warning("%s: Lora not found: %s (generating without)", request.url.path, ", ".join(missing))
+    if face_restoration_requested(body, options):
+        notes[FACE_RESTORATION_KEY] = FACE_RESTORATION_NOT_APPLIED
+        log.warning("%s: restore_faces not applied: %s", request.url.path, FACE_RESTORATION_NOT_APPLIED)
+    return notes
+
+
 async def prepare(request: Request, body: GenerationBase, session: Session) -> tuple[Prepared, str | None]:
     settings: Settings = request.app.state.settings
+    body = paste.apply_infotext(body, session.options)
     default = GATEWAY_DEFAULT_MODEL if request.url.path.startswith("/v2/") else None
     choice = adapter.choose_model(body, session.registry, session.current_model, default)
     errors = adapter.check_request(body, settings, choice.spec)
     errors += opts.check(body.override_settings, prefix="override_settings.")
     if errors:
         raise ApiError.invalid(errors)
-    if ignored := ignored_features(body):
-        log.info("%s: not applied: %s", request.url.path, ", ".join(ignored))
     prompts = adapter.apply_styles(body, request.app.state.styles)
     if prompts.unknown:  # A1111 skips unknown style names silently; the log at least says so
         log.warning("%s: unknown styles ignored: %s", request.url.path, ", ".join(prompts.unknown))
@@ -132,6 +158,8 @@ async def prepare(request: Request, body: GenerationBase, session: Session) -> t
 
     generation.preview_every = preview_interval(session.options)
     generation.subseed = adapter.resolve_subseed(body.subseed)
+    generation.skip_missing_loras = True  # A1111 generates without a LoRA it cannot find
+    extra.update(await warnings_for(request, body, generation, session.options))
     prep = Prepared(
         body=body,
         spec=choice.spec,
@@ -184,7 +212,7 @@ async def run(request: Request, body: GenerationBase, session: Session) -> dict[
     if accounting is not None:
         await run_in_threadpool(settle)  # settled before the answer: /v1/account right after it is up to date
 
-    await run_in_threadpool(keep_overrides, body, session, prep, model_field)
+    await run_in_threadpool(keep_overrides, prep.body, session, prep, model_field)
     return await run_in_threadpool(render, prep, result, session.options, settings.a1111_version)
 
 
@@ -245,7 +273,7 @@ async def run_async(request: Request, body: GenerationBase, session: Session) ->
         request=prep.request,
         dialect="a1111",
         route=ASYNC_ROUTE,
-        request_json=adapter.echo_parameters(body),
+        request_json=adapter.echo_parameters(prep.body),
         render=render_body,
         store_images=False,  # A1111 answers base64 with infotext; the body carries them
         ttl_s=settings.result_ttl_for(ASYNC_ROUTE),
@@ -254,7 +282,7 @@ async def run_async(request: Request, body: GenerationBase, session: Session) ->
         ticket = await submit(request, spec)
     except InvalidRequest as e:
         raise _engine_field(e, model_field) from None
-    await run_in_threadpool(keep_overrides, body, session, prep, model_field)
+    await run_in_threadpool(keep_overrides, prep.body, session, prep, model_field)
     return accepted(request, ticket)
 
 

@@ -75,10 +75,11 @@ def create_infotext(
     return f"{prompt}{negative_text}\n{text}".strip()
 
 
-def parse_generation_parameters(text: str) -> dict[str, Any]:
+def parse_generation_parameters(text: str, *, with_defaults: bool = True) -> dict[str, Any]:
     """Infotext -> dict with "Prompt", "Negative prompt", "Steps", "Sampler", "Size-1", "Size-2", ... (A1111 v1.10).
 
     Styles are not extracted (no style presets here); option-dependent back-compat rules are not applied.
+    `with_defaults=False` leaves out the keys A1111 fills in when the text lacks them (only what the text says).
     """
     res: dict[str, Any] = {}
     prompt = ""
@@ -113,6 +114,7 @@ def parse_generation_parameters(text: str) -> dict[str, Any]:
         else:
             res[key] = value
 
-    for key, default in PARSE_DEFAULTS.items():
-        res.setdefault(key, default)
+    if with_defaults:
+        for key, default in PARSE_DEFAULTS.items():
+            res.setdefault(key, default)
     return res

@@ -3,6 +3,11 @@ when it is set (POST /options, kept `override_settings`): a bad one is a 422 nam
 can make a later txt2img/img2img fail. Values are read back through `effective` too, which replaces anything that
 does not pass (a value stored before these checks existed) with the default.
 
+The rest of A1111's own options (`a1111_options.yaml`: every setting of A1111 v1.10 with its default, and its range
+or choices where A1111 fixes them) are served by GET /options with those defaults, checked for their type (and range
+or choices) when set, and stored: they change nothing here. `OPTIONS` below wins over that file for the options that
+change what this server does.
+
 Options this server does not know (A1111 extensions set many) are kept as clients send them, within size bounds:
 `MAX_VALUE_BYTES` per value as JSON, `MAX_TOTAL_BYTES` for everything one session stores.
 """
@@ -14,7 +19,10 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from server.errors import FieldError
 
@@ -23,7 +31,8 @@ MAX_TOTAL_BYTES = 64 * 1024
 MAX_NAME_CHARS = 128
 MAX_INT = 2**63 - 1  # what a 64-bit integer column (and torch) can hold
 
-Kind = Literal["bool", "int", "float", "str", "choice", "color"]
+Kind = Literal["bool", "int", "float", "str", "choice", "color", "list", "any"]
+CATALOG_PATH = Path(__file__).with_name("a1111_options.yaml")
 HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 
 
@@ -90,6 +99,42 @@ OPTIONS: dict[str, Option] = {
 NOT_LISTED = frozenset({"s_tmax", "sd_model_checkpoint"})
 
 
+def _catalog_option(name: str, entry: Mapping[str, Any]) -> Option:
+    """One entry of a1111_options.yaml as an Option: the kind is the default's type."""
+    default = entry["default"]
+    choices = tuple(entry.get("choices") or ())
+    low, high = entry.get("min"), entry.get("max")
+    if isinstance(default, bool):
+        return Option("bool", default)
+    if isinstance(default, int | float):
+        return Option("int" if isinstance(default, int) else "float", default, min=low, max=high)
+    if isinstance(default, str):
+        if choices:
+            return Option("choice", default, choices=choices)
+        return Option("color", default) if HEX_COLOR.match(default) else Option("str", default, max_chars=1024)
+    if isinstance(default, list):
+        return Option("list", default)
+    if default is None:
+        return Option("any", None, nullable=True)
+    raise ValueError(f"{CATALOG_PATH.name}: option {name!r} has a default of unsupported type {type(default).__name__}")
+
+
+def load_catalog(path: Path = CATALOG_PATH) -> dict[str, Option]:
+    entries = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return {name: _catalog_option(name, entry) for name, entry in entries.items()}
+
+
+# A1111's whole option set, with this server's own table over it.
+CATALOG: dict[str, Option] = load_catalog()
+ALL_OPTIONS: dict[str, Option] = {**CATALOG, **OPTIONS}
+
+
+def catalog_defaults() -> dict[str, Any]:
+    """Every A1111 option with its default, as GET /options shows it before anything is stored (this server's own
+    defaults over A1111's). Kept apart from the stored options, so they do not count against MAX_TOTAL_BYTES."""
+    return {k: o.default for k, o in ALL_OPTIONS.items()}
+
+
 def defaults(**overrides: Any) -> dict[str, Any]:
     """The options GET /options shows before anyone sets one."""
     return {**{k: o.default for k, o in OPTIONS.items() if k not in NOT_LISTED}, **overrides}
@@ -99,8 +144,12 @@ def problem(option: Option, value: Any) -> str | None:
     """Why `value` is not a valid value of `option`, or None."""
     if value is None:
         return None if option.nullable else "must not be null"
+    if option.kind == "any":
+        return None
     if option.kind == "bool":
         return None if isinstance(value, bool) else "must be true or false"
+    if option.kind == "list":
+        return None if isinstance(value, list) else "must be a list"
     if option.kind in ("int", "float"):
         number_ok = isinstance(value, int) or (option.kind == "float" and isinstance(value, float))
         if isinstance(value, bool) or not number_ok:
@@ -143,7 +192,7 @@ def check(values: Mapping[str, Any], prefix: str = "") -> list[FieldError]:
             errors.append(FieldError(field, "not a storable value (invalid text or number)"))
         elif size > MAX_VALUE_BYTES:
             errors.append(FieldError(field, f"too large: at most {MAX_VALUE_BYTES} bytes as JSON"))
-        elif (option := OPTIONS.get(name)) is not None and (why := problem(option, value)) is not None:
+        elif (option := ALL_OPTIONS.get(name)) is not None and (why := problem(option, value)) is not None:
             errors.append(FieldError(field, why))
     return errors
 
@@ -157,7 +206,7 @@ def check_total(stored: Mapping[str, Any], field: str) -> list[FieldError]:
 
 def normalise(name: str, value: Any) -> Any:
     """A checked value as it is kept: choices in their canonical spelling, integral floats as floats."""
-    option = OPTIONS.get(name)
+    option = ALL_OPTIONS.get(name)
     if option is None or value is None:
         return value
     if option.kind == "choice":
@@ -170,7 +219,7 @@ def normalise(name: str, value: Any) -> Any:
 def effective(stored: Mapping[str, Any]) -> dict[str, Any]:
     """Options as requests use them: a known option whose stored value does not pass falls back to its default."""
     out = dict(stored)
-    for name, option in OPTIONS.items():
+    for name, option in ALL_OPTIONS.items():
         if name in out and problem(option, out[name]) is not None:
             out[name] = option.default
     return out

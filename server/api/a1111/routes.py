@@ -12,7 +12,7 @@ from pipelines import embedding_files
 from pipelines.lora import registry_for
 from server import imagework
 from server.access.principal import can_see, is_admin, owner_filter
-from server.api.a1111 import catalog, generation
+from server.api.a1111 import catalog, extras, generation
 from server.api.a1111 import options as opts
 from server.api.a1111.adapter import unknown_model
 from server.api.a1111.infotext import parse_generation_parameters
@@ -20,6 +20,7 @@ from server.api.a1111.schemas import (
     GatewayTxt2ImgRequest,
     GenerationResponse,
     Img2ImgRequest,
+    InterrogateRequest,
     NameItem,
     PNGInfoRequest,
     PNGInfoResponse,
@@ -55,6 +56,10 @@ IGNORED_INFO_KEYS = {
     "photoshop",
     "parameters",
 }
+
+
+# The captioners A1111's /interrogate knows; any other name is its 404 "Model not found".
+INTERROGATE_MODELS = ("clip", "deepdanbooru")
 
 
 def _not_supported(feature: str) -> ApiError:
@@ -110,14 +115,44 @@ def _add_generation_routes(router: APIRouter, gateway: bool) -> None:
         items = {k: v for k, v in img.info.items() if k not in IGNORED_INFO_KEYS and isinstance(v, str)}
         return PNGInfoResponse(info=info, items=items, parameters=parse_generation_parameters(info) if info else {})
 
-    @router.post("/extra-single-image")
-    @router.post("/extra-batch-images")
-    async def extras() -> None:
-        raise _not_supported("upscaling and face restoration (extras)")
+    @router.post("/extra-single-image", response_model=extras.ExtrasSingleImageResponse)
+    async def extra_single_image(
+        request: Request, body: extras.ExtrasSingleImageRequest, session: Session = Depends(get_session)
+    ) -> extras.ExtrasSingleImageResponse:
+        """Upscale one image with the built-in upscalers (see /upscalers); face restoration is not installed."""
+        extras.check(body)
+        settings = request.app.state.settings
+        images, html_info = await imagework.prepare(
+            request, extras.run, body, [("image", body.image)], settings, session.options
+        )
+        return extras.ExtrasSingleImageResponse(html_info=html_info, image=images[0])
+
+    @router.post("/extra-batch-images", response_model=extras.ExtrasBatchImagesResponse)
+    async def extra_batch_images(
+        request: Request, body: extras.ExtrasBatchImagesRequest, session: Session = Depends(get_session)
+    ) -> extras.ExtrasBatchImagesResponse:
+        """Upscale each of `imageList` ([{data, name}]), at most max_images_per_request of them."""
+        extras.check(body)
+        settings = request.app.state.settings
+        if len(body.imageList) > settings.max_images_per_request:
+            raise ApiError(
+                422,
+                f"imageList: {len(body.imageList)} images, at most max_images_per_request="
+                f"{settings.max_images_per_request}",
+                field="imageList",
+            )
+        sources = [(f"imageList[{i}].data", item.data) for i, item in enumerate(body.imageList)]
+        images, html_info = await imagework.prepare(request, extras.run, body, sources, settings, session.options)
+        return extras.ExtrasBatchImagesResponse(html_info=html_info, images=images)
 
     @router.post("/interrogate")
-    async def interrogate() -> None:
-        raise _not_supported("interrogate (image captioning)")
+    async def interrogate(body: InterrogateRequest) -> None:
+        """A1111's answers for a missing image or an unknown model (404); its two captioners are not installed."""
+        if not body.image:
+            raise ApiError(404, "Image not found", field="image", code="image_not_found")
+        if body.model not in INTERROGATE_MODELS:
+            raise ApiError(404, "Model not found", field="model", code="model_not_found")
+        raise _not_supported(f"interrogate with {body.model!r} (image captioning)")
 
 
 def _add_model_routes(router: APIRouter) -> None:

@@ -124,6 +124,11 @@ class PNGInfoRequest(A1111Model):
     image: str = Field(description="base64 image or data URL")
 
 
+class InterrogateRequest(A1111Model):
+    image: str = Field("", description="base64 image or data URL")
+    model: str = Field("clip", description="clip or deepdanbooru")
+
+
 class PNGInfoResponse(BaseModel):
     info: str
     items: dict[str, Any] = Field(default_factory=dict)

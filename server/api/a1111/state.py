@@ -77,8 +77,9 @@ class Session(Protocol):
 
 
 def _view(spec: ModelSpec, options: dict[str, Any]) -> dict[str, Any]:
-    """GET /options: stored options plus the checkpoint keys, which always describe the current model."""
-    return {**options, "sd_model_checkpoint": spec.title, "sd_checkpoint_hash": spec.sha256}
+    """GET /options: A1111's whole option set with its defaults, the stored options over them, and the checkpoint
+    keys, which always describe the current model."""
+    return {**opts.catalog_defaults(), **options, "sd_model_checkpoint": spec.title, "sd_checkpoint_hash": spec.sha256}
 
 
 @dataclass

@@ -52,17 +52,17 @@ async def stream_plan(request: Request, plan: Plan) -> EventSourceResponse:
         try:
             sent, shown = 0, 0
             async for snap in watch(ticket.handle, ticket.finished):
-                p = snap.progress
-                if sent >= plan.partial_images or p.preview is None or p.preview_step == shown:
-                    continue
-                shown = p.preview_step
-                data = await run_in_threadpool(partial_b64, p.preview, req.width, req.height, fmt)
-                yield _sse(f"{plan.events}.partial_image", {
-                    "type": f"{plan.events}.partial_image", "b64_json": data, "partial_image_index": sent,
-                    "created_at": int(ticket.handle.progress.started_at or 0), "size": f"{req.width}x{req.height}",
-                    "quality": "auto", "background": "opaque", "output_format": fmt,
-                })  # fmt: skip
-                sent += 1
+                for step, preview in snap.progress.recent_previews:
+                    if sent >= plan.partial_images or step <= shown:
+                        continue
+                    shown = step
+                    data = await run_in_threadpool(partial_b64, preview, req.width, req.height, fmt)
+                    yield _sse(f"{plan.events}.partial_image", {
+                        "type": f"{plan.events}.partial_image", "b64_json": data, "partial_image_index": sent,
+                        "created_at": int(snap.progress.started_at or 0), "size": f"{req.width}x{req.height}",
+                        "quality": "auto", "background": "opaque", "output_format": fmt,
+                    })  # fmt: skip
+                    sent += 1
             record = await jobs.wait(ticket, None)
             finished = True
             if record.status != "completed":
