@@ -42,4 +42,5 @@ def batch_key(job_id: str, req: GenerationRequest, choice: SamplerChoice) -> Has
         # Variation noise is made by hand (pipelines.variation) and tiling switches the convolutions of the call.
         (req.subseed_strength, req.seed_resize_from_w, req.seed_resize_from_h),
         req.tiling,
+        req.clip_skip,
     )

@@ -109,6 +109,9 @@ class GenerationRequest:
     subseed_strength: float = 0.0
     seed_resize_from_w: int = 0
     seed_resize_from_h: int = 0
+    # A1111 "Clip skip" (option CLIP_stop_at_last_layers): SD1.x reads its text encoder this many layers from the end
+    # (1: the last). SDXL always reads the penultimate layer, as A1111's SDXL does.
+    clip_skip: int = 1
     # A1111 `tiling`: seamless images (circular padding in the denoiser's and the VAE's convolutions, this call only).
     tiling: bool = False
     # A1111 SDXL refiner: the model (registry id or name) that takes over at `refiner_switch_at` of the denoising

@@ -221,8 +221,10 @@ class StableDiffusionAdapter(FamilyAdapter):
             encode = encode_sdxl if loaded.spec.family == "sdxl" else encode_sd15
             cache = CacheScope(loaded.text_cache, request_loras(req))  # LoRAs change what the encoders give
 
+            layer = {"clip_skip": req.clip_skip} if loaded.spec.family == "sd15" else {}
+
             def encode_texts(ps: list[str], ns: list[str]) -> dict[str, torch.Tensor]:
-                return encode(pipe, ps, ns, cache=cache, embeddings=loaded.embeddings)
+                return encode(pipe, ps, ns, cache=cache, embeddings=loaded.embeddings, **layer)
 
             scheduled = schedules(prompts + negatives, req.steps, req.prompt_schedule_base_steps)
             if scheduled is None:

@@ -110,3 +110,17 @@ def test_embeddings_route_lists_the_folder(engine: FakeEngine, a1111_registry: R
         "foxstyle": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768, "vectors": 3}
     }
     assert listed["skipped"]["xlstyle"]["shape"] == 2048 and listed["skipped"]["xlstyle"]["vectors"] == 2
+
+
+def test_clip_skip_option_and_override_reach_engine_and_infotext(client: TestClient, engine: FakeEngine) -> None:
+    body = {"prompt": "a fox", "steps": 1}
+    info = info_of(client.post(f"{SD}/txt2img", json=body))
+    assert engine.requests[-1].clip_skip == 1 and info["clip_skip"] == 1 and "Clip skip" not in info["infotexts"][0]
+    override = {**body, "override_settings": {"CLIP_stop_at_last_layers": 2}}
+    info = info_of(client.post(f"{SD}/txt2img", json=override))
+    assert engine.requests[-1].clip_skip == 2 and info["clip_skip"] == 2 and "Clip skip: 2" in info["infotexts"][0]
+    assert client.post(f"{SD}/options", json={"CLIP_stop_at_last_layers": 3}).status_code == 200
+    client.post(f"{SD}/txt2img", json=body)
+    assert engine.requests[-1].clip_skip == 3
+    refused = client.post(f"{SD}/options", json={"CLIP_stop_at_last_layers": 40})
+    assert refused.status_code == 422 and "CLIP_stop_at_last_layers" in refused.text

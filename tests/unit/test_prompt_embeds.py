@@ -275,3 +275,15 @@ def test_the_sd_adapter_reuses_the_models_cache(load) -> None:
     second = adapter_for("sd15").run(loaded, req, [5], None, lambda i, n: False)
     assert loaded.text_cache.hits > hits
     assert np.array_equal(np.asarray(first[0]), np.asarray(second[0]))
+
+
+def test_the_sd15_adapter_applies_clip_skip(load) -> None:
+    loaded = load("sd15")
+
+    def image(clip_skip: int) -> np.ndarray:
+        req = GenerationRequest(model="demo-sd15", prompt="a fox", width=64, height=64, steps=2, clip_skip=clip_skip)
+        (im,) = adapter_for("sd15").run(loaded, req, [3], None, lambda i, n: False)
+        return np.asarray(im, dtype=np.int16)
+
+    assert np.abs(image(2) - image(1)).max() > 0
+    assert np.array_equal(image(2), image(2))

@@ -439,6 +439,7 @@ def image_infotext(
         "Size": "{}x{}".format(*reported_size(prep, result)),
         "Model hash": model_hash if options.add_model_hash else None,
         "Model": prep.spec.id if options.add_model_name else None,
+        "Clip skip": prep.request.clip_skip if prep.request.clip_skip > 1 else None,
         **variation_params(prep, index),
         "Denoising strength": prep.extra_generation_params.get("Denoising strength"),
         "Tiling": "True" if prep.request.tiling else None,
@@ -509,7 +510,7 @@ def build_info(
         "infotexts": infotexts,
         "styles": body.styles,
         "job_timestamp": prep.job_timestamp,
-        "clip_skip": 1,  # CLIP_stop_at_last_layers is not applied by the engine; report what ran
+        "clip_skip": prep.request.clip_skip,
         "is_using_inpainting_conditioning": False,
         "version": version,
     }

@@ -53,6 +53,14 @@ def require_engine(request: Request) -> EngineClient:
     return engine
 
 
+def clip_skip_of(options: dict[str, Any]) -> int:
+    """A1111's `CLIP_stop_at_last_layers` (checked 1-12 when set; anything else reads as 1)."""
+    try:
+        return max(1, int(options.get("CLIP_stop_at_last_layers") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
 def preview_interval(options: dict[str, Any]) -> int:
     """Steps between live previews from A1111's options (0: none)."""
     try:
@@ -157,6 +165,7 @@ async def prepare(request: Request, body: GenerationBase, session: Session) -> t
             extra = adapter.txt2img_extra_params(body, choice.spec)
 
     generation.preview_every = preview_interval(session.options)
+    generation.clip_skip = clip_skip_of({**session.options, **body.override_settings})
     generation.subseed = adapter.resolve_subseed(body.subseed)
     generation.skip_missing_loras = True  # A1111 generates without a LoRA it cannot find
     extra.update(await warnings_for(request, body, generation, session.options))
