@@ -104,6 +104,21 @@ def placeholder_kwargs(first: StepConditioning) -> dict[str, torch.Tensor]:
     return kwargs
 
 
+def install(view: Any, unet: ComposedUNet) -> None:
+    """Put `unet` in the `unet` slot of a per-call pipeline view (`families.call_view`). Not through setattr, which
+    would rewrite the view's config. The real UNet is put back before the pipeline re-arms CPU-offload hooks at the
+    end of its call: diffusers' `maybe_free_model_hooks` hooks only the components that are modules, and the UNet
+    would drop out of the offload chain."""
+    real = view.unet
+    view.__dict__["unet"] = unet
+
+    def maybe_free_model_hooks() -> None:
+        view.__dict__["unet"] = real
+        type(view).maybe_free_model_hooks(view)
+
+    view.__dict__["maybe_free_model_hooks"] = maybe_free_model_hooks
+
+
 class ComposedUNet:
     """The UNet of one pipeline call with composable prompts. Everything but the call is the wrapped UNet's.
 

@@ -24,7 +24,7 @@ from diffusers import (
 from PIL import Image
 
 from pipelines import single_file
-from pipelines.composable import ComposedUNet, encode_composed, merged, placeholder_kwargs
+from pipelines.composable import ComposedUNet, encode_composed, install, merged, placeholder_kwargs
 from pipelines.families import (
     batch_init_images,
     batch_prompts,
@@ -236,7 +236,7 @@ class StableDiffusionAdapter(FamilyAdapter):
                     encode_texts, composed, negatives, req.steps, schedule_steps(req), req.prompt_schedule_base_steps
                 )
                 unet = ComposedUNet(pipe.unet, [[p.weight for p in parts] for parts in composed], steps)
-                pipe.__dict__["unet"] = unet  # on this call's view only; not via setattr, which rewrites its config
+                install(pipe, unet)  # on this call's view only
                 kwargs.update(placeholder_kwargs(steps[0]))
                 kwargs.update(
                     callback_on_step_end=step_callback(

@@ -154,10 +154,14 @@ def test_and_evaluates_each_part_and_combines_per_a1111(load, monkeypatch) -> No
     loaded = load("sd15")
     pipe = loaded.base
     unet_calls, steps = _record(monkeypatch, loaded)
+    freed_with: list = []  # the UNet in place when the pipeline re-arms CPU-offload hooks at the end of its call
+    free = type(pipe).maybe_free_model_hooks
+    monkeypatch.setattr(type(pipe), "maybe_free_model_hooks", lambda self: freed_with.append(self.unet) or free(self))
     euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     req = _req(prompt="a red fox AND a cat:0.5 AND a red fox:-0.25", guidance=3.0)
     adapter_for("sd15").run(loaded, req, [11], euler, lambda s, t: False)
     monkeypatch.undo()
+    assert freed_with == [pipe.unet] and pipe.unet is loaded.base.unet  # the cached pipeline never saw the wrapper
     want = encode_sd15(pipe, ["a red fox", " a cat"], [""])
     assert len(unet_calls) == len(steps) == 2
     for (hidden, out), noise in zip(unet_calls, steps, strict=True):
