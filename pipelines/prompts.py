@@ -7,7 +7,6 @@
   does, and returns the `lora` / `lyco` ones as `LoraRef`s.
 - `strip_attention` turns A1111 syntax into plain text for text encoders that are not CLIP (FLUX's T5, Qwen's VL
   model): the text is kept, weights and brackets and BREAK go.
-
 - `split_and` splits a prompt into A1111's composable subprompts (`a AND b:0.5`), each with its weight
   (`get_multicond_prompt_list`); SD1.5/SDXL combine them in the denoiser (`pipelines.composable`).
 
