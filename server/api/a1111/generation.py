@@ -18,7 +18,7 @@ from pipelines import log_context
 from pipelines.engine_api import EngineClient, JobHandle, JobStatus
 from pipelines.errors import EngineNotReady, InvalidRequest
 from pipelines.lora import registry_for
-from pipelines.prompts import extract_loras, merge_loras
+from pipelines.prompts import extract_loras, is_composable, merge_loras
 from pipelines.request import GenerationRequest, GenerationResult
 from server import imagework
 from server.access.principal import job_owner
@@ -42,6 +42,10 @@ ASYNC_ROUTE = "txt2img"  # the job record's route (and result_ttl_s_by_route key
 # Its own infotext key: A1111 reads "Face restoration" back as "restore faces on".
 FACE_RESTORATION_KEY = "Face restoration not applied"
 FACE_RESTORATION_NOT_APPLIED = "no face-restoration model is installed"
+# A1111 `AND` composable prompts need a CFG term per part; SD1.5/SDXL combine them (pipelines.composable).
+COMPOSABLE_FAMILIES = frozenset({"sd15", "sdxl"})
+COMPOSABLE_KEY = "AND not applied"
+COMPOSABLE_NOT_APPLIED = "composable prompts are combined on SD1.5 and SDXL only; the prompt was encoded as one text"
 
 
 def require_engine(request: Request) -> EngineClient:
@@ -113,11 +117,15 @@ def missing_loras(prompt: str, lora_dir: Path | None) -> list[str]:
     return [name for name in names if registry is None or registry.get(name) is None]
 
 
-async def warnings_for(request: Request, body: GenerationBase, generation: GenerationRequest, options: dict[str, Any]
-                       ) -> dict[str, str]:  # fmt: skip
+async def warnings_for(request: Request, body: GenerationBase, generation: GenerationRequest, options: dict[str, Any],
+                       family: str = "sd15") -> dict[str, str]:  # fmt: skip
     """What A1111 does without refusing the request but this server must say: LoRAs it cannot find (left out, as
-    A1111 does) and face restoration it cannot apply. Infotext keys, logged too."""
+    A1111 does), face restoration it cannot apply, and `AND` composable prompts on FLUX / Qwen-Image (encoded as one
+    text). Infotext keys, logged too."""
     notes: dict[str, str] = {}
+    if family not in COMPOSABLE_FAMILIES and is_composable(extract_loras(generation.prompt)[0]):
+        notes[COMPOSABLE_KEY] = COMPOSABLE_NOT_APPLIED
+        log.warning("%s: AND (composable prompt) not applied on family %s", request.url.path, family)
     missing = await run_in_threadpool(missing_loras, generation.prompt, request.app.state.settings.lora_dir)
     if missing:
         notes["Lora not found"] = ", ".join(missing)
@@ -168,7 +176,7 @@ async def prepare(request: Request, body: GenerationBase, session: Session) -> t
     generation.clip_skip = clip_skip_of({**session.options, **body.override_settings})
     generation.subseed = adapter.resolve_subseed(body.subseed)
     generation.skip_missing_loras = True  # A1111 generates without a LoRA it cannot find
-    extra.update(await warnings_for(request, body, generation, session.options))
+    extra.update(await warnings_for(request, body, generation, session.options, choice.spec.family))
     prep = Prepared(
         body=body,
         spec=choice.spec,
