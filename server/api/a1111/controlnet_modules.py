@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipelines import controlnet_preprocessors as cp
 from server import imagework
@@ -38,6 +38,14 @@ class DetectRequest(A1111Model):
     controlnet_masks: list[str] = Field(default_factory=list, description="accepted; no module here uses a mask")
     low_vram: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _webuiapi_spelling(cls, data: Any) -> Any:
+        # webuiapi's controlnet_detect() sends the images as `controlnet_images`.
+        if isinstance(data, dict) and "controlnet_input_images" not in data and "controlnet_images" in data:
+            data = {**data, "controlnet_input_images": data["controlnet_images"]}
+        return data
+
 
 class DetectResponse(A1111Model):
     info: str = "Success"
@@ -58,7 +66,7 @@ def _module_error(module: str, error: cp.PreprocessorError) -> ApiError:
     lead = (
         "Module not supported" if known is not None and known.kind is cp.Kind.IMAGE_PROMPT else "Module not available"
     )
-    return ApiError(422, f"{lead}: {error}", field="controlnet_module", code="invalid_request")
+    return ApiError(422, f"controlnet_module: {lead}: {error}", field="controlnet_module", code="invalid_request")
 
 
 def detect_maps(body: DetectRequest, settings: Settings) -> list[str]:
@@ -104,7 +112,7 @@ def build_router() -> APIRouter:
         except cp.PreprocessorError as error:
             raise _module_error(body.controlnet_module, error) from None
         if not body.controlnet_input_images:
-            raise ApiError(422, "No image selected", field="controlnet_input_images")
+            raise ApiError(422, "controlnet_input_images: No image selected", field="controlnet_input_images")
         if len(body.controlnet_input_images) > settings.max_images_per_request:
             raise ApiError(
                 422,
