@@ -98,7 +98,12 @@ def tile_resample(img: Array, res: int, rate: float, b: float) -> Array:
     if rate < 1.1:
         return img
     h, w, _ = img.shape
-    return cv2.resize(img, (int(float(w) / float(rate)), int(float(h) / float(rate))), interpolation=cv2.INTER_AREA)
+    return cv2.resize(img, downsampled_size(w, h, rate), interpolation=cv2.INTER_AREA)
+
+
+def downsampled_size(width: int, height: int, rate: float) -> tuple[int, int]:
+    """tile_resample's (W, H); at least one pixel each way (the extension would fail on a tiny image)."""
+    return max(int(float(width) / float(rate)), 1), max(int(float(height) / float(rate)), 1)
 
 
 def identity(img: Array, res: int, a: float, b: float) -> Array:

@@ -147,7 +147,8 @@ MODULES: tuple[Module, ...] = (
     _free("invert", ops.invert, "invert (from white bg & black line)", 20, resolution=_NO_RES),
     _free("blur_gaussian", ops.blur_gaussian, slider_1=_s("Sigma", 0.01, 64.0, 9.0)),
     _free("scribble_xdog", ops.scribble_xdog, slider_1=_s("XDoG Threshold", 1, 64, 32)),
-    _free("shuffle", ops.shuffle, resolution=Slider(value=512, visible=False)),
+    # always 512 (the extension's hidden slider means to fix it there; its 0-1 range would let 0 through)
+    _free("shuffle", ops.shuffle, resolution=Slider(minimum=512, maximum=512, value=512, visible=False)),
     _free(
         "threshold",
         ops.threshold,
@@ -354,7 +355,7 @@ def output_size(module: str, image_size: tuple[int, int], params: PreprocessorPa
     if m.name in ("none", "invert", "tile_colorfix", "tile_colorfix+sharp", "recolor_luminance", "recolor_intensity"):
         return w, h
     if m.name == "tile_resample":
-        return (w, h) if p.a < 1.1 else (int(w / p.a), int(h / p.a))
+        return (w, h) if p.a < 1.1 else ops.downsampled_size(w, h, p.a)
     if m.name == "color":
         return (round(w / h * p.resolution), p.resolution) if h < w else (p.resolution, round(h / w * p.resolution))
     th, tw = ops.resized_size(h, w, p.resolution)

@@ -233,6 +233,13 @@ def test_tile_resample_downsizes_by_the_rate(rate: float, size: tuple[int, int])
     assert out.size == size == cp.output_size("tile_resample", (80, 48), PreprocessorParams(512, rate))
 
 
+def test_tiny_inputs_do_not_break_any_module() -> None:
+    for module in cp.available_modules():
+        for params in (PreprocessorParams(64, 8.0, 2.0), PreprocessorParams(0, 0, 0), PreprocessorParams(1, 1, 1)):
+            out = cp.run_preprocessor(module, Image.new("RGB", (1, 3), "gray"), params)
+            assert out.size == cp.output_size(module, (1, 3), params), (module, params)
+
+
 @pytest.mark.parametrize(
     "module", ["canny", "threshold", "blur_gaussian", "scribble_xdog", "lineart_standard", "t2ia_color_grid"]
 )
