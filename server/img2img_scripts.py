@@ -69,6 +69,7 @@ class PoorMansArgs:
 def _job(base: GenerationRequest, **changes: Any) -> GenerationRequest:
     """One job of a script: the request as sent, with the script's inputs, one call, no hires/refiner pass."""
     changes.setdefault("n_iter", 1)
+    changes.setdefault("tags", dict(base.tags))  # each job its own copy
     changes.setdefault("resize_mode", 0)
     return dataclasses.replace(base, **changes)
 

@@ -5,6 +5,7 @@ the listings and the 422s naming `script_args[i]`. The real pipelines run them i
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,3 +217,27 @@ def test_poor_mans_outpainting_inpaints_the_border_tiles(client: TestClient, eng
     assert mask[:, : 32 - 8].max() == 0 and mask[:, 32:].min() == 255
     assert out.getpixel((10, 30)) == (200, 10, 10)
     assert out.getpixel((120, 30)) == seed_color(8)
+
+
+def test_outpainting_mk2_batch_returns_its_grid_first(client: TestClient, engine: FakeEngine) -> None:
+    r = client.post(f"{SD}/img2img", json=body("Outpainting mk2", ["", 64, 8, ["up"]], batch_size=2))
+    images = images_of(r)
+    assert [im.size for im in images] == [(128, 128), (64, 128), (64, 128)]  # A1111's grid of the two, then each
+    assert info_of(r)["index_of_first_image"] == 1
+    (job,) = engine.requests
+    assert job.batch_size == 2 and len(job.init_images) == 2
+
+
+def test_interrupt_stops_a_script_after_the_running_tile(client: TestClient, engine: FakeEngine) -> None:
+    engine.block()
+    result: dict = {}
+    payload = body("SD upscale", ["", 0, "Nearest", 2])  # 4 tiles, one job each
+    worker = threading.Thread(target=lambda: result.setdefault("r", client.post(f"{SD}/img2img", json=payload)))
+    worker.start()
+    engine.wait_for_running()
+    assert client.post(f"{SD}/interrupt").status_code == 200
+    engine.release()
+    worker.join(10)
+    (out,) = images_of(result["r"])
+    assert out.size == (128, 128) and len(engine.requests) == 1  # no tile submitted after the interrupt
+    assert out.getpixel((10, 10)) == seed_color(7) and out.getpixel((100, 100)) == (200, 10, 10)  # as upscaled

@@ -287,7 +287,8 @@ async def run_script(request: Request, engine: EngineClient, prep: Prepared, mod
     prep.request = dataclasses.replace(
         prep.request, batch_size=len(outcome.images), n_iter=1, init_images=[], mask=None
     )
-    return await run_in_threadpool(render, prep, result, session.options, settings.a1111_version)
+    grid = scripts.returns_grid(selected, len(outcome.images), session.options)
+    return await run_in_threadpool(render, prep, result, session.options, settings.a1111_version, grid)
 
 
 def release(accounting: Any, reservation: Any) -> None:
@@ -360,8 +361,10 @@ async def run_async(request: Request, body: GenerationBase, session: Session) ->
     return accepted(request, ticket)
 
 
-def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], version: str | None) -> dict[str, Any]:
-    """The A1111 response: encoded images (grid first when A1111 would add one), echo, info JSON."""
+def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], version: str | None,
+           grid: bool | None = None) -> dict[str, Any]:  # fmt: skip
+    """The A1111 response: encoded images (grid first when A1111 would add one, or when `grid` says so), echo,
+    info JSON."""
     text_opts = adapter.InfotextOptions.from_options(options)
     seeds = adapter.all_seeds(result, prep.request.seed, prep.request.total_images)
     images: list[Image.Image] = list(result.images)
@@ -372,7 +375,7 @@ def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], ve
         for i in range(len(images))
     ]
     index_of_first_image = 0
-    if adapter.wants_grid(prep.body, len(images), options):
+    if adapter.wants_grid(prep.body, len(images), options) if grid is None else grid and bool(images):
         images.insert(0, adapter.image_grid(images, prep.request.batch_size, int(options.get("n_rows", -1))))
         infotexts.insert(0, infotexts[0])  # A1111 uses the main prompt and first seed for the grid
         index_of_first_image = 1

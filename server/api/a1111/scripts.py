@@ -283,6 +283,14 @@ def output_count(selected: Selected, body: GenerationBase) -> int:
     return 1
 
 
+def returns_grid(selected: Selected, count: int, options: dict[str, Any]) -> bool:
+    """Outpainting mk2 puts its own grid first (`return_grid`, and more than one picture unless
+    `grid_only_if_multiple` is off), whatever save_images says; the other two never return one."""
+    if selected.title != MK2 or not options.get("return_grid", True):
+        return False
+    return count >= 2 or not options.get("grid_only_if_multiple", True)
+
+
 # Running --------------------------------------------------------------------------------------------------------------
 
 
