@@ -40,6 +40,8 @@ class ScriptResult:
     extra_params: dict[str, Any] = field(default_factory=dict)
     jobs: int = 0
     interrupted: bool = False
+    # The "Size" A1111 reports: the script's `p.width x p.height`, i.e. the (last) job's size, not the picture's.
+    reported_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,8 @@ def sd_upscale(base: GenerationRequest, args: SDUpscaleArgs, upscale: Callable[[
             break
     assert first is not None  # a grid has at least one tile
     extra = {"SD upscale overlap": args.overlap, "SD upscale upscaler": args.upscaler}
-    return ScriptResult(images, [seed + n for n in range(len(images))], first, extra, jobs, stopped)
+    seeds = [seed + n for n in range(len(images))]
+    return ScriptResult(images, seeds, first, extra, jobs, stopped, (base.width, base.height))
 
 
 # Outpainting mk2 ------------------------------------------------------------------------------------------------------
@@ -137,7 +140,7 @@ def outpainting_mk2(base: GenerationRequest, args: OutpaintingMk2Args, execute: 
     inpaint = InpaintOptions(
         mask_blur=blur_x * 4, mask_blur_y=blur_y * 4, inpainting_fill=1, full_res=False, composite_original=True
     )
-    state: dict[str, Any] = {"first": None, "jobs": 0, "stopped": False}
+    state: dict[str, Any] = {"first": None, "jobs": 0, "stopped": False, "size": None}
 
     def expand(pictures: list[Image.Image], pixels: int, side: str) -> list[Image.Image]:
         horiz, vert = side in ("left", "right"), side in ("up", "down")
@@ -177,6 +180,7 @@ def outpainting_mk2(base: GenerationRequest, args: OutpaintingMk2Args, execute: 
         result = execute(_job(base, task=Task.INPAINT, init_images=work, mask=mask, inpaint=inpaint,
                               width=mask.width, height=mask.height, batch_size=len(work), hires=None))  # fmt: skip
         state["jobs"] += 1
+        state["size"] = (mask.width, mask.height)
         state["first"] = state["first"] or result
         state["stopped"] = result.interrupted
         done = []
@@ -202,7 +206,7 @@ def outpainting_mk2(base: GenerationRequest, args: OutpaintingMk2Args, execute: 
     start = first.seeds[0] if first.seeds else base.seed
     seeds = [start + i % max(base.batch_size, 1) for i in range(len(finished))]
     extra = {"Mask blur": max(blur_x, blur_y) * 4}
-    return ScriptResult(finished, seeds, first, extra, state["jobs"], state["stopped"])
+    return ScriptResult(finished, seeds, first, extra, state["jobs"], state["stopped"], state["size"])
 
 
 # Poor man's outpainting -----------------------------------------------------------------------------------------------
@@ -254,4 +258,5 @@ def poor_mans_outpainting(base: GenerationRequest, args: PoorMansArgs, execute: 
     if first is None:
         raise ValueError("poor man's outpainting needs at least one direction")  # the dialect checks it first
     start = first.seeds[0] if first.seeds else base.seed
-    return ScriptResult([combine_grid(grid)], [start], first, {"Mask blur": args.mask_blur * 2}, jobs, stopped)
+    extra = {"Mask blur": args.mask_blur * 2}
+    return ScriptResult([combine_grid(grid)], [start], first, extra, jobs, stopped, (base.width, base.height))

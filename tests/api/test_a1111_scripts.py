@@ -103,7 +103,7 @@ def test_sd_upscale_tiles_the_upscaled_image_and_blends_the_tiles(client: TestCl
     info = info_of(r)
     assert info["all_seeds"] == [7]
     assert "SD upscale overlap: 16, SD upscale upscaler: Lanczos" in info["infotexts"][0]
-    assert "Size: 128x96" in info["infotexts"][0]
+    assert "Size: 64x64" in info["infotexts"][0]  # A1111 reports p.width x p.height: the tile size
 
 
 def test_sd_upscale_batches_tiles_and_repeats_per_n_iter(client: TestClient, engine: FakeEngine) -> None:

@@ -276,8 +276,8 @@ async def run_script(request: Request, engine: EngineClient, prep: Prepared, mod
         model_hash=first.model_hash,
         sampler=first.sampler,
         schedule=first.schedule,
-        width=outcome.images[0].width,
-        height=outcome.images[0].height,
+        width=(outcome.reported_size or outcome.images[0].size)[0],
+        height=(outcome.reported_size or outcome.images[0].size)[1],
         steps=first.steps,
         interrupted=outcome.interrupted,
     )
