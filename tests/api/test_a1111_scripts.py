@@ -138,6 +138,7 @@ def test_sd_upscale_result_over_the_size_limit_is_refused_before_work(client: Te
         ("Poor man's outpainting", [64], "script_args[0]"),  # the tiles' overlap, not below the 64 px tile
         ("Poor man's outpainting", [32, 4, "smudge"], "script_args[2]"),
         ("Poor man's outpainting", [32, -1], "script_args[1]"),
+        ("Poor man's outpainting", [56], "script_args[0]"),  # 192 px canvas in 8 px steps: 17 x 17 tiles > 256 jobs
         ("X/Y/Z plot", [], "script_name"),
     ],
 )

@@ -264,9 +264,14 @@ def check_sizes(selected: Selected, request: GenerationRequest, settings: Settin
     if isinstance(args, SDUpscaleArgs):
         cols, rows = grid_shape(w, h, request.width, request.height, args.overlap)
         jobs = request.n_iter * math.ceil(cols * rows / max(request.batch_size, 1))
-        if jobs > settings.max_script_jobs:
-            tiles = f"{w}x{h} in {request.width}x{request.height} tiles ({cols * rows} per upscale)"
-            _too_big(index, label, f"{tiles} makes {jobs} jobs, more than max_script_jobs={settings.max_script_jobs}")
+    elif isinstance(args, PoorMansArgs):  # at most one job per tile (those inside the picture are skipped)
+        cols, rows = grid_shape(w, h, request.width, request.height, args.pixels)
+        jobs = cols * rows
+    else:
+        return  # mk2: one job per direction and n_iter
+    if jobs > settings.max_script_jobs:
+        tiles = f"{w}x{h} in {request.width}x{request.height} tiles ({cols} x {rows})"
+        _too_big(index, label, f"{tiles} makes {jobs} jobs, more than max_script_jobs={settings.max_script_jobs}")
 
 
 def _too_big(index: int, label: str, message: str) -> None:
