@@ -16,6 +16,7 @@ from PIL import Image
 from pipelines.hires import HIRES_UPSCALERS, HiresOptions, plan_hires
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, InpaintOptions, Task
+from server.api.a1111 import scripts
 from server.api.a1111.infotext import create_infotext, format_number
 from server.api.a1111.schemas import GatewayTxt2ImgRequest, GenerationBase, Img2ImgRequest, Txt2ImgRequest
 from server.errors import ApiError, FieldError
@@ -148,8 +149,7 @@ def check_request(body: GenerationBase, settings: Settings, spec: ModelSpec) -> 
         bad("denoising_strength", "must be between 0 and 1")
     if not -1 <= body.seed <= MAX_SEED:
         bad("seed", f"must be -1 (random) or between 0 and {MAX_SEED}")
-    if body.script_name:
-        bad("script_name", f"Script '{body.script_name}' not found")
+    errors.extend(scripts.select(body)[1])  # an unknown name is A1111's 422 "Script '<name>' not found"
     for script in body.alwayson_scripts:
         bad(f"alwayson_scripts.{script}", f"always-on script '{script}' not found")
     if isinstance(body, Img2ImgRequest):

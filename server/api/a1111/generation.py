@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from datetime import datetime
@@ -22,7 +23,7 @@ from pipelines.prompts import extract_loras, is_composable, merge_loras
 from pipelines.request import GenerationRequest, GenerationResult
 from server import imagework
 from server.access.principal import job_owner
-from server.api.a1111 import adapter, paste
+from server.api.a1111 import adapter, paste, scripts
 from server.api.a1111 import options as opts
 from server.api.a1111.adapter import InputImages, Prepared
 from server.api.a1111.schemas import GenerationBase, Img2ImgRequest, Txt2ImgRequest
@@ -155,11 +156,17 @@ async def prepare(request: Request, body: GenerationBase, session: Session) -> t
             raise ApiError(404, "Init image not found", field="init_images", code="init_image_not_found")
         background = str(session.options.get("img2img_background_color") or "#ffffff")
 
+        selected = scripts.select(body)[0]
+
         def build() -> tuple[GenerationRequest, bool]:
             # One call under the preparation limit: the decoded inputs are checked and, when large, resized to
-            # the output before the limit is released (server.imagework).
+            # the output before the limit is released (server.imagework). A script keeps the init image's own
+            # size (it is upscaled or expanded, then cut to width x height): its sizes are checked instead.
             images = decode_inputs(body, settings, background)
             generation = adapter.to_generation_request(body, choice.spec, images, prompts)
+            if selected is not None:
+                scripts.check_sizes(selected, generation, settings)
+                return generation, False
             return imagework.checked_and_presized(settings, generation), images.mask is not None
 
         try:
@@ -196,6 +203,9 @@ async def run(request: Request, body: GenerationBase, session: Session) -> dict[
     owner = job_owner(request)
     prep.request.tags["owner"] = owner
     prep.request.tags[log_context.REQUEST_ID_TAG] = log_context.request_id.get()
+    selected = scripts.select(prep.body)[0]
+    if selected is not None:
+        return await run_script(request, engine, prep, model_field, session, selected)
     jobs = request.app.state.jobs
     accounting = jobs.accounting
     reservation = None
@@ -231,6 +241,62 @@ async def run(request: Request, body: GenerationBase, session: Session) -> dict[
 
     await run_in_threadpool(keep_overrides, prep.body, session, prep, model_field)
     return await run_in_threadpool(render, prep, result, session.options, settings.a1111_version)
+
+
+async def run_script(request: Request, engine: EngineClient, prep: Prepared, model_field: str | None, session: Session,
+                     selected: scripts.Selected) -> dict[str, Any]:  # fmt: skip
+    """An img2img `script_name`: the script's jobs one after another through the engine (server.img2img_scripts),
+    answered as one A1111 response. Credits are held for the images the script answers with."""
+    settings: Settings = request.app.state.settings
+    jobs = request.app.state.jobs
+    accounting = jobs.accounting
+    reservation = None
+    if accounting is not None:
+        count = scripts.output_count(selected, prep.body)
+        owner = prep.request.tags["owner"]
+        reservation = await run_in_threadpool(accounting.reserve, owner, count, None, jobs.runner_id)
+    try:
+        outcome = await scripts.run(
+            request, engine, selected, prep.request, prep.spec.size_multiple, settings.sync_timeout_s
+        )
+    except InvalidRequest as e:
+        await run_in_threadpool(release, accounting, reservation)
+        raise _engine_field(e, model_field) from None
+    except TimeoutError:
+        await run_in_threadpool(release, accounting, reservation)
+        raise ApiError(
+            504,
+            f"the script {selected.title!r} did not finish within sync_timeout_s={settings.sync_timeout_s:g} s; "
+            "its running job was cancelled",
+            code="timeout",
+        ) from None
+    except BaseException:
+        await run_in_threadpool(release, accounting, reservation)
+        raise
+    if accounting is not None:
+        await run_in_threadpool(accounting.complete, reservation, len(outcome.images))
+    await run_in_threadpool(keep_overrides, prep.body, session, prep, model_field)
+    first = outcome.first
+    result = GenerationResult(
+        images=outcome.images,
+        seeds=outcome.seeds,
+        model=first.model,
+        model_hash=first.model_hash,
+        sampler=first.sampler,
+        schedule=first.schedule,
+        width=(outcome.reported_size or outcome.images[0].size)[0],
+        height=(outcome.reported_size or outcome.images[0].size)[1],
+        steps=first.steps,
+        interrupted=outcome.interrupted,
+    )
+    log.info("%s: script %r ran %d job(s)", request.url.path, selected.title, outcome.jobs)
+    prep.extra_generation_params.update(outcome.extra_params)
+    # What the answer describes: the script's images, one call's worth (A1111's Processed of the script).
+    prep.request = dataclasses.replace(
+        prep.request, batch_size=len(outcome.images), n_iter=1, init_images=[], mask=None
+    )
+    grid = scripts.returns_grid(selected, len(outcome.images), session.options)
+    return await run_in_threadpool(render, prep, result, session.options, settings.a1111_version, grid)
 
 
 def release(accounting: Any, reservation: Any) -> None:
@@ -303,8 +369,10 @@ async def run_async(request: Request, body: GenerationBase, session: Session) ->
     return accepted(request, ticket)
 
 
-def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], version: str | None) -> dict[str, Any]:
-    """The A1111 response: encoded images (grid first when A1111 would add one), echo, info JSON."""
+def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], version: str | None,
+           grid: bool | None = None) -> dict[str, Any]:  # fmt: skip
+    """The A1111 response: encoded images (grid first when A1111 would add one, or when `grid` says so), echo,
+    info JSON."""
     text_opts = adapter.InfotextOptions.from_options(options)
     seeds = adapter.all_seeds(result, prep.request.seed, prep.request.total_images)
     images: list[Image.Image] = list(result.images)
@@ -315,7 +383,7 @@ def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], ve
         for i in range(len(images))
     ]
     index_of_first_image = 0
-    if adapter.wants_grid(prep.body, len(images), options):
+    if adapter.wants_grid(prep.body, len(images), options) if grid is None else grid and bool(images):
         images.insert(0, adapter.image_grid(images, prep.request.batch_size, int(options.get("n_rows", -1))))
         infotexts.insert(0, infotexts[0])  # A1111 uses the main prompt and first seed for the grid
         index_of_first_image = 1

@@ -12,7 +12,7 @@ from pipelines import embedding_files
 from pipelines.lora import registry_for
 from server import imagework
 from server.access.principal import can_see, is_admin, owner_filter
-from server.api.a1111 import catalog, extras, generation
+from server.api.a1111 import catalog, extras, generation, scripts
 from server.api.a1111 import options as opts
 from server.api.a1111.adapter import unknown_model
 from server.api.a1111.infotext import parse_generation_parameters
@@ -256,8 +256,14 @@ def _add_listing_routes(router: APIRouter) -> None:
         return catalog.cmd_flags(request.app.state.settings, show_paths=is_admin(request))
 
     @router.get("/scripts")
-    async def scripts() -> dict[str, list[str]]:
-        return {"txt2img": [], "img2img": []}
+    async def scripts_list() -> dict[str, list[str]]:
+        """The selectable scripts `script_name` takes (A1111's built-in img2img ones that need no extra model)."""
+        return scripts.names()
+
+    @router.get("/script-info")
+    async def script_info() -> list[dict[str, Any]]:
+        """Each script's `script_args`, in order, as A1111 describes them (label, default value, range, choices)."""
+        return scripts.script_info()
 
     @router.get("/prompt-styles", response_model=list[PromptStyleItem])
     async def prompt_styles(request: Request) -> list[PromptStyleItem]:
@@ -272,7 +278,6 @@ def _add_listing_routes(router: APIRouter) -> None:
 
     # Features this server does not have yet answer with empty lists / null, like an A1111 without them.
     for path in (
-        "/script-info",
         "/sd-vae",
         "/hypernetworks",
         "/face-restorers",
