@@ -30,7 +30,7 @@ STEPS = "20"  # ~0.5 s at 64 px on CPU: long enough to see progress events and a
 
 def shot(page: Any, name: str) -> None:
     if SHOTS:
-        page.screenshot(path=str(Path(SHOTS) / f"studio-{name}.png"))
+        page.screenshot(path=str(Path(SHOTS) / f"studio-{name}.png"), full_page=True)
 
 
 @pytest.fixture
@@ -94,6 +94,7 @@ def test_generate_watch_browse_rerun_and_delete(page: Any, live_server: LiveServ
     statuses = page.evaluate("window.statuses")
     assert any(s.startswith("Step ") for s in statuses), statuses  # progress over the event stream
     assert page.evaluate("window.sawPreview") is True
+    assert page.is_hidden("#preview")  # the results replace the live preview
     assert page.get_attribute("#progress", "value") == "100"
     assert result_sizes(page) == [[64, 64]]
     assert "seed 1234" in page.text_content("#status")
@@ -133,6 +134,22 @@ def test_generate_watch_browse_rerun_and_delete(page: Any, live_server: LiveServ
     page.wait_for_selector(f'li[data-task="{address}"]', state="detached")
     assert httpx.get(download).status_code == 404
     assert httpx.get(f"{live_server.url}/v2/history/{address}").status_code == 404
+
+
+def test_cancel_from_the_keyboard(page: Any, live_server: LiveServer) -> None:
+    open_studio(page, live_server.url)
+    fill_small(page, "a studio cancel")
+    page.fill("#steps", "400")
+    page.focus("#generate-button")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Step')")
+    page.focus("#cancel-button")
+    page.keyboard.press("Space")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'Cancelled.'")
+    assert page.is_enabled("#generate-button") and page.is_disabled("#cancel-button")
+    entry = page.locator("#history-list li", has_text="a studio cancel").first
+    entry.wait_for()
+    assert "cancelled" in entry.text_content()
 
 
 def png_file(path: Path, color: tuple[int, int, int]) -> Path:

@@ -265,6 +265,7 @@ async function watch(address) {
     }
   }, state.abort.signal);
   if (!final) throw new Error("The event stream ended without a result.");
+  $("preview").hidden = true;
   if (final.name === "completed") {
     $("progress").value = 100;
     const seeds = final.data.seeds || [];
