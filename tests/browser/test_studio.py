@@ -183,6 +183,10 @@ def test_inpaint_with_a_painted_mask(page: Any, live_server: LiveServer, tmp_pat
     assert mask.size == (64, 64)
     assert mask.getpixel((2, 2)) == 255 and mask.getpixel((62, 32)) == 0  # painted left, untouched right
     # Outside the mask the source is pasted back unchanged (A1111 inpainting with mask_blur 4 has a soft edge).
+    page.wait_for_function(  # the history reloads once the job is done
+        "() => (document.querySelector('#history-list li') || {textContent: ''})"
+        ".textContent.includes('a studio inpaint')"
+    )
     address = page.get_attribute("#history-list li", "data-task")
     item = httpx.get(f"{live_server.url}/v2/history/{address}").json()
     assert item["route"] == "img2img" and item["parameters"]["denoising_strength"] == 0.75

@@ -408,8 +408,9 @@ $("history-newer").addEventListener("click", () => { state.history.index = Math.
 async function remove(item) {
   try {
     await del(`v2/history/${encodeURIComponent(item.task_address)}`);
-    $("history-count").textContent = "Deleted.";
     await loadHistory();
+    $("history-count").textContent = `Deleted. ${$("history-count").textContent}`;
+    $("history-refresh").focus(); // its button is gone: keep the keyboard user in the history
   } catch (error) {
     fail(error);
   }
