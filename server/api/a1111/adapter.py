@@ -18,7 +18,13 @@ from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, InpaintOptions, Task
 from server.api.a1111 import scripts
 from server.api.a1111.infotext import create_infotext, format_number
-from server.api.a1111.schemas import GatewayTxt2ImgRequest, GenerationBase, Img2ImgRequest, Txt2ImgRequest
+from server.api.a1111.schemas import (
+    GatewayImg2ImgRequest,
+    GatewayTxt2ImgRequest,
+    GenerationBase,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+)
 from server.errors import ApiError, FieldError
 from server.settings import Settings
 from server.styles import StyleBook
@@ -94,7 +100,7 @@ def choose_model(
         if spec is None:
             raise unknown_model(registry, str(override), "override_settings.sd_model_checkpoint")
         return ModelChoice(spec, "override_settings.sd_model_checkpoint")
-    if isinstance(body, GatewayTxt2ImgRequest):
+    if isinstance(body, (GatewayTxt2ImgRequest, GatewayImg2ImgRequest)):
         if body.model:
             spec = registry.resolve(body.model)
             if spec is None:

@@ -39,7 +39,9 @@ log = logging.getLogger("easel.a1111")
 
 # The gateway's documented default checkpoint for /v2/automatic1111/sdapi/v1/txt2img (any models.yaml alias).
 GATEWAY_DEFAULT_MODEL = "Realistic_Vision_V5.1.safetensors"
-ASYNC_ROUTE = "txt2img"  # the job record's route (and result_ttl_s_by_route key) of async gateway txt2img
+# The job record's route (and result_ttl_s_by_route key) of async gateway txt2img and img2img.
+ASYNC_ROUTE = "txt2img"
+ASYNC_IMG2IMG_ROUTE = "img2img"
 # Its own infotext key: A1111 reads "Face restoration" back as "restore faces on".
 FACE_RESTORATION_KEY = "Face restoration not applied"
 FACE_RESTORATION_NOT_APPLIED = "no face-restoration model is installed"
@@ -352,14 +354,16 @@ async def run_async(request: Request, body: GenerationBase, session: Session) ->
     def render_body(result: GenerationResult, _images: list[StoredImage]) -> dict[str, Any]:
         return render(prep, result, options, version)
 
+    route = ASYNC_IMG2IMG_ROUTE if isinstance(body, Img2ImgRequest) else ASYNC_ROUTE
     spec = JobSpec(
         request=prep.request,
         dialect="a1111",
-        route=ASYNC_ROUTE,
+        route=route,
         request_json=adapter.echo_parameters(prep.body),
-        render=render_body,
-        store_images=False,  # A1111 answers base64 with infotext; the body carries them
-        ttl_s=settings.result_ttl_for(ASYNC_ROUTE),
+        render=render_body,  # the A1111 body: base64 images with their infotext, as the synchronous call answers
+        # Also kept as result files: a task's and the history's signed image URLs (GET /v2/history) link them.
+        store_images=True,
+        ttl_s=settings.result_ttl_for(route),
     )
     try:
         ticket = await submit(request, spec)

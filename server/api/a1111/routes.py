@@ -17,6 +17,7 @@ from server.api.a1111 import options as opts
 from server.api.a1111.adapter import unknown_model
 from server.api.a1111.infotext import parse_generation_parameters
 from server.api.a1111.schemas import (
+    GatewayImg2ImgRequest,
     GatewayTxt2ImgRequest,
     GenerationResponse,
     Img2ImgRequest,
@@ -98,12 +99,26 @@ def _add_generation_routes(router: APIRouter, gateway: bool) -> None:
             """A1111 txt2img with A1111's API defaults (steps 50, Euler, 512x512, cfg 7)."""
             return await generation.run(request, body, session)
 
-    @router.post("/img2img", response_model=GenerationResponse)
-    async def img2img(
-        request: Request, body: Img2ImgRequest, session: Session = Depends(get_session)
-    ) -> dict[str, Any]:
-        """img2img; a `mask` (white = repaint, or RGBA alpha) makes it inpainting."""
-        return await generation.run(request, body, session)
+    if gateway:
+
+        @router.post("/img2img", response_model=GenerationResponse, responses={202: {"model": TaskAccepted}})
+        async def img2img_gateway(
+            request: Request, body: GatewayImg2ImgRequest, session: Session = Depends(get_session)
+        ) -> Any:
+            """Gateway img2img; a `mask` (white = repaint, or RGBA alpha) makes it inpainting. `model` and `"async":
+            true` as for the gateway txt2img."""
+            if body.async_:
+                return await generation.run_async(request, body, session)
+            return await generation.run(request, body, session)
+
+    else:
+
+        @router.post("/img2img", response_model=GenerationResponse)
+        async def img2img(
+            request: Request, body: Img2ImgRequest, session: Session = Depends(get_session)
+        ) -> dict[str, Any]:
+            """img2img; a `mask` (white = repaint, or RGBA alpha) makes it inpainting."""
+            return await generation.run(request, body, session)
 
     @router.post("/png-info", response_model=PNGInfoResponse)
     async def png_info(request: Request, body: PNGInfoRequest) -> PNGInfoResponse:
