@@ -27,7 +27,7 @@ import psutil
 import torch
 from PIL import Image
 
-from pipelines import checkpoints, demo, log_context
+from pipelines import checkpoints, demo, log_context, quantized
 from pipelines.batching import batch_key
 from pipelines.cache import PipelineCache, free_device_memory
 from pipelines.checkpoints import NO_TXT2IMG_VARIANTS
@@ -260,6 +260,7 @@ class Engine:
         self._failure: str | None = None  # why the engine is dead (device fault, repeated OOM); None while alive
         self._consecutive_ooms = 0
         self._next_sweep = 0.0
+        self.broken_models: dict[str, str] = {}  # model id -> why its component files cannot load (start-up check)
         self.calls = 0  # pipeline calls made (tests and metrics: batching shows as fewer calls than jobs)
         self.observers = Observers()  # metrics exporters (server.metrics): JobEnded, PipelineCall
         removal = registry.background_removal
@@ -270,7 +271,8 @@ class Engine:
     def start(self) -> None:
         if self.device.type == "cuda" and self.config.cuda_memory_fraction is not None:
             torch.cuda.set_per_process_memory_fraction(self.config.cuda_memory_fraction, self.device)
-        if self.config.preload_default:
+        self.check_component_files()
+        if self.config.preload_default and self.registry.default_model not in self.broken_models:
             self.cache.get(self.registry.get(self.registry.default_model))
         self._running = True
         self._worker = threading.Thread(target=self._work, name=f"easel-worker-{self.device}", daemon=True)
@@ -514,7 +516,20 @@ class Engine:
 
     # Validation and loading --------------------------------------------------------------------------------------
 
+    def check_component_files(self) -> None:
+        """Start-up check of every model's `denoiser:`/`text_encoder*:` files (headers and key names only): a bad
+        file is logged naming it, its model answers requests with that error, the other models serve."""
+        for spec in self.registry:
+            try:
+                quantized.check_file(spec)
+            except checkpoints.CheckpointError as e:
+                self.broken_models[spec.id] = f"model '{spec.id}': {e}"
+                log.error("model %s will not load: %s", spec.id, e)
+
     def _validate(self, spec: ModelSpec, req: GenerationRequest) -> None:
+        broken = self.broken_models.get(spec.id)
+        if broken is not None:
+            raise ModelLoadError(broken)
         adapter = adapter_for(spec.family)
         try:
             adapter.check_task(req.task)
@@ -581,6 +596,8 @@ class Engine:
         return refiner
 
     def _load_model(self, spec: ModelSpec) -> LoadedModel:
+        if spec.id in self.broken_models:
+            raise ModelLoadError(self.broken_models[spec.id])
         if spec.is_demo:
             path = demo.ensure_demo_model(spec.demo_kind, self.config.demo_root)
         elif spec.is_single_file or Path(spec.source).suffix.lower() in checkpoints.PICKLE_SUFFIXES:
@@ -607,7 +624,12 @@ class Engine:
         dtype = resolve_dtype(spec, self.device)
         log.info("loading %s (%s, %s) from %s onto %s", spec.id, spec.family, str(dtype).removeprefix("torch."), path,
                  self.device)  # fmt: skip
-        loaded = adapter.load(spec, str(path), self.device, dtype)
+        try:  # a model entry's denoiser/text encoder files (pipelines.quantized); the rest comes from the source
+            base_folder = Path(spec.config) if spec.is_single_file and spec.config else path
+            components = quantized.load_components(spec, base_folder, dtype)
+        except checkpoints.CheckpointError as e:
+            raise ModelLoadError(f"model '{spec.id}': {e}") from None
+        loaded = adapter.load(spec, str(path), self.device, dtype, components)
         for line in describe_components(loaded.base.components):
             log.info("  %s %s", spec.id, line)
         if self.config.embeddings_dir is not None:

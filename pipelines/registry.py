@@ -120,6 +120,11 @@ class ModelSpec(BaseModel):
     file_sha256: str | None = Field(None, alias="sha256", pattern=r"^[0-9a-fA-F]{64}$")
     # A1111's checkpoint name: the file's path relative to the checkpoints directory (set by the scanner).
     checkpoint_name: str | None = None
+    # Components from their own files (pipelines.quantized), the rest from `source`: the UNet/transformer as
+    # .safetensors (bf16/fp16/FP8, community or diffusers keys) or .gguf; text encoders as .safetensors.
+    denoiser: str | None = None
+    text_encoder: str | None = None
+    text_encoder_2: str | None = None
     # Pickle weights (.bin/.ckpt/.pt) run code when loaded: a diffusers folder holding them is refused unless allowed.
     allow_pickle: bool = False
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -391,15 +396,15 @@ def load_registry(path: str | Path) -> Registry:
         except ValidationError as e:
             err = e.errors()[0]
             raise RegistryError(f"{path}: model '{model_id}': field '{_format_loc(err['loc'])}': {err['msg']}") from e
-        if not spec.is_demo:
-            # Paths (weights, and a single file's config folder) are relative to models.yaml.
-            update = {
-                field: str((path.parent / value).resolve())
-                for field, value in (("source", spec.source), ("config", spec.config))
-                if value is not None and not Path(value).is_absolute()
-            }
-            if update:
-                spec = spec.model_copy(update=update)
+        # Paths (weights, a single file's config folder, component files) are relative to models.yaml.
+        fields = ["config", "denoiser", "text_encoder", "text_encoder_2"] + ([] if spec.is_demo else ["source"])
+        update = {
+            field: str((path.parent / value).resolve())
+            for field in fields
+            if (value := getattr(spec, field)) is not None and not Path(value).is_absolute()
+        }
+        if update:
+            spec = spec.model_copy(update=update)
         specs.append(spec)
     removal = top.background_removal
     if removal is not None and not Path(removal.source).is_absolute():

@@ -98,8 +98,16 @@ class FamilyAdapter(abc.ABC):
     flow_matching: bool = False  # FLUX/Qwen use flow-matching schedulers; SD uses discrete-time ones
 
     @abc.abstractmethod
-    def load(self, spec: ModelSpec, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-        """Load the base (txt2img) pipeline from a local diffusers folder with `from_pretrained`."""
+    def load(
+        self,
+        spec: ModelSpec,
+        path: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        components: dict[str, torch.nn.Module] | None = None,
+    ) -> LoadedModel:
+        """Load the base (txt2img) pipeline from a local diffusers folder with `from_pretrained`. `components`:
+        modules loaded from their own files (pipelines.quantized), used instead of the source's."""
 
     @abc.abstractmethod
     def pipeline_for(self, loaded: LoadedModel, task: Task) -> DiffusionPipeline:

@@ -1,0 +1,254 @@
+"""Quantized component files (#22): `easel quantize` on every demo family, each file served through `denoiser:` and
+the A1111 route, the FP8 file really FP8, and every kind of bad file refused by name while the other models serve."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipelines import demo, quantized
+from pipelines.checkpoints import CheckpointError
+from pipelines.engine import Engine, EngineConfig
+from pipelines.registry import load_registry
+from server.app import create_app
+from server.cli import main
+from server.settings import Settings
+
+FAMILIES = ("sd15", "sdxl", "flux", "qwen-image")
+FORMATS = {"gguf-q8_0": ".gguf", "gguf-q4_0": ".gguf", "fp8": ".safetensors"}
+# A quantized model's image must be at least this many times closer to the unquantized image of the same seed than
+# an unquantized image of another seed is (mean absolute pixel difference).
+MARGIN = 3.0
+SEEDS = (11, 12)
+
+
+def _yaml(models: dict[str, dict[str, str]], default: str) -> str:
+    lines = [f"default_model: {default}", "models:"]
+    for model_id, fields in models.items():
+        lines.append(f"  {model_id}:")
+        lines += [f"    {k}: {v}" for k, v in fields.items()]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Served:
+    client: TestClient
+    engine: Engine
+    files: dict[str, Path]
+    outputs: dict[str, str]  # quantize's printed line per model id
+
+
+@pytest.fixture(scope="module")
+def served(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    work = tmp_path_factory.mktemp("quantized")
+    base = {f"demo-{f}": {"family": f, "source": f"demo:{f}"} for f in FAMILIES}
+    (work / "base.yaml").write_text(_yaml(base, "demo-sd15"))
+    models = dict(base)
+    files: dict[str, Path] = {}
+    outputs: dict[str, str] = {}
+    for family in FAMILIES:
+        for fmt, suffix in FORMATS.items():
+            model_id = f"{family}-{fmt}"
+            out = work / f"{model_id}{suffix}"
+            args = ["quantize", f"demo-{family}", "--format", fmt, "--out", str(out)]
+            args += ["--models", str(work / "base.yaml"), "--data-dir", str(data_dir)]
+            capture = io.StringIO()
+            import contextlib
+
+            with contextlib.redirect_stdout(capture):
+                assert main(args) == 0
+            outputs[model_id] = capture.getvalue()
+            files[model_id] = out
+            models[model_id] = {"family": family, "source": f"demo:{family}", "denoiser": out.name}
+    # Bad files, each on its own model: the others must keep serving.
+    flux_file = files["flux-gguf-q8_0"]
+    models["bad-family"] = {"family": "sd15", "source": "demo:sd15", "denoiser": flux_file.name}
+    truncated = work / "truncated.gguf"
+    truncated.write_bytes(files["sd15-gguf-q4_0"].read_bytes()[:5000])
+    models["bad-truncated"] = {"family": "sd15", "source": "demo:sd15", "denoiser": truncated.name}
+    corrupt = work / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\0" * 64)
+    models["bad-corrupt"] = {"family": "sdxl", "source": "demo:sdxl", "denoiser": corrupt.name}
+    # The SD1.5 UNet file on the SDXL base: the right family, the wrong tensors.
+    models["bad-mismatch"] = {"family": "sdxl", "source": "demo:sdxl", "denoiser": files["sd15-fp8"].name}
+    (work / "models.yaml").write_text(_yaml(models, "demo-sd15"))
+    registry = load_registry(work / "models.yaml")
+    engine = Engine(registry, EngineConfig(data_dir=data_dir, preload_default=False, max_wait_ms=0, cache_max_models=4))
+    engine.start()
+    app = create_app(Settings(data_dir=work / "data"), engine=engine, registry=registry)
+    with TestClient(app) as client:
+        yield Served(client, engine, files, outputs)
+    engine.stop()
+
+
+def _generate(client: TestClient, model_id: str, seed: int) -> np.ndarray:
+    body = {"prompt": "a red cube on a table", "seed": seed, "steps": 2, "width": 64, "height": 64,
+            "cfg_scale": 3.0, "override_settings": {"sd_model_checkpoint": model_id}}  # fmt: skip
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
+    assert image.size == (64, 64)
+    return np.asarray(image, dtype=np.float32)
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).mean())
+
+
+def test_quantize_reports_size_and_time(served: Served) -> None:
+    for model_id, line in served.outputs.items():
+        size = served.files[model_id].stat().st_size
+        assert f"({size} bytes)" in line and " s\n" in line, line
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_denoisers_make_nearly_the_unquantized_image(served: Served, family: str) -> None:
+    reference = _generate(served.client, f"demo-{family}", SEEDS[0])
+    other_seed = _distance(reference, _generate(served.client, f"demo-{family}", SEEDS[1]))
+    assert other_seed > 1.0  # the seeds really make different images
+    for fmt in FORMATS:
+        near = _distance(reference, _generate(served.client, f"{family}-{fmt}", SEEDS[0]))
+        assert near * MARGIN < other_seed, f"{family} {fmt}: {near:.2f} vs another seed's {other_seed:.2f}"
+
+
+def test_fp8_files_store_float8_and_load_as_float8(served: Served, demo_root: Path) -> None:
+    for family in FAMILIES:
+        path = served.files[f"{family}-fp8"]
+        with safe_open(str(path), framework="pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert "F8_E4M3" in dtypes, (family, dtypes)
+        folder = demo.ensure_demo_model(family, demo_root)
+        model = quantized.load_denoiser(family, path, folder, torch.float32)
+        stored = {p.dtype for p in model.parameters()}
+        assert torch.float8_e4m3fn in stored and torch.float32 in stored  # norms stay in the compute dtype
+
+
+def test_gguf_files_keep_quantized_weights(served: Served, demo_root: Path) -> None:
+    folder = demo.ensure_demo_model("flux", demo_root)
+    model = quantized.load_denoiser("flux", served.files["flux-gguf-q4_0"], folder, torch.float32)
+    assert any(type(m).__name__ == "GGUFLinear" for m in model.modules())
+    # BFL keys in the file (the community layout), not diffusers'.
+    import gguf
+
+    names = {t.name for t in gguf.GGUFReader(str(served.files["flux-gguf-q4_0"])).tensors}
+    assert "double_blocks.0.img_attn.qkv.weight" in names and "transformer_blocks.0.attn.to_q.weight" not in names
+
+
+def test_scaled_fp8_with_prefixed_keys_loads(served: Served, demo_root: Path, tmp_path: Path) -> None:
+    """ComfyUI's scaled FP8 layout: `model.diffusion_model.` keys, a `.scale_weight` per matrix, a marker tensor."""
+    folder = demo.ensure_demo_model("flux", demo_root)
+    plain = quantized.load_denoiser("flux", served.files["flux-fp8"], folder, torch.float32)
+    with safe_open(str(served.files["flux-fp8"]), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    scaled: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
+    for key, t in tensors.items():
+        if t.dtype == torch.float8_e4m3fn:  # stored / 4, scale 4: the same weights
+            scaled["model.diffusion_model." + key] = (t.float() / 4).to(torch.float8_e4m3fn)
+            scaled["model.diffusion_model." + key.removesuffix(".weight") + ".scale_weight"] = torch.tensor(4.0)
+        else:
+            scaled["model.diffusion_model." + key] = t
+    save_file(scaled, str(tmp_path / "scaled.safetensors"))
+    model = quantized.load_denoiser("flux", tmp_path / "scaled.safetensors", folder, torch.float32)
+    torch.manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 8, 32),
+                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
+                  txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))  # fmt: skip
+    with torch.inference_mode():
+        a, b = plain(**inputs).sample, model(**inputs).sample
+    assert torch.allclose(a, b, rtol=0.1, atol=0.05)
+
+
+def test_text_encoder_from_an_fp8_file(data_dir: Path, demo_root: Path, tmp_path: Path) -> None:
+    folder = demo.ensure_demo_model("flux", demo_root)
+    from transformers import T5EncoderModel
+
+    t5 = T5EncoderModel.from_pretrained(str(folder / "text_encoder_2"))
+    state = {k: (v.to(torch.float8_e4m3fn) if v.dim() == 2 else v) for k, v in t5.state_dict().items()}
+    state.pop("encoder.embed_tokens.weight", None)  # tied to `shared`, as the community files leave it out
+    save_file(state, str(tmp_path / "t5_fp8.safetensors"))
+    encoder = quantized.load_text_encoder("text_encoder_2", tmp_path / "t5_fp8.safetensors", folder, torch.float32)
+    assert any(p.dtype == torch.float8_e4m3fn for p in encoder.parameters())
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.inference_mode():
+        want, got = t5(ids).last_hidden_state, encoder(ids).last_hidden_state
+    assert float((got - want).norm() / want.norm()) < 0.15  # FP8's 3 mantissa bits, through 2 layers
+
+
+@pytest.mark.parametrize(
+    ("model_id", "says"),
+    [
+        ("bad-family", "holds a FLUX.1 transformer, but the model's family is sd15"),
+        ("bad-truncated", "not a readable GGUF file"),
+        ("bad-corrupt", "not a readable safetensors file"),
+    ],
+)
+def test_bad_files_are_named_at_start_up_and_refused_per_model(served: Served, model_id: str, says: str) -> None:
+    message = served.engine.broken_models[model_id]
+    assert says in message and (".gguf" in message or ".safetensors" in message)
+    body = {
+        "prompt": "x",
+        "steps": 1,
+        "width": 64,
+        "height": 64,
+        "override_settings": {"sd_model_checkpoint": model_id},
+    }
+    r = served.client.post("/sdapi/v1/txt2img", json=body)
+    assert 400 <= r.status_code < 600 and r.status_code != 200
+    error = r.json()
+    assert model_id in error["detail"] and says in error["detail"]
+    assert "Traceback" not in r.text
+    # The other models keep serving.
+    assert _generate(served.client, "demo-sd15", 1).shape == (64, 64, 3)
+
+
+def test_tensors_of_another_architecture_fail_at_load_naming_the_file(served: Served) -> None:
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64,
+            "override_settings": {"sd_model_checkpoint": "bad-mismatch"}}  # fmt: skip
+    r = served.client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 500 and "Traceback" not in r.text
+    detail = r.json()["detail"]
+    assert "bad-mismatch" in detail and served.files["sd15-fp8"].name in detail and "do not match" in detail
+
+
+def test_unknown_gguf_type_is_named(served: Served, tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "iq.gguf"
+    writer = gguf.GGUFWriter(str(path), "sd1")
+    # A type diffusers cannot dequantize (IQ2_XXS); the bytes only have to be well-formed.
+    qtype = gguf.GGMLQuantizationType.IQ2_XXS
+    _, size = gguf.GGML_QUANT_SIZES[qtype]
+    writer.add_tensor("input_blocks.0.0.weight", np.zeros((4, size), dtype=np.uint8),
+                      raw_dtype=qtype)  # fmt: skip
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"iq\.gguf: GGUF quantisation type IQ2_XXS is not supported"):
+        quantized.read_tensors(path)
+
+
+def test_quantize_never_overwrites_without_force(served: Served, data_dir: Path, tmp_path: Path, capsys) -> None:
+    target = tmp_path / "out.gguf"
+    target.write_bytes(b"keep me")
+    yaml = tmp_path / "m.yaml"
+    yaml.write_text(_yaml({"demo-flux": {"family": "flux", "source": "demo:flux"}}, "demo-flux"))
+    common = ["--models", str(yaml), "--data-dir", str(data_dir)]
+    assert main(["quantize", "demo-flux", "--format", "gguf-q8_0", "--out", str(target), *common]) == 1
+    assert "pass --force" in capsys.readouterr().err and target.read_bytes() == b"keep me"
+    assert main(["quantize", "demo-flux", "--format", "gguf-q8_0", "--out", str(target), "--force", *common]) == 0
+    assert target.read_bytes()[:4] == b"GGUF"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    shutil.rmtree(tmp_path / "none", ignore_errors=True)
