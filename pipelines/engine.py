@@ -55,7 +55,17 @@ from pipelines.job_state import CompletableJob
 from pipelines.library_logging import describe_components, quiet_libraries
 from pipelines.lora import LoraManager, registry_for
 from pipelines.matting import BackgroundRemover
-from pipelines.optimize import apply_optimizations, prepare_call, warmup_shapes, watch_compiles
+from pipelines.optimize import (
+    QuantizationUnavailable,
+    apply_optimizations,
+    capability_of,
+    installed_packages,
+    load_quantization,
+    prepare_call,
+    quantize_at_load,
+    warmup_shapes,
+    watch_compiles,
+)
 from pipelines.previews import PreviewMaker
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task, wants_preview
@@ -625,11 +635,13 @@ class Engine:
         log.info("loading %s (%s, %s) from %s onto %s", spec.id, spec.family, str(dtype).removeprefix("torch."), path,
                  self.device)  # fmt: skip
         try:  # a model entry's denoiser/text encoder files (pipelines.quantized); the rest comes from the source
+            load_quantization(spec, self.device, capability_of(self.device), installed_packages())
             base_folder = Path(spec.config) if spec.is_single_file and spec.config else path
             components = quantized.load_components(spec, base_folder, dtype)
-        except checkpoints.CheckpointError as e:
+        except (checkpoints.CheckpointError, QuantizationUnavailable) as e:
             raise ModelLoadError(f"model '{spec.id}': {e}") from None
         loaded = adapter.load(spec, str(path), self.device, dtype, components)
+        quantized_steps = quantize_at_load(loaded.base, spec, self.device, dtype)
         for line in describe_components(loaded.base.components):
             log.info("  %s %s", spec.id, line)
         if self.config.embeddings_dir is not None:
@@ -638,7 +650,7 @@ class Engine:
             loaded.loras = LoraManager(loaded.base, registry_for(self.config.lora_dir))
         # The warm-up makes an image from text, which the refiner and FLUX Fill cannot: they compile on first use.
         warm = spec.variant not in checkpoints.NO_TXT2IMG_VARIANTS
-        loaded.optimizations = apply_optimizations(
+        loaded.optimizations = quantized_steps + apply_optimizations(
             loaded.base, spec, self.device, warm_up=(lambda: self._warm_up(adapter, loaded)) if warm else None
         )
         log.info("loaded %s (%s) in %.1f s", spec.id, spec.family, time.perf_counter() - started)

@@ -266,6 +266,24 @@ def store_fp8(model: torch.nn.Module, storage: torch.dtype, compute: torch.dtype
             if param.dtype in FP8_DTYPES:
                 setattr(module, pname, torch.nn.Parameter(param.to(compute), requires_grad=False))
     model._easel_fp8 = storage  # noqa: SLF001  (marks a model whose dtype must not be changed by from_pipe)
+    from diffusers import ModelMixin
+
+    if not isinstance(model, ModelMixin):
+        # transformers' `dtype` is the first parameter's, FP8 here, and pipelines make their prompt embeddings and
+        # latents in it; diffusers' own models already answer the compute dtype under layerwise casting.
+        _report_dtype(model, compute)
+
+
+_DTYPE_CLASSES: dict[tuple[type, torch.dtype], type] = {}
+
+
+def _report_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    key = (type(model), dtype)
+    if key not in _DTYPE_CLASSES:
+        base = type(model)
+        _DTYPE_CLASSES[key] = type(base.__name__, (base,), {"dtype": property(lambda self: dtype),
+                                                            "__module__": base.__module__})  # fmt: skip
+    model.__class__ = _DTYPE_CLASSES[key]
 
 
 def _scale_weight(module: torch.nn.Module, scale: float) -> None:
@@ -328,13 +346,43 @@ def load_text_encoder(name: str, path: str | Path, config_dir: str | Path, dtype
 
 
 def load_components(spec: ModelSpec, config_dir: str | Path, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-    """The components a model entry takes from its own files, ready to pass to `from_pretrained`."""
+    """The components a model entry takes from its own files, and with `quantization: nf4` its denoiser (and text
+    encoders) quantized while loading; ready to pass to `from_pretrained`."""
     out: dict[str, torch.nn.Module] = {}
     for component, file in file_fields(spec).items():
         if component in TEXT_ENCODER_FIELDS:
             out[component] = load_text_encoder(component, file, config_dir, dtype)
         else:
             out[component] = load_denoiser(spec.family, file, config_dir, dtype)
+    if spec.performance.quantization == "nf4":
+        out.update(_nf4_components(spec, Path(config_dir), dtype, exclude=set(out)))
+    return out
+
+
+def _nf4_components(spec: ModelSpec, folder: Path, dtype: torch.dtype, exclude: set[str]) -> dict[str, torch.nn.Module]:
+    """bitsandbytes NF4 while loading (CUDA only: `optimize.nf4_problem` is checked before), from the base folder's
+    weights; a single-file source has none there."""
+    import diffusers
+    import transformers
+
+    class_name, subfolder = DENOISER_CLASSES[spec.family]
+    names = [subfolder] + (list(TEXT_ENCODER_FIELDS) if spec.performance.quantize_text_encoders else [])
+    out: dict[str, torch.nn.Module] = {}
+    for name in names:
+        if name in exclude or not (folder / name).is_dir():
+            continue
+        if not any((folder / name).glob("*.safetensors")):
+            raise CheckpointError(f"{folder / name}: no weights to quantize to nf4 (nf4 needs a diffusers folder)")
+        if name == subfolder:
+            config = diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                  bnb_4bit_compute_dtype=dtype)  # fmt: skip
+            cls = getattr(diffusers, class_name)
+        else:
+            config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                     bnb_4bit_compute_dtype=dtype)  # fmt: skip
+            cls = getattr(transformers, json.loads((folder / "model_index.json").read_text())[name][1])
+        out[name] = cls.from_pretrained(str(folder), subfolder=name, quantization_config=config,
+                                        torch_dtype=dtype, local_files_only=True)  # fmt: skip
     return out
 
 

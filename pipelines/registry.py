@@ -81,7 +81,11 @@ class PerformanceSpec(BaseModel):
     # fp8: the denoiser's linear layers in FP8 with dynamic activation scales (torchao, the [cuda] extra), on cards
     # with FP8 compute (compute capability 8.9+: Ada, Hopper, Blackwell). auto: fp8 for FLUX/Qwen-Image where the
     # card and torchao allow it, none otherwise. none: the loaded dtype everywhere.
-    quantization: Literal["none", "fp8", "auto"] = "auto"
+    # At load (`pipelines.optimize.quantize_at_load`): fp8 without FP8 compute (CPU, Ampere and older) stores the
+    # weights in FP8 and computes in the model's dtype layer by layer; int8: torchao int8 weight-only (CPU too);
+    # nf4: bitsandbytes 4-bit (the [nf4] extra, CUDA only). The denoiser only, unless quantize_text_encoders.
+    quantization: Literal["none", "fp8", "int8", "nf4", "auto"] = "auto"
+    quantize_text_encoders: bool = False
     vae_tiling_above_pixels: int | None = Field(2048 * 2048, ge=64 * 64)  # tiled VAE decode above this size
     vae_slicing_above_images: int | None = Field(4, ge=1)  # decode one image at a time above this batch
     offload: Literal["none", "model", "sequential"] = "none"  # CPU offload for cards too small for the model

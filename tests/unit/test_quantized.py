@@ -21,7 +21,9 @@ from safetensors.torch import save_file
 from pipelines import demo, quantized
 from pipelines.checkpoints import CheckpointError
 from pipelines.engine import Engine, EngineConfig
-from pipelines.registry import load_registry
+from pipelines.errors import ModelLoadError
+from pipelines.registry import ModelSpec, Registry, load_registry
+from pipelines.request import GenerationRequest
 from server.app import create_app
 from server.cli import main
 from server.settings import Settings
@@ -184,6 +186,18 @@ def test_text_encoder_from_an_fp8_file(data_dir: Path, demo_root: Path, tmp_path
     with torch.inference_mode():
         want, got = t5(ids).last_hidden_state, encoder(ids).last_hidden_state
     assert float((got - want).norm() / want.norm()) < 0.15  # FP8's 3 mantissa bits, through 2 layers
+    # And in the pipeline, through a model entry's `text_encoder_2:`.
+    t5_file = str(tmp_path / "t5_fp8.safetensors")
+    spec = ModelSpec(id="t5-fp8", family="flux", source="demo:flux", text_encoder_2=t5_file)
+    engine = Engine(Registry([spec]), EngineConfig(data_dir=data_dir, preload_default=False))
+    loaded = engine._load_model(spec)
+    assert any(p.dtype == torch.float8_e4m3fn for p in loaded.base.text_encoder_2.parameters())
+    req = GenerationRequest(model="t5-fp8", prompt="a fox", width=64, height=64, steps=2, seed=1)
+    from pipelines.families import adapter_for
+
+    with torch.inference_mode():
+        (image,) = adapter_for("flux").run(loaded, req, [1], None, lambda step, total: False)
+    assert image.size == (64, 64)
 
 
 @pytest.mark.parametrize(
@@ -252,3 +266,35 @@ def test_quantize_never_overwrites_without_force(served: Served, data_dir: Path,
     assert target.read_bytes()[:4] == b"GGUF"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
     shutil.rmtree(tmp_path / "none", ignore_errors=True)
+
+
+def _engine_with(data_dir: Path, **performance: object) -> tuple[Engine, ModelSpec]:
+    spec = ModelSpec(id="q", family="sd15", source="demo:sd15", performance=performance)
+    return Engine(Registry([spec]), EngineConfig(data_dir=data_dir, preload_default=False)), spec
+
+
+@pytest.mark.parametrize(("how", "step"), [("int8", "int8"), ("fp8", "fp8-storage")])
+def test_quantize_at_load_on_cpu(data_dir: Path, how: str, step: str) -> None:
+    """int8: torchao weight-only; fp8 without FP8 compute: FP8 storage, layer by layer in the model's dtype."""
+    if how == "int8":
+        pytest.importorskip("torchao")
+    engine, spec = _engine_with(data_dir, quantization=how, quantize_text_encoders=True)
+    loaded = engine._load_model(spec)
+    assert f"{step}:unet" in loaded.optimizations and f"{step}:text_encoder" in loaded.optimizations
+    weights = loaded.base.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    if how == "fp8":
+        assert weights.dtype == torch.float8_e4m3fn
+    else:
+        assert "Int8" in type(weights).__name__
+    req = GenerationRequest(model="q", prompt="a cube", width=64, height=64, steps=2, seed=3)
+    from pipelines.families import adapter_for
+
+    with torch.inference_mode():
+        (image,) = adapter_for("sd15").run(loaded, req, [3], None, lambda step, total: False)
+    assert image.size == (64, 64)
+
+
+def test_nf4_without_cuda_is_a_clear_load_error(data_dir: Path) -> None:
+    engine, spec = _engine_with(data_dir, quantization="nf4")
+    with pytest.raises(ModelLoadError, match=r"model 'q': quantization nf4 needs a CUDA device"):
+        engine._load_model(spec)
