@@ -66,6 +66,7 @@ from pipelines.optimize import (
     warmup_shapes,
     watch_compiles,
 )
+from pipelines.placement import PlacementError
 from pipelines.previews import PreviewMaker
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task, wants_preview
@@ -640,7 +641,10 @@ class Engine:
             components = quantized.load_components(spec, base_folder, dtype)
         except (checkpoints.CheckpointError, QuantizationUnavailable) as e:
             raise ModelLoadError(f"model '{spec.id}': {e}") from None
-        loaded = adapter.load(spec, str(path), self.device, dtype, components)
+        try:
+            loaded = adapter.load(spec, str(path), self.device, dtype, components)
+        except PlacementError as e:  # offload auto: it cannot fit even offloaded; refused now, not mid-request
+            raise ModelLoadError(str(e).replace(f"model {spec.id}:", f"model '{spec.id}':", 1)) from None
         quantized_steps = quantize_at_load(loaded.base, spec, self.device, dtype)
         for line in describe_components(loaded.base.components):
             log.info("  %s %s", spec.id, line)

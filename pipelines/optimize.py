@@ -138,8 +138,19 @@ def plan_optimizations(
 
 
 def place(pipe: DiffusionPipeline, spec: ModelSpec, device: torch.device) -> None:
-    """Move the pipeline to its device, or install CPU offload hooks for cards too small to hold it."""
+    """Move the pipeline to its device, or install CPU offload hooks for cards too small to hold it. `auto` (CUDA):
+    chosen from the bytes the pipeline holds and the device's free memory (pipelines.placement); raises
+    PlacementError when it cannot fit at all."""
+    from pipelines import placement
+
     offload = spec.performance.offload
+    if offload == "auto":
+        if device.type == "cuda":
+            placement.apply(pipe, placement.plan(pipe, spec.id, device, pipe.dtype), device)
+        else:
+            pipe.to(device)
+            pipe._easel_offload = "resident"  # noqa: SLF001
+        return
     if device.type == "cuda" and offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif device.type == "cuda" and offload == "sequential":
@@ -354,7 +365,9 @@ def prepare_call(
     if device.type != "cuda" or vae is None:
         return
     perf = spec.performance
-    tiling = perf.vae_tiling_above_pixels is not None and width * height > perf.vae_tiling_above_pixels
+    limits = [perf.vae_tiling_above_pixels, getattr(vae, "_easel_tiling_above", None)]  # configured, offload auto's
+    limit = min((v for v in limits if v is not None), default=None)
+    tiling = limit is not None and width * height > limit
     slicing = perf.vae_slicing_above_images is not None and n > perf.vae_slicing_above_images
     for flag, enable, disable in (
         (tiling, "enable_tiling", "disable_tiling"),

@@ -88,7 +88,9 @@ class PerformanceSpec(BaseModel):
     quantize_text_encoders: bool = False
     vae_tiling_above_pixels: int | None = Field(2048 * 2048, ge=64 * 64)  # tiled VAE decode above this size
     vae_slicing_above_images: int | None = Field(4, ge=1)  # decode one image at a time above this batch
-    offload: Literal["none", "model", "sequential"] = "none"  # CPU offload for cards too small for the model
+    # CPU offload for cards too small for the model. auto: chosen at load from the bytes the model holds and the
+    # card's free memory (pipelines.placement): all resident, text encoders on the CPU, model, sequential.
+    offload: Literal["auto", "none", "model", "sequential"] = "auto"
 
     @field_validator("warmup_sizes")
     @classmethod

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipelines import demo, quantized
+from pipelines import demo, placement, quantized
 from pipelines.checkpoints import CheckpointError
 from pipelines.engine import Engine, EngineConfig
 from pipelines.errors import ModelLoadError
@@ -298,3 +298,70 @@ def test_nf4_without_cuda_is_a_clear_load_error(data_dir: Path) -> None:
     engine, spec = _engine_with(data_dir, quantization="nf4")
     with pytest.raises(ModelLoadError, match=r"model 'q': quantization nf4 needs a CUDA device"):
         engine._load_model(spec)
+
+
+# --- offload: auto ------------------------------------------------------------------------------------------------
+
+GIB = 1 << 30
+
+
+def test_offload_auto_picks_the_fastest_mode_that_fits() -> None:
+    flux_like = placement.Footprint(denoiser=24 * GIB, text_encoders=10 * GIB, vae=GIB // 4, largest_layer=GIB // 8)
+    assert placement.choose(flux_like, 80 * GIB).mode == "resident"
+    assert placement.choose(flux_like, 200 * GIB).vae_tiling_above_pixels is None  # decodes 4096² untiled
+    assert placement.choose(flux_like, 80 * GIB).vae_tiling_above_pixels == 14227079  # ~3770², then tiles
+    assert placement.choose(flux_like, 36 * GIB).mode == "text-encoders"
+    assert placement.choose(flux_like, int(30.1 * GIB)).mode == "model"  # the denoiser alone + working memory
+    small = placement.choose(flux_like, 7 * GIB)  # the largest layer + working memory (a quarter of the denoiser)
+    assert small.mode == "sequential" and small.vae_tiling_above_pixels is not None
+    with pytest.raises(placement.PlacementError, match=r"needs at least .* bytes.*free"):
+        placement.choose(flux_like, 3 * GIB)
+    no_encoders = placement.Footprint(denoiser=5 * GIB, text_encoders=0, vae=GIB // 4)
+    assert placement.choose(no_encoders, int(6.3 * GIB)).mode == "model"  # no encoder tier without encoders
+
+
+def test_offload_auto_on_a_real_pipeline_with_a_fake_probe(load, caplog: pytest.LogCaptureFixture) -> None:
+    pipe = load("sdxl").base
+    size = placement.footprint_of(pipe, torch.float32)
+    assert size.denoiser > 0 and size.text_encoders > 0 and size.vae > 0
+    device = torch.device("cuda")
+    try:
+        placement.set_probe(lambda d: (100 * GIB, 100 * GIB))
+        with caplog.at_level("INFO", logger="easel.placement"):
+            assert placement.plan(pipe, "m", device, torch.float32).mode == "resident"
+        assert "offload auto chose 'resident'" in caplog.text and "bytes" in caplog.text and "free" in caplog.text
+        # A small budget: whole-model offload (the floor of the working memory is half a GiB).
+        budget = size.working + size.denoiser + 1
+        placement.set_probe(lambda d: (budget, budget))
+        assert placement.plan(pipe, "m", device, torch.float32).mode == "model"
+        placement.set_probe(lambda d: (1000, 1000))
+        with pytest.raises(placement.PlacementError, match="model m: cannot fit even with sequential offload"):
+            placement.plan(pipe, "m", device, torch.float32)
+    finally:
+        placement.set_probe(None)
+
+
+def test_the_cache_evicts_lru_pipelines_before_a_load_would_not_fit() -> None:
+    """Each loaded model takes 10 GiB of a 25 GiB card; a third load evicts the least recently used one first."""
+    from pipelines.cache import PipelineCache
+    from pipelines.families.base import LoadedModel
+
+    loaded: list[str] = []
+
+    def probe(device: torch.device) -> tuple[int, int]:
+        return 25 * GIB - 10 * GIB * len(cache.loaded_ids()), 25 * GIB
+
+    def loader(s: ModelSpec) -> LoadedModel:
+        footprint = placement.Footprint(denoiser=8 * GIB, text_encoders=0, vae=GIB)
+        evict = placement._room_maker.get()
+        while placement.choose(footprint, probe(torch.device("cuda"))[0]).mode != "resident" and evict():
+            pass
+        loaded.append(s.id)
+        return LoadedModel(spec=s, base=object(), device=torch.device("cpu"), dtype=torch.float32)
+
+    cache = PipelineCache(loader, max_models=5)
+    for model_id in ("a", "b"):
+        cache.get(ModelSpec(id=model_id, family="sd15", source="demo:sd15"))
+    cache.get(ModelSpec(id="a", family="sd15", source="demo:sd15"))  # a is now the most recently used
+    cache.get(ModelSpec(id="c", family="sd15", source="demo:sd15"))
+    assert cache.loaded_ids() == ["a", "c"] and cache.evictions == {"b": 1}
