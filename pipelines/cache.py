@@ -139,6 +139,12 @@ class PipelineCache:
             free_device_memory()
         return dropped
 
+    def model_memory(self) -> dict[str, dict[str, int]]:
+        """Bytes of weights each loaded model holds, per device where they are now ("cuda:0", "cpu")."""
+        with self._lock:
+            entries = list(self._entries.items())
+        return {model_id: entry.device_bytes() for model_id, entry in entries}
+
     def loaded_ids(self) -> list[str]:
         with self._lock:
             return list(self._entries)

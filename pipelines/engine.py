@@ -457,6 +457,7 @@ class Engine:
                 pipeline_cache=CacheCounts(cache.hits, cache.misses),
                 text_cache=cache.text_cache_counts(),
                 memory=memory,
+                model_memory=cache.model_memory(),
             )
         ]
 
@@ -504,7 +505,12 @@ class Engine:
 
     def memory_stats(self) -> dict[str, Any]:
         vm = psutil.virtual_memory()
-        ram = {"free": vm.available, "used": vm.total - vm.available, "total": vm.total}
+        per_model = self.cache.model_memory()
+
+        def held_on(prefix: str) -> dict[str, int]:  # bytes of weights each loaded model keeps there
+            return {m: sum(n for d, n in where.items() if d.startswith(prefix)) for m, where in per_model.items()}
+
+        ram = {"free": vm.available, "used": vm.total - vm.available, "total": vm.total, "models": held_on("cpu")}
         if self.device.type != "cuda":
             return {"ram": ram, "cuda": {"error": "CUDA is not available on this server"}}
         free, total = torch.cuda.mem_get_info(self.device)
@@ -522,6 +528,7 @@ class Engine:
                 "reserved": pair("reserved_bytes"),
                 "inactive": pair("inactive_split_bytes"),
                 "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+                "models": held_on("cuda"),
             },
         }
 

@@ -365,3 +365,16 @@ def test_the_cache_evicts_lru_pipelines_before_a_load_would_not_fit() -> None:
     cache.get(ModelSpec(id="a", family="sd15", source="demo:sd15"))  # a is now the most recently used
     cache.get(ModelSpec(id="c", family="sd15", source="demo:sd15"))
     assert cache.loaded_ids() == ["a", "c"] and cache.evictions == {"b": 1}
+
+
+def test_memory_and_metrics_report_each_loaded_models_bytes(served: Served) -> None:
+    _generate(served.client, "flux-gguf-q4_0", 1)
+    loaded = served.engine.cache.get(served.engine.registry.get("flux-gguf-q4_0"))
+    memory = served.client.get("/sdapi/v1/memory").json()
+    assert set(memory) == {"ram", "cuda"}  # A1111's shape
+    assert memory["ram"]["models"]["flux-gguf-q4_0"] == loaded.approx_bytes() > 0  # all on the CPU here
+    metrics = served.client.get("/metrics").text
+    line = (
+        f'easel_model_memory_bytes{{device="cpu",location="cpu",model="flux-gguf-q4_0"}} {float(loaded.approx_bytes())}'
+    )
+    assert line in metrics
