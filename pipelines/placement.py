@@ -132,10 +132,16 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 
 def cuda_probe(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes for this process: the card's free memory plus PyTorch's cached-but-unused blocks, within
+    the per-process cap (`cuda_memory_fraction`, torch.cuda.set_per_process_memory_fraction) when one is set."""
     free, total = torch.cuda.mem_get_info(device)
-    # Memory PyTorch has cached but not used is free for this process too.
     reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
-    return free + max(0, reserved - allocated), total
+    free += max(0, reserved - allocated)
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if get_fraction is not None and (fraction := get_fraction(device)) < 1.0:
+        cap = int(total * fraction)
+        return max(0, min(free, cap - allocated)), cap
+    return free, total
 
 
 _probe: Probe = cuda_probe
