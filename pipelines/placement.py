@@ -209,8 +209,12 @@ def apply(pipe, placement: Placement, device: torch.device) -> None:
                 component.to(device)
         denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         if denoiser is not None and hooks:
-            # The encoders go back to the CPU before the denoiser runs, which needs their room.
-            denoiser.register_forward_pre_hook(lambda *_: [h.offload() for h in hooks] and None)
+
+            def encoders_back_to_cpu(*_: object) -> None:  # before the denoiser runs, which needs their room
+                for hook in hooks:
+                    hook.offload()
+
+            denoiser.register_forward_pre_hook(encoders_back_to_cpu)
     else:
         pipe.to(device)
     pipe._easel_offload = placement.mode  # noqa: SLF001  (LoadedModel.execution_device reads it)

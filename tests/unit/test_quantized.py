@@ -378,3 +378,25 @@ def test_memory_and_metrics_report_each_loaded_models_bytes(served: Served) -> N
         f'easel_model_memory_bytes{{device="cpu",location="cpu",model="flux-gguf-q4_0"}} {float(loaded.approx_bytes())}'
     )
     assert line in metrics
+
+
+def test_text_encoders_off_the_device_make_the_same_image(demo_root: Path) -> None:
+    """The 'text-encoders' placement (encoders wait on the CPU, visit the device to encode) runs the pipeline as is;
+    on CPU the device is the CPU too, so the pixels must not change."""
+    from pipelines.families import adapter_for
+
+    spec = ModelSpec(id="m", family="flux", source="demo:flux")
+    folder = demo.ensure_demo_model("flux", demo_root)
+    loaded = adapter_for("flux").load(spec, str(folder), torch.device("cpu"), torch.float32)
+    req = GenerationRequest(model="m", prompt="a fox", width=64, height=64, steps=2, seed=1)
+
+    def image() -> np.ndarray:
+        with torch.inference_mode():
+            (out,) = adapter_for("flux").run(loaded, req, [1], None, lambda step, total: False)
+        return np.asarray(out)
+
+    before = image()
+    placement.apply(loaded.base, placement.Placement("text-encoders", 1, 2, 256 * 256), torch.device("cpu"))
+    assert loaded.execution_device is None  # hooks move modules: not pinned
+    assert loaded.base.vae._easel_tiling_above == 256 * 256
+    assert np.array_equal(before, image())
