@@ -148,28 +148,37 @@ def test_gguf_files_keep_quantized_weights(served: Served, demo_root: Path) -> N
     assert "double_blocks.0.img_attn.qkv.weight" in names and "transformer_blocks.0.attn.to_q.weight" not in names
 
 
-def test_scaled_fp8_with_prefixed_keys_loads(served: Served, demo_root: Path, tmp_path: Path) -> None:
-    """ComfyUI's scaled FP8 layout: `model.diffusion_model.` keys, a `.scale_weight` per matrix, a marker tensor."""
-    folder = demo.ensure_demo_model("flux", demo_root)
-    plain = quantized.load_denoiser("flux", served.files["flux-fp8"], folder, torch.float32)
-    with safe_open(str(served.files["flux-fp8"]), framework="pt") as f:
+def _denoiser_inputs(family: str) -> dict:
+    torch.manual_seed(0)
+    if family == "flux":
+        return dict(hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 8, 32),
+                    pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
+                    txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))  # fmt: skip
+    added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    return dict(sample=torch.randn(1, 4, 16, 16), timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 8, 64), added_cond_kwargs=added)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["flux", "sdxl"])
+def test_scaled_fp8_with_prefixed_keys_loads(served: Served, demo_root: Path, tmp_path: Path, family: str) -> None:
+    """ComfyUI's scaled FP8 layout: `model.diffusion_model.` keys (BFL / ldm below it), a `.scale_weight` per
+    matrix, a marker tensor. Stored x4 with scale 1/4 (exact in FP8): the very same outputs as the unscaled file."""
+    folder = demo.ensure_demo_model(family, demo_root)
+    plain = quantized.load_denoiser(family, served.files[f"{family}-fp8"], folder, torch.float32)
+    with safe_open(str(served.files[f"{family}-fp8"]), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     scaled: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
     for key, t in tensors.items():
-        if t.dtype == torch.float8_e4m3fn:  # stored / 4, scale 4: the same weights
-            scaled["model.diffusion_model." + key] = (t.float() / 4).to(torch.float8_e4m3fn)
-            scaled["model.diffusion_model." + key.removesuffix(".weight") + ".scale_weight"] = torch.tensor(4.0)
+        if t.dtype == torch.float8_e4m3fn:
+            scaled["model.diffusion_model." + key] = (t.float() * 4).to(torch.float8_e4m3fn)
+            scaled["model.diffusion_model." + key.removesuffix(".weight") + ".scale_weight"] = torch.tensor(0.25)
         else:
             scaled["model.diffusion_model." + key] = t
     save_file(scaled, str(tmp_path / "scaled.safetensors"))
-    model = quantized.load_denoiser("flux", tmp_path / "scaled.safetensors", folder, torch.float32)
-    torch.manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 8, 32),
-                  pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
-                  txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))  # fmt: skip
+    model = quantized.load_denoiser(family, tmp_path / "scaled.safetensors", folder, torch.float32)
+    inputs = _denoiser_inputs(family)
     with torch.inference_mode():
-        a, b = plain(**inputs).sample, model(**inputs).sample
-    assert torch.allclose(a, b, rtol=0.1, atol=0.05)
+        assert torch.equal(plain(**inputs).sample, model(**inputs).sample)
 
 
 def test_text_encoder_from_an_fp8_file(data_dir: Path, demo_root: Path, tmp_path: Path) -> None:
