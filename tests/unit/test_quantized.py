@@ -23,7 +23,7 @@ from pipelines.checkpoints import CheckpointError
 from pipelines.engine import Engine, EngineConfig
 from pipelines.errors import ModelLoadError
 from pipelines.registry import ModelSpec, Registry, load_registry
-from pipelines.request import GenerationRequest
+from pipelines.request import GenerationRequest, Task
 from server.app import create_app
 from server.cli import main
 from server.settings import Settings
@@ -409,3 +409,24 @@ def test_text_encoders_off_the_device_make_the_same_image(demo_root: Path) -> No
     assert loaded.execution_device is None  # hooks move modules: not pinned
     assert loaded.base.vae._easel_tiling_above == 256 * 256
     assert np.array_equal(before, image())
+
+
+@pytest.mark.parametrize("model_id", ["flux-gguf-q4_0", "sdxl-fp8"])
+def test_img2img_derives_from_a_quantized_base_without_casting_it(served: Served, model_id: str) -> None:
+    """from_pipe casts every module to one dtype: the quantized denoiser must keep its storage (GGUF, FP8)."""
+    from pipelines.families import adapter_for
+
+    spec = served.engine.registry.get(model_id)
+    loaded = served.engine.cache.get(spec)
+    denoiser = getattr(loaded.base, "transformer", None) or loaded.base.unet
+    before = {p.dtype for p in denoiser.parameters()}
+    req = GenerationRequest(model=model_id, prompt="a fox", task=Task.IMG2IMG, width=64, height=64, steps=2, seed=1,
+                            strength=0.6, init_images=[Image.new("RGB", (64, 64), "red")])  # fmt: skip
+    adapter_for(spec.family).pipeline_for(loaded, Task.IMG2IMG)  # from_pipe, once
+    assert {p.dtype for p in denoiser.parameters()} == before
+    with torch.inference_mode():
+        (image,) = adapter_for(spec.family).run(loaded, req, [1], None, lambda step, total: False)
+    assert image.size == (64, 64)
+    assert {p.dtype for p in denoiser.parameters()} == before and (
+        torch.uint8 in before or torch.float8_e4m3fn in before
+    )
