@@ -62,7 +62,6 @@ from pipelines.optimize import (
     installed_packages,
     load_quantization,
     prepare_call,
-    quantize_at_load,
     warmup_shapes,
     watch_compiles,
 )
@@ -652,7 +651,7 @@ class Engine:
             loaded = adapter.load(spec, str(path), self.device, dtype, components)
         except PlacementError as e:  # offload auto: it cannot fit even offloaded; refused now, not mid-request
             raise ModelLoadError(str(e).replace(f"model {spec.id}:", f"model '{spec.id}':", 1)) from None
-        quantized_steps = quantize_at_load(loaded.base, spec, self.device, dtype)
+        quantized_steps = list(getattr(loaded.base, "_easel_load_steps", []))  # optimize.place: quantization at load
         for line in describe_components(loaded.base.components):
             log.info("  %s %s", spec.id, line)
         if self.config.embeddings_dir is not None:

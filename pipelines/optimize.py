@@ -143,6 +143,9 @@ def place(pipe: DiffusionPipeline, spec: ModelSpec, device: torch.device) -> Non
     PlacementError when it cannot fit at all."""
     from pipelines import placement
 
+    # Quantization at load first, on the host: the placement then counts the bytes the model really has, and the
+    # device never holds the unquantized weights.
+    pipe._easel_load_steps = quantize_at_load(pipe, spec, device, pipe.dtype)  # noqa: SLF001  (the engine reports them)
     offload = spec.performance.offload
     if offload == "auto":
         if device.type == "cuda":
