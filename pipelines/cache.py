@@ -13,6 +13,7 @@ from concurrent.futures import Future
 
 import torch
 
+from pipelines import placement
 from pipelines.errors import ModelLoadError
 from pipelines.families.base import LoadedModel
 from pipelines.registry import ModelSpec
@@ -90,13 +91,25 @@ class PipelineCache:
 
     def _load(self, spec: ModelSpec) -> LoadedModel:
         try:
-            with _LOAD_LOCK:
+            # offload auto (pipelines.placement) may evict least-recently-used pipelines to make room.
+            with _LOAD_LOCK, placement.room_maker(lambda: self._evict_for_room(spec.id)):
                 return self._loader(spec)
         except ModelLoadError:
             raise
         except Exception as e:
             log.exception("loading model %s failed", spec.id)
             raise ModelLoadError(f"model '{spec.id}' failed to load: {type(e).__name__}: {e}") from e
+
+    def _evict_for_room(self, loading: str) -> bool:
+        """Evict the least recently used pipeline (not the one loading); False when there is none."""
+        with self._lock:
+            victim = next((k for k in self._entries if k != loading), None)
+            if victim is None:
+                return False
+            self._retire_locked(victim)
+        log.info("evicted %s to make room for %s", victim, loading)
+        free_device_memory()
+        return True
 
     def _evict_locked(self, keep: str) -> list[str]:
         evicted: list[str] = []
@@ -106,7 +119,7 @@ class PipelineCache:
                 return True
             if self.memory_budget_bytes is None:
                 return False
-            used = sum(e.approx_bytes() for e in self._entries.values() if e.device.type == "cuda")
+            used = sum(e.device_resident_bytes() for e in self._entries.values() if e.device.type == "cuda")
             return used > self.memory_budget_bytes
 
         while len(self._entries) > 1 and over_budget():
@@ -125,6 +138,12 @@ class PipelineCache:
         if dropped:
             free_device_memory()
         return dropped
+
+    def model_memory(self) -> dict[str, dict[str, int]]:
+        """Bytes of weights each loaded model holds, per device where they are now ("cuda:0", "cpu")."""
+        with self._lock:
+            entries = list(self._entries.items())
+        return {model_id: entry.device_bytes() for model_id, entry in entries}
 
     def loaded_ids(self) -> list[str]:
         with self._lock:

@@ -27,7 +27,7 @@ import psutil
 import torch
 from PIL import Image
 
-from pipelines import checkpoints, demo, log_context
+from pipelines import checkpoints, demo, log_context, quantized
 from pipelines.batching import batch_key
 from pipelines.cache import PipelineCache, free_device_memory
 from pipelines.checkpoints import NO_TXT2IMG_VARIANTS
@@ -55,7 +55,17 @@ from pipelines.job_state import CompletableJob
 from pipelines.library_logging import describe_components, quiet_libraries
 from pipelines.lora import LoraManager, registry_for
 from pipelines.matting import BackgroundRemover
-from pipelines.optimize import apply_optimizations, prepare_call, warmup_shapes, watch_compiles
+from pipelines.optimize import (
+    QuantizationUnavailable,
+    apply_optimizations,
+    capability_of,
+    installed_packages,
+    load_quantization,
+    prepare_call,
+    warmup_shapes,
+    watch_compiles,
+)
+from pipelines.placement import PlacementError
 from pipelines.previews import PreviewMaker
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task, wants_preview
@@ -260,6 +270,7 @@ class Engine:
         self._failure: str | None = None  # why the engine is dead (device fault, repeated OOM); None while alive
         self._consecutive_ooms = 0
         self._next_sweep = 0.0
+        self.broken_models: dict[str, str] = {}  # model id -> why its component files cannot load (start-up check)
         self.calls = 0  # pipeline calls made (tests and metrics: batching shows as fewer calls than jobs)
         self.observers = Observers()  # metrics exporters (server.metrics): JobEnded, PipelineCall
         removal = registry.background_removal
@@ -270,7 +281,8 @@ class Engine:
     def start(self) -> None:
         if self.device.type == "cuda" and self.config.cuda_memory_fraction is not None:
             torch.cuda.set_per_process_memory_fraction(self.config.cuda_memory_fraction, self.device)
-        if self.config.preload_default:
+        self.check_component_files()
+        if self.config.preload_default and self.registry.default_model not in self.broken_models:
             self.cache.get(self.registry.get(self.registry.default_model))
         self._running = True
         self._worker = threading.Thread(target=self._work, name=f"easel-worker-{self.device}", daemon=True)
@@ -444,6 +456,7 @@ class Engine:
                 pipeline_cache=CacheCounts(cache.hits, cache.misses),
                 text_cache=cache.text_cache_counts(),
                 memory=memory,
+                model_memory=cache.model_memory(),
             )
         ]
 
@@ -491,7 +504,12 @@ class Engine:
 
     def memory_stats(self) -> dict[str, Any]:
         vm = psutil.virtual_memory()
-        ram = {"free": vm.available, "used": vm.total - vm.available, "total": vm.total}
+        per_model = self.cache.model_memory()
+
+        def held_on(prefix: str) -> dict[str, int]:  # bytes of weights each loaded model keeps there
+            return {m: sum(n for d, n in where.items() if d.startswith(prefix)) for m, where in per_model.items()}
+
+        ram = {"free": vm.available, "used": vm.total - vm.available, "total": vm.total, "models": held_on("cpu")}
         if self.device.type != "cuda":
             return {"ram": ram, "cuda": {"error": "CUDA is not available on this server"}}
         free, total = torch.cuda.mem_get_info(self.device)
@@ -509,12 +527,26 @@ class Engine:
                 "reserved": pair("reserved_bytes"),
                 "inactive": pair("inactive_split_bytes"),
                 "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+                "models": held_on("cuda"),
             },
         }
 
     # Validation and loading --------------------------------------------------------------------------------------
 
+    def check_component_files(self) -> None:
+        """Start-up check of every model's `denoiser:`/`text_encoder*:` files (headers and key names only): a bad
+        file is logged naming it, its model answers requests with that error, the other models serve."""
+        for spec in self.registry:
+            try:
+                quantized.check_file(spec)
+            except checkpoints.CheckpointError as e:
+                self.broken_models[spec.id] = f"model '{spec.id}': {e}"
+                log.error("model %s will not load: %s", spec.id, e)
+
     def _validate(self, spec: ModelSpec, req: GenerationRequest) -> None:
+        broken = self.broken_models.get(spec.id)
+        if broken is not None:
+            raise ModelLoadError(broken)
         adapter = adapter_for(spec.family)
         try:
             adapter.check_task(req.task)
@@ -581,6 +613,8 @@ class Engine:
         return refiner
 
     def _load_model(self, spec: ModelSpec) -> LoadedModel:
+        if spec.id in self.broken_models:
+            raise ModelLoadError(self.broken_models[spec.id])
         if spec.is_demo:
             path = demo.ensure_demo_model(spec.demo_kind, self.config.demo_root)
         elif spec.is_single_file or Path(spec.source).suffix.lower() in checkpoints.PICKLE_SUFFIXES:
@@ -607,7 +641,17 @@ class Engine:
         dtype = resolve_dtype(spec, self.device)
         log.info("loading %s (%s, %s) from %s onto %s", spec.id, spec.family, str(dtype).removeprefix("torch."), path,
                  self.device)  # fmt: skip
-        loaded = adapter.load(spec, str(path), self.device, dtype)
+        try:  # a model entry's denoiser/text encoder files (pipelines.quantized); the rest comes from the source
+            load_quantization(spec, self.device, capability_of(self.device), installed_packages())
+            base_folder = Path(spec.config) if spec.is_single_file and spec.config else path
+            components = quantized.load_components(spec, base_folder, dtype)
+        except (checkpoints.CheckpointError, QuantizationUnavailable) as e:
+            raise ModelLoadError(f"model '{spec.id}': {e}") from None
+        try:
+            loaded = adapter.load(spec, str(path), self.device, dtype, components)
+        except PlacementError as e:  # offload auto: it cannot fit even offloaded; refused now, not mid-request
+            raise ModelLoadError(str(e).replace(f"model {spec.id}:", f"model '{spec.id}':", 1)) from None
+        quantized_steps = list(getattr(loaded.base, "_easel_load_steps", []))  # optimize.place: quantization at load
         for line in describe_components(loaded.base.components):
             log.info("  %s %s", spec.id, line)
         if self.config.embeddings_dir is not None:
@@ -616,7 +660,7 @@ class Engine:
             loaded.loras = LoraManager(loaded.base, registry_for(self.config.lora_dir))
         # The warm-up makes an image from text, which the refiner and FLUX Fill cannot: they compile on first use.
         warm = spec.variant not in checkpoints.NO_TXT2IMG_VARIANTS
-        loaded.optimizations = apply_optimizations(
+        loaded.optimizations = quantized_steps + apply_optimizations(
             loaded.base, spec, self.device, warm_up=(lambda: self._warm_up(adapter, loaded)) if warm else None
         )
         log.info("loaded %s (%s) in %.1f s", spec.id, spec.family, time.perf_counter() - started)

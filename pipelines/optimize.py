@@ -41,7 +41,7 @@ RECOMPILE_LIMIT = 64
 
 def installed_packages() -> frozenset[str]:
     """The optional fast-path packages importable here."""
-    names = {*ATTENTION_PACKAGES.values(), "torchao"}
+    names = {*ATTENTION_PACKAGES.values(), "torchao", "bitsandbytes"}
     return frozenset(n for n in names if importlib.util.find_spec(n) is not None)
 
 
@@ -94,12 +94,16 @@ def quantization_step(
 ) -> tuple[bool, str | None]:
     """Whether the denoiser goes to FP8, and why not when it was asked for explicitly."""
     asked = spec.performance.quantization
-    if asked == "none" or (asked == "auto" and spec.family in UNET_FAMILIES):
+    if asked in ("none", "int8", "nf4") or (asked == "auto" and spec.family in UNET_FAMILIES):
         return False, None
+    if spec.denoiser:  # its own file sets its format (FP8 layer by layer, GGUF): not quantized again
+        return False, None
+    storage = "; storing the weights in FP8 and computing in the model's dtype layer by layer"
     if capability is None or capability < FP8_MIN_CAPABILITY:
-        return False, "no FP8 compute on this device (needs compute capability 8.9+)" if asked == "fp8" else None
+        why = "no FP8 compute on this device (needs compute capability 8.9+)"
+        return False, f"{why}{storage}" if asked == "fp8" else None
     if "torchao" not in installed:
-        return False, "quantization fp8 needs torchao (the [cuda] extra)" if asked == "fp8" else None
+        return False, f"FP8 compute needs torchao (the [cuda] extra){storage}" if asked == "fp8" else None
     return True, None
 
 
@@ -134,8 +138,22 @@ def plan_optimizations(
 
 
 def place(pipe: DiffusionPipeline, spec: ModelSpec, device: torch.device) -> None:
-    """Move the pipeline to its device, or install CPU offload hooks for cards too small to hold it."""
+    """Move the pipeline to its device, or install CPU offload hooks for cards too small to hold it. `auto` (CUDA):
+    chosen from the bytes the pipeline holds and the device's free memory (pipelines.placement); raises
+    PlacementError when it cannot fit at all."""
+    from pipelines import placement
+
+    # Quantization at load first, on the host: the placement then counts the bytes the model really has, and the
+    # device never holds the unquantized weights.
+    pipe._easel_load_steps = quantize_at_load(pipe, spec, device, pipe.dtype)  # noqa: SLF001  (the engine reports them)
     offload = spec.performance.offload
+    if offload == "auto":
+        if device.type == "cuda":
+            placement.apply(pipe, placement.plan(pipe, spec.id, device, pipe.dtype), device)
+        else:
+            pipe.to(device)
+            pipe._easel_offload = "resident"  # noqa: SLF001
+        return
     if device.type == "cuda" and offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif device.type == "cuda" and offload == "sequential":
@@ -164,6 +182,70 @@ def quantize_fp8(model: torch.nn.Module) -> int:
     count = sum(1 for name, m in model.named_modules() if eligible(m, name))
     quantize_(model, config, filter_fn=eligible)
     return count
+
+
+class QuantizationUnavailable(ValueError):
+    """`performance.quantization` asks for something this machine cannot do (the message says what is missing)."""
+
+
+def nf4_problem(device: torch.device, installed: frozenset[str] | None = None) -> str | None:
+    """Why nf4 cannot run here, or None. bitsandbytes' 4-bit kernels are CUDA only."""
+    installed = installed_packages() if installed is None else installed
+    if device.type != "cuda":
+        return f"quantization nf4 needs a CUDA device (bitsandbytes 4-bit); this model runs on {device}"
+    if "bitsandbytes" not in installed:
+        return "quantization nf4 needs the bitsandbytes package: pip install 'easel[nf4]'"
+    return None
+
+
+def load_quantization(spec: ModelSpec, device: torch.device, capability: tuple[int, int] | None,
+                      installed: frozenset[str]) -> str | None:  # fmt: skip
+    """What `quantize_at_load` does for this model: fp8-compute (torchao, the FP8 tier: applied with the other fast
+    path steps), fp8-storage (layerwise casting), int8 (torchao weight-only), nf4, or None. Raises
+    QuantizationUnavailable where what was asked cannot run here."""
+    asked = spec.performance.quantization
+    if asked in ("none", "auto"):
+        return None
+    if asked == "nf4":
+        problem = nf4_problem(device, installed)
+        if problem:
+            raise QuantizationUnavailable(problem)
+        return "nf4"
+    if asked == "int8":
+        if "torchao" not in installed:
+            raise QuantizationUnavailable("quantization int8 needs torchao: pip install torchao (or the [cuda] extra)")
+        return "int8"
+    if quantization_step(spec, capability, installed)[0]:
+        return "fp8-compute"
+    return "fp8-storage"  # no FP8 compute (or no torchao): FP8 in memory, the model's dtype while each layer runs
+
+
+def quantize_at_load(pipe: DiffusionPipeline, spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """`performance.quantization` on a loaded pipeline's denoiser (and text encoders with quantize_text_encoders).
+    A denoiser that came from its own file (`denoiser:`, FP8 or GGUF already) is left as it is. Returns the steps."""
+    installed = installed_packages()
+    how = load_quantization(spec, device, capability_of(device), installed)
+    if how in (None, "fp8-compute", "nf4"):  # fp8-compute: apply_optimizations; nf4: pipelines.quantized, at load
+        return []
+    from pipelines.quantized import store_fp8
+
+    names = [] if spec.denoiser else [n for n in ("unet", "transformer") if getattr(pipe, n, None) is not None]
+    if spec.performance.quantize_text_encoders:
+        names += [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+    done = []
+    for name in names:
+        module = getattr(pipe, name)
+        if how == "int8":
+            from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+            quantize_(module, Int8WeightOnlyConfig(), filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Linear))
+            module._easel_fp8 = "int8"  # noqa: SLF001  (from_pipe must leave its dtype alone)
+        else:
+            store_fp8(module, torch.float8_e4m3fn, dtype, {})
+        done.append(f"{how}:{name}")
+    if done:
+        log.info("model %s: %s", spec.id, ", ".join(done))
+    return done
 
 
 def compile_denoiser(model: torch.nn.Module, spec: ModelSpec, regional: bool) -> None:
@@ -286,7 +368,9 @@ def prepare_call(
     if device.type != "cuda" or vae is None:
         return
     perf = spec.performance
-    tiling = perf.vae_tiling_above_pixels is not None and width * height > perf.vae_tiling_above_pixels
+    limits = [perf.vae_tiling_above_pixels, getattr(vae, "_easel_tiling_above", None)]  # configured, offload auto's
+    limit = min((v for v in limits if v is not None), default=None)
+    tiling = limit is not None and width * height > limit
     slicing = perf.vae_slicing_above_images is not None and n > perf.vae_slicing_above_images
     for flag, enable, disable in (
         (tiling, "enable_tiling", "disable_tiling"),

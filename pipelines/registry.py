@@ -81,10 +81,16 @@ class PerformanceSpec(BaseModel):
     # fp8: the denoiser's linear layers in FP8 with dynamic activation scales (torchao, the [cuda] extra), on cards
     # with FP8 compute (compute capability 8.9+: Ada, Hopper, Blackwell). auto: fp8 for FLUX/Qwen-Image where the
     # card and torchao allow it, none otherwise. none: the loaded dtype everywhere.
-    quantization: Literal["none", "fp8", "auto"] = "auto"
+    # At load (`pipelines.optimize.quantize_at_load`): fp8 without FP8 compute (CPU, Ampere and older) stores the
+    # weights in FP8 and computes in the model's dtype layer by layer; int8: torchao int8 weight-only (CPU too);
+    # nf4: bitsandbytes 4-bit (the [nf4] extra, CUDA only). The denoiser only, unless quantize_text_encoders.
+    quantization: Literal["none", "fp8", "int8", "nf4", "auto"] = "auto"
+    quantize_text_encoders: bool = False
     vae_tiling_above_pixels: int | None = Field(2048 * 2048, ge=64 * 64)  # tiled VAE decode above this size
     vae_slicing_above_images: int | None = Field(4, ge=1)  # decode one image at a time above this batch
-    offload: Literal["none", "model", "sequential"] = "none"  # CPU offload for cards too small for the model
+    # CPU offload for cards too small for the model. auto: chosen at load from the bytes the model holds and the
+    # card's free memory (pipelines.placement): all resident, text encoders on the CPU, model, sequential.
+    offload: Literal["auto", "none", "model", "sequential"] = "auto"
 
     @field_validator("warmup_sizes")
     @classmethod
@@ -120,6 +126,11 @@ class ModelSpec(BaseModel):
     file_sha256: str | None = Field(None, alias="sha256", pattern=r"^[0-9a-fA-F]{64}$")
     # A1111's checkpoint name: the file's path relative to the checkpoints directory (set by the scanner).
     checkpoint_name: str | None = None
+    # Components from their own files (pipelines.quantized), the rest from `source`: the UNet/transformer as
+    # .safetensors (bf16/fp16/FP8, community or diffusers keys) or .gguf; text encoders as .safetensors.
+    denoiser: str | None = None
+    text_encoder: str | None = None
+    text_encoder_2: str | None = None
     # Pickle weights (.bin/.ckpt/.pt) run code when loaded: a diffusers folder holding them is refused unless allowed.
     allow_pickle: bool = False
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -391,15 +402,15 @@ def load_registry(path: str | Path) -> Registry:
         except ValidationError as e:
             err = e.errors()[0]
             raise RegistryError(f"{path}: model '{model_id}': field '{_format_loc(err['loc'])}': {err['msg']}") from e
-        if not spec.is_demo:
-            # Paths (weights, and a single file's config folder) are relative to models.yaml.
-            update = {
-                field: str((path.parent / value).resolve())
-                for field, value in (("source", spec.source), ("config", spec.config))
-                if value is not None and not Path(value).is_absolute()
-            }
-            if update:
-                spec = spec.model_copy(update=update)
+        # Paths (weights, a single file's config folder, component files) are relative to models.yaml.
+        fields = ["config", "denoiser", "text_encoder", "text_encoder_2"] + ([] if spec.is_demo else ["source"])
+        update = {
+            field: str((path.parent / value).resolve())
+            for field in fields
+            if (value := getattr(spec, field)) is not None and not Path(value).is_absolute()
+        }
+        if update:
+            spec = spec.model_copy(update=update)
         specs.append(spec)
     removal = top.background_removal
     if removal is not None and not Path(removal.source).is_absolute():

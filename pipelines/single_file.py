@@ -56,8 +56,11 @@ _FLUX_ROOTS += ("final_layer.",)
 _FLUX_COMPONENTS = ("vae", "text_encoder", "text_encoder_2")
 
 
-def load_pipeline(spec: ModelSpec, path: str | Path, dtype: torch.dtype) -> DiffusionPipeline:
-    """The base pipeline of a single-file model, with `spec.config` as the local config folder.
+def load_pipeline(
+    spec: ModelSpec, path: str | Path, dtype: torch.dtype, components: dict[str, torch.nn.Module] | None = None
+) -> DiffusionPipeline:
+    """The base pipeline of a single-file model, with `spec.config` as the local config folder. `components`: modules
+    from their own files (a model entry's `denoiser:`...), used instead of the checkpoint's.
 
     Raises CheckpointError naming the file for anything that stops it from loading.
     """
@@ -70,9 +73,9 @@ def load_pipeline(spec: ModelSpec, path: str | Path, dtype: torch.dtype) -> Diff
     label = VARIANTS[variant].label
     try:
         if VARIANTS[variant].family == "flux":
-            pipe = _load_flux(PIPELINES[variant], path, config, dtype)
+            pipe = _load_flux(PIPELINES[variant], path, config, dtype, components or {})
         else:
-            pipe = _load_sd(PIPELINES[variant], variant, path, config, dtype)
+            pipe = _load_sd(PIPELINES[variant], variant, path, config, dtype, components or {})
     except CheckpointError:
         raise
     except (SingleFileComponentError, OSError, ValueError, KeyError, RuntimeError) as e:
@@ -82,15 +85,20 @@ def load_pipeline(spec: ModelSpec, path: str | Path, dtype: torch.dtype) -> Diff
 
 
 def _load_sd(
-    cls: type[DiffusionPipeline], variant: str, path: Path, config: Path, dtype: torch.dtype
+    cls: type[DiffusionPipeline],
+    variant: str,
+    path: Path,
+    config: Path,
+    dtype: torch.dtype,
+    components: dict[str, torch.nn.Module],
 ) -> DiffusionPipeline:
     kwargs: dict[str, Any] = {"config": str(config), "local_files_only": True, **dtype_kwargs(dtype)}
     if variant in ("sd15", "sd2"):
         # The server never runs the NSFW checker (A1111 doesn't either): neither it nor its image processor is loaded.
         kwargs.update(safety_checker=None, requires_safety_checker=False, feature_extractor=None)
-    if variant == "sdxl" and _same_width_text_encoders(path):
+    if variant == "sdxl" and "text_encoder_2" not in components and _same_width_text_encoders(path):
         kwargs["text_encoder_2"] = _open_clip_text_encoder_2(path, config, dtype)
-    return cls.from_single_file(str(path), **kwargs)
+    return cls.from_single_file(str(path), **kwargs, **components)
 
 
 def _same_width_text_encoders(path: Path) -> bool:
@@ -116,8 +124,10 @@ def _open_clip_text_encoder_2(path: Path, config: Path, dtype: torch.dtype) -> t
     )
 
 
-def _load_flux(cls: type[DiffusionPipeline], path: Path, config: Path, dtype: torch.dtype) -> DiffusionPipeline:
-    missing = [c for c in _FLUX_COMPONENTS if not any((config / c).glob("*.safetensors"))]
+def _load_flux(
+    cls: type[DiffusionPipeline], path: Path, config: Path, dtype: torch.dtype, components: dict[str, torch.nn.Module]
+) -> DiffusionPipeline:
+    missing = [c for c in _FLUX_COMPONENTS if c not in components and not any((config / c).glob("*.safetensors"))]
     if missing:
         raise CheckpointError(
             f"{path}: FLUX.1 checkpoint files hold only the transformer; the {', '.join(missing)} weights come from "
@@ -125,15 +135,17 @@ def _load_flux(cls: type[DiffusionPipeline], path: Path, config: Path, dtype: to
             "schnell's Apache-2.0 VAE and text encoders, shared by every FLUX.1 variant) or set the model's "
             "`config:` to a full FLUX.1 diffusers folder"
         )
-    transformer = FluxTransformer2DModel.from_single_file(
-        convert_flux_to_diffusers(_read_flux_transformer(path)),
-        config=str(config),
-        subfolder="transformer",
-        local_files_only=True,
-        **dtype_kwargs(dtype),
-    )
+    components = dict(components)
+    if "transformer" not in components:
+        components["transformer"] = FluxTransformer2DModel.from_single_file(
+            convert_flux_to_diffusers(_read_flux_transformer(path)),
+            config=str(config),
+            subfolder="transformer",
+            local_files_only=True,
+            **dtype_kwargs(dtype),
+        )
     return cls.from_pretrained(
-        str(config), transformer=transformer, local_files_only=True, use_safetensors=True, **dtype_kwargs(dtype)
+        str(config), local_files_only=True, use_safetensors=True, **dtype_kwargs(dtype), **components
     )
 
 

@@ -124,3 +124,4 @@ class EngineSnapshot:
     pipeline_cache: CacheCounts = CacheCounts()
     text_cache: dict[str, CacheCounts] = field(default_factory=dict)  # per model, across its loads
     memory: DeviceMemory | None = None  # None off CUDA
+    model_memory: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> where ("cuda:0", "cpu") -> bytes

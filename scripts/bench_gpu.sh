@@ -8,6 +8,8 @@
 #   BENCH_GPU_ARGS="--perf attention=flash" bash scripts/bench_gpu.sh flux   # extra options for bench_gpu.py
 #   BENCH_TOTAL_S=900 bash scripts/bench_gpu.sh # a longer overall budget (default 540 s)
 #   BENCH_TINY=1 bash scripts/bench_gpu.sh sd15 http   # this script's plumbing on CPU, tiny models (no figures)
+#   BENCH_TOTAL_S=600 bash scripts/bench_gpu.sh capped  # issue #22's capped-memory rows (scripts/bench_capped.py;
+#                                               # not in the default steps: FP8/GGUF at 8-48 GB caps, one process each)
 #
 # Each step has a budget (seconds, below; the model steps spend theirs on more interleaved rounds and stop taking
 # them when it runs out) and is interrupted at it (SIGINT: servers are stopped, partial JSON kept), so the whole run ends within BENCH_TOTAL_S. Every step prints how long
@@ -42,6 +44,7 @@ declare -A BUDGET=(
     [flux]="${BENCH_BUDGET_FLUX:-100}"
     [qwen-image]="${BENCH_BUDGET_QWEN_IMAGE:-125}"
     [http]="${BENCH_BUDGET_HTTP:-95}"
+    [capped]="${BENCH_BUDGET_CAPPED:-540}"
 )
 
 STAMP="$(date +%Y%m%d-%H%M%S)"
@@ -81,7 +84,7 @@ fi
 status=0
 for step in "${steps[@]}"; do
     if [ -z "${BUDGET[$step]:-}" ]; then
-        echo "bench_gpu.sh: unknown step '$step' (known: sd15 sdxl flux qwen-image http)" >&2
+        echo "bench_gpu.sh: unknown step '$step' (known: sd15 sdxl flux qwen-image http capped)" >&2
         exit 2
     fi
     limit=$(step_limit "$step")
@@ -111,6 +114,13 @@ for step in "${steps[@]}"; do
             exec "$PY" scripts/bench.py --models "$1/sd15-random/models.yaml" --model bench-sd15 \
                 --data-dir "$1/data" --json-out "$2/bench_http.json" $HTTP_ARGS
         ' _ "$WORK" "$RES" 2>&1 | tee "$RES/bench_http.txt"
+        rc=${PIPESTATUS[0]}
+        ;;
+    capped)
+        # Issue #22: each row in its own process, under torch.cuda.set_per_process_memory_fraction.
+        CAPPED_ARGS=(--all --budget-s $((limit - 15)) --json-out "$RES/bench_capped.json")
+        if [ -n "${BENCH_TINY:-}" ]; then CAPPED_ARGS+=(--tiny); fi
+        timeout -s INT -k 20 "$limit" "$PY" scripts/bench_capped.py "${CAPPED_ARGS[@]}" 2>&1 | tee "$RES/bench_capped.txt"
         rc=${PIPESTATUS[0]}
         ;;
     esac

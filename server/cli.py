@@ -1,4 +1,4 @@
-"""`easel serve | make-demo-models | prefetch-configs`."""
+"""`easel serve | make-demo-models | prefetch-configs | quantize`."""
 
 from __future__ import annotations
 
@@ -257,6 +257,35 @@ def prefetch_configs(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def quantize_model(args: argparse.Namespace) -> int:
+    """Write a registered model's denoiser as one FP8 or GGUF file (pipelines.quantize)."""
+    from pipelines import quantize  # torch-side; only this command needs it
+    from pipelines.checkpoints import CheckpointError
+
+    settings = _settings_from_args(args)
+    registry = _registry_or_none(settings)
+    if registry is None:
+        return 2
+    spec = registry.resolve(args.model)
+    if spec is None:
+        print(f"easel: unknown model '{args.model}' (not in {settings.models})", file=sys.stderr)
+        return 2
+    if args.out.exists() and not args.force:  # before minutes of loading
+        print(f"easel: {args.out} exists; pass --force to replace it", file=sys.stderr)
+        return 1
+    try:
+        model = quantize.source_denoiser(spec, settings.data_dir / "demo-models", settings.configs_dir)
+        result = quantize.write_denoiser(model, spec.family, args.format, args.out, force=args.force)
+    except (quantize.QuantizeError, CheckpointError) as e:
+        print(f"easel: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {result.path}: {result.bytes / 2**20:.1f} MiB ({result.bytes} bytes), {result.quantized} tensors "
+        f"in {args.format}, {result.kept} kept in float, in {result.seconds:.1f} s"
+    )
+    return 0
+
+
 def _log_format(args: argparse.Namespace) -> LogFormat:
     chosen = getattr(args, "log_format", None)
     if chosen:
@@ -311,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_pre.add_argument("--dry-run", action="store_true", help="print what would be downloaded, download nothing")
     p_pre.set_defaults(func=prefetch_configs)
+
+    p_quant = sub.add_parser("quantize", help="write a model's denoiser as one FP8 or GGUF file (for `denoiser:`)")
+    p_quant.add_argument("model", metavar="MODEL_ID", help="a model of models.yaml (id, alias or title)")
+    p_quant.add_argument("--format", required=True, choices=("fp8", "gguf-q8_0", "gguf-q5_0", "gguf-q4_0"))
+    p_quant.add_argument("--out", required=True, type=Path, metavar="FILE", help=".safetensors for fp8, else .gguf")
+    p_quant.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    _add_common(p_quant)
+    p_quant.set_defaults(func=quantize_model, host=None, port=None)
 
     args = parser.parse_args(argv)
     configure_logging(getattr(args, "log_level", "info"), _log_format(args))

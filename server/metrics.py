@@ -175,6 +175,11 @@ def _engine_families(snaps: Iterable[Any]) -> Iterator[Any]:
     mem = GaugeMetricFamily("easel_device_memory_bytes", "CUDA memory in use now", labels=per_kind)
     peak = GaugeMetricFamily("easel_device_memory_peak_bytes", "CUDA memory peak since start", labels=per_kind)
     total = GaugeMetricFamily("easel_device_memory_total_bytes", "CUDA memory of the device", labels=["device"])
+    model_mem = GaugeMetricFamily(
+        "easel_model_memory_bytes",
+        "Bytes of weights a loaded model holds, by where they are now (its device, or cpu when offloaded)",
+        labels=["device", "model", "location"],
+    )
     for s in snaps:
         d = s.device
         depth.add_metric([d], s.queued)
@@ -183,6 +188,9 @@ def _engine_families(snaps: Iterable[Any]) -> Iterator[Any]:
         jobs.add_metric([d, "running"], s.running)
         for model in s.loaded_models:
             loaded.add_metric([d, model], 1)
+        for model, where in s.model_memory.items():
+            for location, n in where.items():
+                model_mem.add_metric([d, model, location], n)
         for model, n in s.model_loads.items():
             loads.add_metric([d, model], n)
         for model, seconds in s.model_load_seconds.items():
@@ -201,7 +209,7 @@ def _engine_families(snaps: Iterable[Any]) -> Iterator[Any]:
             peak.add_metric([d, "reserved"], s.memory.peak_reserved)
             if s.memory.total is not None:
                 total.add_metric([d], s.memory.total)
-    yield from (depth, free, jobs, loaded, loads, load_s, evictions, cache)
+    yield from (depth, free, jobs, loaded, loads, load_s, evictions, cache, model_mem)
     if any(s.memory is not None for s in snaps):
         yield from (mem, peak, total)
 

@@ -56,8 +56,12 @@ def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
 def derive(loaded: LoadedModel, task: Task, cls: type[DiffusionPipeline]) -> DiffusionPipeline:
     """`cls.from_pipe(loaded.base)` once per task, cached in `loaded.derived` (weights shared, never reloaded)."""
     if task not in loaded.derived:
-        # The dtype matters: without it from_pipe casts every shared module to float32, in place.
-        pipe = cls.from_pipe(loaded.base, **dtype_kwargs(loaded.dtype))
+        # The dtype matters: without it from_pipe casts every shared module to float32, in place. FP8-stored and
+        # GGUF-quantized modules keep their own.
+        from pipelines.quantized import keep_storage_dtype
+
+        with keep_storage_dtype(loaded.base):
+            pipe = cls.from_pipe(loaded.base, **dtype_kwargs(loaded.dtype))
         pipe.set_progress_bar_config(disable=True)
         loaded.derived[task] = pipe
     return loaded.derived[task]

@@ -78,15 +78,30 @@ class LoadedModel:
     @property
     def execution_device(self) -> torch.device | None:
         """Where the pipeline computes, when that is fixed (None with CPU-offload hooks, which move modules)."""
-        return self.device if self.spec.performance.offload == "none" else None
+        offload = self.spec.performance.offload
+        if offload == "auto":  # what pipelines.placement chose at load
+            offload = getattr(self.base, "_easel_offload", "resident")
+        return self.device if offload in ("none", "resident") else None
 
     def approx_bytes(self) -> int:
-        total = 0
+        return sum(self.device_bytes().values())
+
+    def device_resident_bytes(self) -> int:
+        """Bytes this model keeps on its device: all of them when resident, else those there right now (offload
+        hooks move the rest in and out)."""
+        if self.execution_device is not None:
+            return self.approx_bytes()
+        return sum(n for d, n in self.device_bytes().items() if d != "cpu")
+
+    def device_bytes(self) -> dict[str, int]:
+        """Bytes of weights this model holds on each device ("cuda:0", "cpu", ...), where they are right now."""
+        out: dict[str, int] = {}
         for comp in self.base.components.values():
             if isinstance(comp, torch.nn.Module):
-                total += sum(p.numel() * p.element_size() for p in comp.parameters())
-                total += sum(b.numel() * b.element_size() for b in comp.buffers())
-        return total
+                for t in (*comp.parameters(), *comp.buffers()):
+                    key = str(t.device)
+                    out[key] = out.get(key, 0) + t.numel() * t.element_size()
+        return out
 
 
 class FamilyAdapter(abc.ABC):
@@ -98,8 +113,16 @@ class FamilyAdapter(abc.ABC):
     flow_matching: bool = False  # FLUX/Qwen use flow-matching schedulers; SD uses discrete-time ones
 
     @abc.abstractmethod
-    def load(self, spec: ModelSpec, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-        """Load the base (txt2img) pipeline from a local diffusers folder with `from_pretrained`."""
+    def load(
+        self,
+        spec: ModelSpec,
+        path: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        components: dict[str, torch.nn.Module] | None = None,
+    ) -> LoadedModel:
+        """Load the base (txt2img) pipeline from a local diffusers folder with `from_pretrained`. `components`:
+        modules loaded from their own files (pipelines.quantized), used instead of the source's."""
 
     @abc.abstractmethod
     def pipeline_for(self, loaded: LoadedModel, task: Task) -> DiffusionPipeline:

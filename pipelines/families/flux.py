@@ -58,11 +58,19 @@ class FluxAdapter(FamilyAdapter):
     tasks = frozenset({Task.TXT2IMG, Task.IMG2IMG, Task.INPAINT})
     flow_matching = True
 
-    def load(self, spec: ModelSpec, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    def load(
+        self,
+        spec: ModelSpec,
+        path: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        components: dict[str, torch.nn.Module] | None = None,
+    ) -> LoadedModel:
+        components = components or {}
         if spec.is_single_file:  # a BFL transformer .safetensors + VAE/text encoders from a local config folder
-            pipe = single_file.load_pipeline(spec, path, dtype)
+            pipe = single_file.load_pipeline(spec, path, dtype, components)
         else:
-            pipe = FluxPipeline.from_pretrained(path, **dtype_kwargs(dtype))
+            pipe = FluxPipeline.from_pretrained(path, **dtype_kwargs(dtype), **components)
         place(pipe, spec, device)  # the device, or CPU offload hooks (models.yaml performance.offload)
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(spec=spec, base=pipe, device=device, dtype=dtype)

@@ -98,8 +98,16 @@ class _QwenBase(FamilyAdapter):
     flow_matching = True
     base_class: type[DiffusionPipeline] = QwenImagePipeline
 
-    def load(self, spec: ModelSpec, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-        pipe = self.base_class.from_pretrained(path, **dtype_kwargs(dtype), **self._load_kwargs(path))
+    def load(
+        self,
+        spec: ModelSpec,
+        path: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        components: dict[str, torch.nn.Module] | None = None,
+    ) -> LoadedModel:
+        kwargs = {**self._load_kwargs(path), **(components or {})}
+        pipe = self.base_class.from_pretrained(path, **dtype_kwargs(dtype), **kwargs)
         place(pipe, spec, device)  # the device, or CPU offload hooks (models.yaml performance.offload)
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(spec=spec, base=pipe, device=device, dtype=dtype)

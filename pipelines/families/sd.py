@@ -141,16 +141,24 @@ class StableDiffusionAdapter(FamilyAdapter):
     tasks = frozenset({Task.TXT2IMG, Task.IMG2IMG, Task.INPAINT})
     flow_matching = False
 
-    def load(self, spec: ModelSpec, path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    def load(
+        self,
+        spec: ModelSpec,
+        path: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        components: dict[str, torch.nn.Module] | None = None,
+    ) -> LoadedModel:
+        components = components or {}
         if spec.is_single_file:  # an A1111/ldm .safetensors file + a local config folder (SD1.5/SD2/SDXL/refiner)
-            pipe = single_file.load_pipeline(spec, path, dtype)
+            pipe = single_file.load_pipeline(spec, path, dtype, components)
         else:
             cls = _CLASSES[spec.family][Task.TXT2IMG]
             kwargs: dict[str, Any] = {}
             if spec.family == "sd15":
                 # The server never runs the NSFW checker (A1111 doesn't either); don't even load its weights.
                 kwargs.update(safety_checker=None, requires_safety_checker=False)
-            pipe = cls.from_pretrained(path, **dtype_kwargs(dtype), **kwargs)
+            pipe = cls.from_pretrained(path, **dtype_kwargs(dtype), **kwargs, **components)
         place(pipe, spec, device)  # the device, or CPU offload hooks (models.yaml performance.offload)
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(spec=spec, base=pipe, device=device, dtype=dtype)

@@ -198,3 +198,14 @@ def test_trace_summary_finds_the_gpu_idle_gaps() -> None:
     assert s["largest_gaps"][1]["cpu_op"] == "aten::item"  # the host was busy in .item() during that gap
     top = s["top_kernels"][0]
     assert (top["name"], top["count"], top["total_ms"]) == ("gemm", 3, 0.16) and top["share"] == pytest.approx(16 / 17)
+
+
+def test_bench_capped_tiny_runs_a_quantized_row_on_cpu(tmp_path: Path) -> None:
+    """Issue #22's capped-memory harness end to end on CPU (tiny configs, no cap): the writer, the loader, a call."""
+    out = tmp_path / "capped.json"
+    r = run_script(str(SCRIPTS / "bench_capped.py"), "--tiny", "--row", "flux-gguf-q8_0@24", "--json-out", str(out),
+                   timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert row["name"] == "flux-gguf-q8_0@24" and row["seconds"] > 0 and row["file_bytes"] > 0
+    assert 0 < row["relative_error"] < 0.1  # Q8_0 of the tiny transformer against its float weights

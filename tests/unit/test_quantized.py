@@ -1,0 +1,450 @@
+"""Quantized component files (#22): `easel quantize` on every demo family, each file served through `denoiser:` and
+the A1111 route, the FP8 file really FP8, and every kind of bad file refused by name while the other models serve."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipelines import demo, placement, quantized
+from pipelines.checkpoints import CheckpointError
+from pipelines.engine import Engine, EngineConfig
+from pipelines.errors import ModelLoadError
+from pipelines.registry import ModelSpec, Registry, load_registry
+from pipelines.request import GenerationRequest, Task
+from server.app import create_app
+from server.cli import main
+from server.settings import Settings
+
+FAMILIES = ("sd15", "sdxl", "flux", "qwen-image")
+FORMATS = {"gguf-q8_0": ".gguf", "gguf-q4_0": ".gguf", "fp8": ".safetensors"}
+# A quantized model's image must be at least this many times closer to the unquantized image of the same seed than
+# an unquantized image of another seed is (mean absolute pixel difference).
+MARGIN = 3.0
+SEEDS = (11, 12)
+
+
+def _yaml(models: dict[str, dict[str, str]], default: str) -> str:
+    lines = [f"default_model: {default}", "models:"]
+    for model_id, fields in models.items():
+        lines.append(f"  {model_id}:")
+        lines += [f"    {k}: {v}" for k, v in fields.items()]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Served:
+    client: TestClient
+    engine: Engine
+    files: dict[str, Path]
+    outputs: dict[str, str]  # quantize's printed line per model id
+
+
+@pytest.fixture(scope="module")
+def served(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    work = tmp_path_factory.mktemp("quantized")
+    base = {f"demo-{f}": {"family": f, "source": f"demo:{f}"} for f in FAMILIES}
+    (work / "base.yaml").write_text(_yaml(base, "demo-sd15"))
+    models = dict(base)
+    files: dict[str, Path] = {}
+    outputs: dict[str, str] = {}
+    for family in FAMILIES:
+        for fmt, suffix in FORMATS.items():
+            model_id = f"{family}-{fmt}"
+            out = work / f"{model_id}{suffix}"
+            args = ["quantize", f"demo-{family}", "--format", fmt, "--out", str(out)]
+            args += ["--models", str(work / "base.yaml"), "--data-dir", str(data_dir)]
+            capture = io.StringIO()
+            import contextlib
+
+            with contextlib.redirect_stdout(capture):
+                assert main(args) == 0
+            outputs[model_id] = capture.getvalue()
+            files[model_id] = out
+            models[model_id] = {"family": family, "source": f"demo:{family}", "denoiser": out.name}
+    # Bad files, each on its own model: the others must keep serving.
+    flux_file = files["flux-gguf-q8_0"]
+    models["bad-family"] = {"family": "sd15", "source": "demo:sd15", "denoiser": flux_file.name}
+    truncated = work / "truncated.gguf"
+    truncated.write_bytes(files["sd15-gguf-q4_0"].read_bytes()[:5000])
+    models["bad-truncated"] = {"family": "sd15", "source": "demo:sd15", "denoiser": truncated.name}
+    corrupt = work / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\0" * 64)
+    models["bad-corrupt"] = {"family": "sdxl", "source": "demo:sdxl", "denoiser": corrupt.name}
+    # The SD1.5 UNet file on the SDXL base: the right family, the wrong tensors.
+    models["bad-mismatch"] = {"family": "sdxl", "source": "demo:sdxl", "denoiser": files["sd15-fp8"].name}
+    (work / "models.yaml").write_text(_yaml(models, "demo-sd15"))
+    registry = load_registry(work / "models.yaml")
+    engine = Engine(registry, EngineConfig(data_dir=data_dir, preload_default=False, max_wait_ms=0, cache_max_models=4))
+    engine.start()
+    app = create_app(Settings(data_dir=work / "data"), engine=engine, registry=registry)
+    with TestClient(app) as client:
+        yield Served(client, engine, files, outputs)
+    engine.stop()
+
+
+def _generate(client: TestClient, model_id: str, seed: int) -> np.ndarray:
+    body = {"prompt": "a red cube on a table", "seed": seed, "steps": 2, "width": 64, "height": 64,
+            "cfg_scale": 3.0, "override_settings": {"sd_model_checkpoint": model_id}}  # fmt: skip
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
+    assert image.size == (64, 64)
+    return np.asarray(image, dtype=np.float32)
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).mean())
+
+
+def test_quantize_reports_size_and_time(served: Served) -> None:
+    for model_id, line in served.outputs.items():
+        size = served.files[model_id].stat().st_size
+        assert f"({size} bytes)" in line and " s\n" in line, line
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_denoisers_make_nearly_the_unquantized_image(served: Served, family: str) -> None:
+    reference = _generate(served.client, f"demo-{family}", SEEDS[0])
+    other_seed = _distance(reference, _generate(served.client, f"demo-{family}", SEEDS[1]))
+    assert other_seed > 1.0  # the seeds really make different images
+    for fmt in FORMATS:
+        near = _distance(reference, _generate(served.client, f"{family}-{fmt}", SEEDS[0]))
+        assert near * MARGIN < other_seed, f"{family} {fmt}: {near:.2f} vs another seed's {other_seed:.2f}"
+
+
+def test_fp8_files_store_float8_and_load_as_float8(served: Served, demo_root: Path) -> None:
+    for family in FAMILIES:
+        path = served.files[f"{family}-fp8"]
+        with safe_open(str(path), framework="pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert "F8_E4M3" in dtypes, (family, dtypes)
+        folder = demo.ensure_demo_model(family, demo_root)
+        model = quantized.load_denoiser(family, path, folder, torch.float32)
+        stored = {p.dtype for p in model.parameters()}
+        assert torch.float8_e4m3fn in stored and torch.float32 in stored  # norms stay in the compute dtype
+
+
+def test_gguf_files_keep_quantized_weights(served: Served, demo_root: Path) -> None:
+    folder = demo.ensure_demo_model("flux", demo_root)
+    model = quantized.load_denoiser("flux", served.files["flux-gguf-q4_0"], folder, torch.float32)
+    assert any(type(m).__name__ == "GGUFLinear" for m in model.modules())
+    # BFL keys in the file (the community layout), not diffusers'.
+    import gguf
+
+    names = {t.name for t in gguf.GGUFReader(str(served.files["flux-gguf-q4_0"])).tensors}
+    assert "double_blocks.0.img_attn.qkv.weight" in names and "transformer_blocks.0.attn.to_q.weight" not in names
+
+
+def _denoiser_inputs(family: str) -> dict:
+    torch.manual_seed(0)
+    if family == "flux":
+        return dict(hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 8, 32),
+                    pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3),
+                    txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]))  # fmt: skip
+    added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    return dict(sample=torch.randn(1, 4, 16, 16), timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 8, 64), added_cond_kwargs=added)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["flux", "sdxl"])
+def test_scaled_fp8_with_prefixed_keys_loads(served: Served, demo_root: Path, tmp_path: Path, family: str) -> None:
+    """ComfyUI's scaled FP8 layout: `model.diffusion_model.` keys (BFL / ldm below it), a `.scale_weight` per
+    matrix, a marker tensor. Stored x4 with scale 1/4 (exact in FP8): the very same outputs as the unscaled file."""
+    folder = demo.ensure_demo_model(family, demo_root)
+    plain = quantized.load_denoiser(family, served.files[f"{family}-fp8"], folder, torch.float32)
+    with safe_open(str(served.files[f"{family}-fp8"]), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    scaled: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
+    for key, t in tensors.items():
+        if t.dtype == torch.float8_e4m3fn:
+            scaled["model.diffusion_model." + key] = (t.float() * 4).to(torch.float8_e4m3fn)
+            scaled["model.diffusion_model." + key.removesuffix(".weight") + ".scale_weight"] = torch.tensor(0.25)
+        else:
+            scaled["model.diffusion_model." + key] = t
+    save_file(scaled, str(tmp_path / "scaled.safetensors"))
+    model = quantized.load_denoiser(family, tmp_path / "scaled.safetensors", folder, torch.float32)
+    inputs = _denoiser_inputs(family)
+    with torch.inference_mode():
+        assert torch.equal(plain(**inputs).sample, model(**inputs).sample)
+
+
+def test_text_encoder_from_an_fp8_file(data_dir: Path, demo_root: Path, tmp_path: Path) -> None:
+    folder = demo.ensure_demo_model("flux", demo_root)
+    from transformers import T5EncoderModel
+
+    t5 = T5EncoderModel.from_pretrained(str(folder / "text_encoder_2"))
+    state = {k: (v.to(torch.float8_e4m3fn) if v.dim() == 2 else v) for k, v in t5.state_dict().items()}
+    state.pop("encoder.embed_tokens.weight", None)  # tied to `shared`, as the community files leave it out
+    save_file(state, str(tmp_path / "t5_fp8.safetensors"))
+    encoder = quantized.load_text_encoder("text_encoder_2", tmp_path / "t5_fp8.safetensors", folder, torch.float32)
+    assert any(p.dtype == torch.float8_e4m3fn for p in encoder.parameters())
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.inference_mode():
+        want, got = t5(ids).last_hidden_state, encoder(ids).last_hidden_state
+    assert float((got - want).norm() / want.norm()) < 0.15  # FP8's 3 mantissa bits, through 2 layers
+    # And in the pipeline, through a model entry's `text_encoder_2:`.
+    t5_file = str(tmp_path / "t5_fp8.safetensors")
+    spec = ModelSpec(id="t5-fp8", family="flux", source="demo:flux", text_encoder_2=t5_file)
+    engine = Engine(Registry([spec]), EngineConfig(data_dir=data_dir, preload_default=False))
+    loaded = engine._load_model(spec)
+    assert any(p.dtype == torch.float8_e4m3fn for p in loaded.base.text_encoder_2.parameters())
+    req = GenerationRequest(model="t5-fp8", prompt="a fox", width=64, height=64, steps=2, seed=1)
+    from pipelines.families import adapter_for
+
+    with torch.inference_mode():
+        (image,) = adapter_for("flux").run(loaded, req, [1], None, lambda step, total: False)
+    assert image.size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "says"),
+    [
+        ("bad-family", "holds a FLUX.1 transformer, but the model's family is sd15"),
+        ("bad-truncated", "not a readable GGUF file"),
+        ("bad-corrupt", "not a readable safetensors file"),
+    ],
+)
+def test_bad_files_are_named_at_start_up_and_refused_per_model(served: Served, model_id: str, says: str) -> None:
+    message = served.engine.broken_models[model_id]
+    assert says in message and (".gguf" in message or ".safetensors" in message)
+    body = {
+        "prompt": "x",
+        "steps": 1,
+        "width": 64,
+        "height": 64,
+        "override_settings": {"sd_model_checkpoint": model_id},
+    }
+    r = served.client.post("/sdapi/v1/txt2img", json=body)
+    assert 400 <= r.status_code < 600 and r.status_code != 200
+    error = r.json()
+    assert model_id in error["detail"] and says in error["detail"]
+    assert "Traceback" not in r.text
+    # The other models keep serving.
+    assert _generate(served.client, "demo-sd15", 1).shape == (64, 64, 3)
+
+
+def test_tensors_of_another_architecture_fail_at_load_naming_the_file(served: Served) -> None:
+    body = {"prompt": "x", "steps": 1, "width": 64, "height": 64,
+            "override_settings": {"sd_model_checkpoint": "bad-mismatch"}}  # fmt: skip
+    r = served.client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 500 and "Traceback" not in r.text
+    detail = r.json()["detail"]
+    assert "bad-mismatch" in detail and served.files["sd15-fp8"].name in detail and "do not match" in detail
+
+
+def test_unknown_gguf_type_is_named(served: Served, tmp_path: Path) -> None:
+    import gguf
+
+    path = tmp_path / "iq.gguf"
+    writer = gguf.GGUFWriter(str(path), "sd1")
+    # A type diffusers cannot dequantize (IQ2_XXS); the bytes only have to be well-formed.
+    qtype = gguf.GGMLQuantizationType.IQ2_XXS
+    _, size = gguf.GGML_QUANT_SIZES[qtype]
+    writer.add_tensor("input_blocks.0.0.weight", np.zeros((4, size), dtype=np.uint8),
+                      raw_dtype=qtype)  # fmt: skip
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"iq\.gguf: GGUF quantisation type IQ2_XXS is not supported"):
+        quantized.read_tensors(path)
+
+
+def test_quantize_never_overwrites_without_force(served: Served, data_dir: Path, tmp_path: Path, capsys) -> None:
+    target = tmp_path / "out.gguf"
+    target.write_bytes(b"keep me")
+    yaml = tmp_path / "m.yaml"
+    yaml.write_text(_yaml({"demo-flux": {"family": "flux", "source": "demo:flux"}}, "demo-flux"))
+    common = ["--models", str(yaml), "--data-dir", str(data_dir)]
+    assert main(["quantize", "demo-flux", "--format", "gguf-q8_0", "--out", str(target), *common]) == 1
+    assert "pass --force" in capsys.readouterr().err and target.read_bytes() == b"keep me"
+    assert main(["quantize", "demo-flux", "--format", "gguf-q8_0", "--out", str(target), "--force", *common]) == 0
+    assert target.read_bytes()[:4] == b"GGUF"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    shutil.rmtree(tmp_path / "none", ignore_errors=True)
+
+
+def _engine_with(data_dir: Path, **performance: object) -> tuple[Engine, ModelSpec]:
+    spec = ModelSpec(id="q", family="sd15", source="demo:sd15", performance=performance)
+    return Engine(Registry([spec]), EngineConfig(data_dir=data_dir, preload_default=False)), spec
+
+
+@pytest.mark.parametrize(("how", "step"), [("int8", "int8"), ("fp8", "fp8-storage")])
+def test_quantize_at_load_on_cpu(data_dir: Path, how: str, step: str) -> None:
+    """int8: torchao weight-only; fp8 without FP8 compute: FP8 storage, layer by layer in the model's dtype."""
+    if how == "int8":
+        pytest.importorskip("torchao")
+    engine, spec = _engine_with(data_dir, quantization=how, quantize_text_encoders=True)
+    loaded = engine._load_model(spec)
+    assert f"{step}:unet" in loaded.optimizations and f"{step}:text_encoder" in loaded.optimizations
+    weights = loaded.base.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    if how == "fp8":
+        assert weights.dtype == torch.float8_e4m3fn
+    else:
+        assert "Int8" in type(weights).__name__
+    req = GenerationRequest(model="q", prompt="a cube", width=64, height=64, steps=2, seed=3)
+    from pipelines.families import adapter_for
+
+    with torch.inference_mode():
+        (image,) = adapter_for("sd15").run(loaded, req, [3], None, lambda step, total: False)
+    assert image.size == (64, 64)
+
+
+def test_nf4_without_cuda_is_a_clear_load_error(data_dir: Path) -> None:
+    engine, spec = _engine_with(data_dir, quantization="nf4")
+    with pytest.raises(ModelLoadError, match=r"model 'q': quantization nf4 needs a CUDA device"):
+        engine._load_model(spec)
+
+
+# --- offload: auto ------------------------------------------------------------------------------------------------
+
+GIB = 1 << 30
+
+
+def test_offload_auto_picks_the_fastest_mode_that_fits() -> None:
+    flux_like = placement.Footprint(denoiser=24 * GIB, text_encoders=10 * GIB, vae=GIB // 4, largest_layer=GIB // 8)
+    assert placement.choose(flux_like, 80 * GIB).mode == "resident"
+    assert placement.choose(flux_like, 200 * GIB).vae_tiling_above_pixels is None  # decodes 4096² untiled
+    assert placement.choose(flux_like, 80 * GIB).vae_tiling_above_pixels == 14227079  # ~3770², then tiles
+    assert placement.choose(flux_like, 36 * GIB).mode == "text-encoders"
+    assert placement.choose(flux_like, int(30.1 * GIB)).mode == "model"  # the denoiser alone + working memory
+    small = placement.choose(flux_like, 7 * GIB)  # the largest layer + working memory (a quarter of the denoiser)
+    assert small.mode == "sequential" and small.vae_tiling_above_pixels is not None
+    with pytest.raises(placement.PlacementError, match=r"needs at least .* bytes.*free"):
+        placement.choose(flux_like, 3 * GIB)
+    no_encoders = placement.Footprint(denoiser=5 * GIB, text_encoders=0, vae=GIB // 4)
+    assert placement.choose(no_encoders, int(6.3 * GIB)).mode == "model"  # no encoder tier without encoders
+
+
+def test_offload_auto_on_a_real_pipeline_with_a_fake_probe(load, caplog: pytest.LogCaptureFixture) -> None:
+    pipe = load("sdxl").base
+    size = placement.footprint_of(pipe, torch.float32)
+    assert size.denoiser > 0 and size.text_encoders > 0 and size.vae > 0
+    device = torch.device("cuda")
+    try:
+        placement.set_probe(lambda d: (100 * GIB, 100 * GIB))
+        with caplog.at_level("INFO", logger="easel.placement"):
+            assert placement.plan(pipe, "m", device, torch.float32).mode == "resident"
+        assert "offload auto chose 'resident'" in caplog.text and "bytes" in caplog.text and "free" in caplog.text
+        # A small budget: whole-model offload (the floor of the working memory is half a GiB).
+        budget = size.working + size.denoiser + 1
+        placement.set_probe(lambda d: (budget, budget))
+        assert placement.plan(pipe, "m", device, torch.float32).mode == "model"
+        placement.set_probe(lambda d: (1000, 1000))
+        with pytest.raises(placement.PlacementError, match="model m: cannot fit even with sequential offload"):
+            placement.plan(pipe, "m", device, torch.float32)
+    finally:
+        placement.set_probe(None)
+
+
+def test_the_cache_evicts_lru_pipelines_before_a_load_would_not_fit() -> None:
+    """Each loaded model takes 10 GiB of a 25 GiB card; a third load evicts the least recently used one first."""
+    from pipelines.cache import PipelineCache
+    from pipelines.families.base import LoadedModel
+
+    loaded: list[str] = []
+
+    def probe(device: torch.device) -> tuple[int, int]:
+        return 25 * GIB - 10 * GIB * len(cache.loaded_ids()), 25 * GIB
+
+    def loader(s: ModelSpec) -> LoadedModel:
+        footprint = placement.Footprint(denoiser=8 * GIB, text_encoders=0, vae=GIB)
+        evict = placement._room_maker.get()
+        while placement.choose(footprint, probe(torch.device("cuda"))[0]).mode != "resident" and evict():
+            pass
+        loaded.append(s.id)
+        return LoadedModel(spec=s, base=object(), device=torch.device("cpu"), dtype=torch.float32)
+
+    cache = PipelineCache(loader, max_models=5)
+    for model_id in ("a", "b"):
+        cache.get(ModelSpec(id=model_id, family="sd15", source="demo:sd15"))
+    cache.get(ModelSpec(id="a", family="sd15", source="demo:sd15"))  # a is now the most recently used
+    cache.get(ModelSpec(id="c", family="sd15", source="demo:sd15"))
+    assert cache.loaded_ids() == ["a", "c"] and cache.evictions == {"b": 1}
+
+
+def test_memory_and_metrics_report_each_loaded_models_bytes(served: Served) -> None:
+    _generate(served.client, "flux-gguf-q4_0", 1)
+    loaded = served.engine.cache.get(served.engine.registry.get("flux-gguf-q4_0"))
+    memory = served.client.get("/sdapi/v1/memory").json()
+    assert set(memory) == {"ram", "cuda"}  # A1111's shape
+    assert memory["ram"]["models"]["flux-gguf-q4_0"] == loaded.approx_bytes() > 0  # all on the CPU here
+    metrics = served.client.get("/metrics").text
+    line = (
+        f'easel_model_memory_bytes{{device="cpu",location="cpu",model="flux-gguf-q4_0"}} {float(loaded.approx_bytes())}'
+    )
+    assert line in metrics
+
+
+def test_text_encoders_off_the_device_make_the_same_image(demo_root: Path) -> None:
+    """The 'text-encoders' placement (encoders wait on the CPU, visit the device to encode) runs the pipeline as is;
+    on CPU the device is the CPU too, so the pixels must not change."""
+    from pipelines.families import adapter_for
+
+    spec = ModelSpec(id="m", family="flux", source="demo:flux")
+    folder = demo.ensure_demo_model("flux", demo_root)
+    loaded = adapter_for("flux").load(spec, str(folder), torch.device("cpu"), torch.float32)
+    req = GenerationRequest(model="m", prompt="a fox", width=64, height=64, steps=2, seed=1)
+
+    def image() -> np.ndarray:
+        with torch.inference_mode():
+            (out,) = adapter_for("flux").run(loaded, req, [1], None, lambda step, total: False)
+        return np.asarray(out)
+
+    before = image()
+    placement.apply(loaded.base, placement.Placement("text-encoders", 1, 2, 256 * 256), torch.device("cpu"))
+    assert loaded.execution_device is None  # hooks move modules: not pinned
+    assert loaded.base.vae._easel_tiling_above == 256 * 256
+    assert np.array_equal(before, image())
+
+
+@pytest.mark.parametrize("model_id", ["flux-gguf-q4_0", "sdxl-fp8"])
+def test_img2img_derives_from_a_quantized_base_without_casting_it(served: Served, model_id: str) -> None:
+    """from_pipe casts every module to one dtype: the quantized denoiser must keep its storage (GGUF, FP8)."""
+    from pipelines.families import adapter_for
+
+    spec = served.engine.registry.get(model_id)
+    loaded = served.engine.cache.get(spec)
+    denoiser = getattr(loaded.base, "transformer", None) or loaded.base.unet
+    before = {p.dtype for p in denoiser.parameters()}
+    req = GenerationRequest(model=model_id, prompt="a fox", task=Task.IMG2IMG, width=64, height=64, steps=2, seed=1,
+                            strength=0.6, init_images=[Image.new("RGB", (64, 64), "red")])  # fmt: skip
+    adapter_for(spec.family).pipeline_for(loaded, Task.IMG2IMG)  # from_pipe, once
+    assert {p.dtype for p in denoiser.parameters()} == before
+    with torch.inference_mode():
+        (image,) = adapter_for(spec.family).run(loaded, req, [1], None, lambda step, total: False)
+    assert image.size == (64, 64)
+    assert {p.dtype for p in denoiser.parameters()} == before and (
+        torch.uint8 in before or torch.float8_e4m3fn in before
+    )
+
+
+def test_e5m2_files_load_and_stay_e5m2(served: Served, demo_root: Path, tmp_path: Path) -> None:
+    folder = demo.ensure_demo_model("qwen-image", demo_root)
+    with safe_open(str(served.files["qwen-image-fp8"]), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    e5m2 = {k: (t.float().to(torch.float8_e5m2) if t.dtype == torch.float8_e4m3fn else t) for k, t in tensors.items()}
+    save_file(e5m2, str(tmp_path / "e5m2.safetensors"))
+    model = quantized.load_denoiser("qwen-image", tmp_path / "e5m2.safetensors", folder, torch.float32)
+    assert torch.float8_e5m2 in {p.dtype for p in model.parameters()}
+    reference = quantized.load_denoiser("qwen-image", served.files["qwen-image-fp8"], folder, torch.float32)
+    torch.manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 8, 32),
+                  encoder_hidden_states_mask=torch.ones(1, 8, dtype=torch.long), timestep=torch.tensor([0.5]),
+                  img_shapes=[(1, 4, 4)])  # fmt: skip
+    with torch.inference_mode():
+        want, got = reference(**inputs).sample, model(**inputs).sample
+    assert float((got - want).norm() / want.norm()) < 0.2  # e5m2 has 2 mantissa bits to e4m3's 3
