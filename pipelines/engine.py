@@ -447,7 +447,7 @@ class Engine:
             EngineSnapshot(
                 device=str(self.device),
                 queued=self.queued_count(),
-                running=len(self._current_batch),
+                running=sum(not job.done for job in self._current_batch),  # a finished job's waiter may answer first
                 free_slots=self.free_slots,
                 loaded_models=cache.loaded_ids(),
                 model_loads=dict(cache.load_count),
