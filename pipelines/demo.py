@@ -18,13 +18,15 @@ import shutil
 import string
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
+    ControlNetModel,
     DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -469,14 +471,14 @@ def _marker_ok(out_dir: Path, kind: str) -> bool:
     return data.get("kind") == kind and data.get("version") == DEMO_VERSION
 
 
-def build_demo_model(kind: str, out_dir: Path) -> Path:
+def build_demo_model(kind: str, out_dir: Path, make: Callable[[], Any] | None = None) -> Path:
     """Build the demo pipeline `kind` into `out_dir` (replacing it) and return `out_dir`.
 
     Written to a temp folder beside `out_dir`, renamed into place, then marked complete: a crash leaves either
     nothing or an unmarked folder, never a marked half-written one. Not safe against a concurrent build of the
     same folder: use `ensure_demo_model` for that.
     """
-    if kind not in _BUILDERS:
+    if make is None and kind not in _BUILDERS:
         raise ValueError(f"unknown demo model kind '{kind}' (known: {', '.join(DEMO_KINDS)})")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -484,7 +486,7 @@ def build_demo_model(kind: str, out_dir: Path) -> Path:
     old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
     try:
         with torch.random.fork_rng(devices=[]), _quiet_progress():  # fixed seeds, caller's RNG left alone
-            pipe = _BUILDERS[kind]()
+            pipe = (make or _BUILDERS[kind])()
             pipe.save_pretrained(tmp, safe_serialization=True)
         if kind == "qwen-image-edit":
             _finish_edit_processor(tmp)
@@ -538,6 +540,42 @@ def ensure_demo_model(kind: str, root: Path) -> Path:
             log.info("building the demo model %s (tiny, random weights) into %s", kind, out_dir)
             build_demo_model(kind, out_dir)
             log.info("built the demo model %s in %.1f s", kind, time.perf_counter() - started)
+    return out_dir
+
+
+# --- ControlNet ------------------------------------------------------------------------------------------------------
+
+DEMO_CONTROLNET_FAMILIES = ("sd15", "sdxl")
+
+
+def _demo_controlnet(base_dir: Path) -> ControlNetModel:
+    """A ControlNet shaped for the demo UNet (copied from it, as real ones start). Its zero convolutions get
+    random weights instead of zeros, so a control image visibly changes the demo's noise pictures."""
+    unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
+    _seeded(2)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            torch.nn.init.normal_(conv.weight, std=0.3)
+            torch.nn.init.normal_(conv.bias, std=0.1)
+    return net
+
+
+def ensure_demo_controlnet(family: str, root: Path) -> Path:
+    """`root/controlnet-<family>`: the demo model's tiny random-weight ControlNet, built (with the demo model) on
+    first use. Safe when several threads or processes ask at once."""
+    if family not in DEMO_CONTROLNET_FAMILIES:
+        raise ValueError(f"no demo ControlNet for family '{family}'")
+    root = Path(root)
+    kind = f"controlnet-{family}"
+    out_dir = root / kind
+    if _marker_ok(out_dir, kind):
+        return out_dir
+    base = ensure_demo_model(family, root)  # takes the lock itself: not while we hold it
+    with _locked(root):
+        if not _marker_ok(out_dir, kind):
+            log.info("building the demo ControlNet for %s into %s", family, out_dir)
+            build_demo_model(kind, out_dir, make=lambda: _demo_controlnet(base))
     return out_dir
 
 

@@ -27,7 +27,7 @@ import psutil
 import torch
 from PIL import Image
 
-from pipelines import checkpoints, demo, log_context
+from pipelines import checkpoints, controlnet, demo, log_context
 from pipelines.batching import batch_key
 from pipelines.cache import PipelineCache, free_device_memory
 from pipelines.checkpoints import NO_TXT2IMG_VARIANTS
@@ -123,6 +123,22 @@ def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32
     return torch.float16 if spec.family in ("sd15", "sdxl") else torch.bfloat16
+
+
+def check_control_units(spec: ModelSpec, req: GenerationRequest) -> None:
+    """ControlNet runs on SD1.5/SDXL txt2img, img2img and inpainting, one pass; elsewhere it is refused by name."""
+    name = "alwayson_scripts.controlnet"
+    if spec.family not in controlnet.FAMILIES:
+        raise InvalidRequest(name, f"ControlNet is supported for SD1.5 and SDXL models here, not {spec.family}")
+    if spec.variant == "sdxl-refiner":
+        raise InvalidRequest(name, "ControlNet does not run on an SDXL refiner checkpoint")
+    if req.hires is not None:
+        raise InvalidRequest("enable_hr", "hires fix with ControlNet units is not supported yet")
+    if req.refiner:
+        raise InvalidRequest("refiner_checkpoint", "an SDXL refiner with ControlNet units is not supported yet")
+    for i, unit in enumerate(req.control_units):
+        if unit.image.size != (req.width, req.height):
+            raise InvalidRequest(controlnet.unit_field(i, "image"), "the control image must have the output size")
 
 
 class Job(CompletableJob):
@@ -563,6 +579,8 @@ class Engine:
                 raise InvalidRequest("subseed_strength", "variation seeds apply to txt2img only in this server")
         if req.tiling and not sd:
             raise InvalidRequest("tiling", f"tiling (seamless images) is not supported for family {spec.family}")
+        if req.control_units:
+            check_control_units(spec, req)
 
     def _refiner_spec(self, spec: ModelSpec, req: GenerationRequest) -> ModelSpec | None:
         """The refiner model of an SDXL txt2img request, or None; refused (a 4xx naming the A1111 field) where
@@ -785,6 +803,15 @@ class Engine:
             for job, _ in started:
                 self._fail(job, e)
             return
+        if job0.request.control_units:  # the call's requests share the units' models (pipelines.batching)
+            try:
+                controlnet.ensure_loaded(loaded, job0.request.control_units, self.config.demo_root,
+                                         self.config.configs_dir)  # fmt: skip
+                self.cache.enforce_budget(spec.id)
+            except Exception as e:
+                for job, _ in started:
+                    self._fail(job, e)
+                return
         ready: list[Unit] = []
         now = time.time()
         for job, it in started:

@@ -74,6 +74,10 @@ class LoadedModel:
     loras: LoraManager | None = None  # LoRA adapters of `base` (and `derived`); None: no Lora directory configured
     text_cache: TextEmbeddingCache = field(default_factory=TextEmbeddingCache)  # encoder outputs of recent prompts
     embeddings: TextualInversions | None = None  # textual-inversion embeddings folder (SD1.5/SDXL prompts)
+    # ControlNet weights used with this model (by source), and the ControlNet pipelines derived from `base`
+    # (pipelines.controlnet); dropped with the model, and counted in its memory.
+    controlnets: dict[str, torch.nn.Module] = field(default_factory=dict)
+    control_derived: dict[Task, DiffusionPipeline] = field(default_factory=dict)
 
     @property
     def execution_device(self) -> torch.device | None:
@@ -82,7 +86,7 @@ class LoadedModel:
 
     def approx_bytes(self) -> int:
         total = 0
-        for comp in self.base.components.values():
+        for comp in [*self.base.components.values(), *self.controlnets.values()]:
             if isinstance(comp, torch.nn.Module):
                 total += sum(p.numel() * p.element_size() for p in comp.parameters())
                 total += sum(b.numel() * b.element_size() for b in comp.buffers())

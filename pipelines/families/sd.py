@@ -22,7 +22,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from pipelines import single_file
+from pipelines import controlnet, single_file
 from pipelines.families import (
     batch_init_images,
     batch_prompts,
@@ -187,7 +187,12 @@ class StableDiffusionAdapter(FamilyAdapter):
         """One pipeline call: PIL images, or the final latents (`output_type="latent"`, for a latent hires pass).
         `init_latents` replaces the init images of an img2img call (diffusers treats 4-channel input as latents)."""
         req = items[0].request
-        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps, loaded.execution_device)
+        if req.control_units:  # the ControlNet pipeline of the task (pipelines.controlnet), sharing the base's weights
+            self.pipeline_for(loaded, req.task)  # the same task checks
+            cached = controlnet.control_pipeline(loaded, req.task)
+        else:
+            cached = self.pipeline_for(loaded, req.task)
+        pipe = call_view(cached, scheduler, req.steps, loaded.execution_device)
         prompts, negatives = batch_prompts(items)
         prompts = [extract_loras(p)[0] for p in prompts]
         negatives = [extract_loras(n)[0] for n in negatives]
@@ -214,6 +219,8 @@ class StableDiffusionAdapter(FamilyAdapter):
                 width=req.width,
                 height=req.height,
             )
+        if req.control_units:
+            controlnet.attach(pipe, loaded, items, kwargs)
         # The text encoders may carry LoRA weights too: encode inside. Tiling is on for this call only.
         with lora_scope(loaded, items), tiling_scope(pipe, req.tiling):
             # SDXL: all-empty negatives become zeros (force_zeros_for_empty_prompt); the batcher never mixes empty

@@ -1,0 +1,227 @@
+"""ControlNet on SD1.5 / SDXL: diffusers' ControlNet pipelines, with the sd-webui-controlnet extension's arithmetic.
+
+The ControlNet pipelines are derived from the base pipeline with `from_pipe` (UNet, VAE, text encoders shared) and
+cached on the `LoadedModel`, as are the ControlNet weights (counted in its memory, so in the cache's budget). Each
+call gets its own `MultiControlNetModel` of `UnitControlNet` wrappers, one per unit, which apply what the extension
+does in its UNet hook (scripts/hook.py) rather than diffusers' own variants of it:
+- weight: every residual times `weight`;
+- control mode "My prompt is more important": soft injection, residual i of 13 times 0.825**(12-i);
+- "ControlNet is more important": soft injection, and the control reaches only the conditional half of the CFG
+  batch (the extension's cfg_injection; diffusers' guess_mode is the same idea for all units at once);
+- guidance_start / guidance_end: off at steps where step/total is outside the window (A1111's rule, which differs
+  from diffusers' control_guidance_start/end at the window's edges).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import (
+    ControlNetModel,
+    DiffusionPipeline,
+    MultiControlNetModel,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
+)
+from safetensors import safe_open
+
+from pipelines import demo
+from pipelines.cache import load_lock
+from pipelines.control_units import ControlMode, ControlUnit, guidance_stopped, soft_injection_scales
+from pipelines.errors import InvalidRequest
+from pipelines.families import dtype_kwargs
+from pipelines.families.base import BatchItem, LoadedModel
+from pipelines.request import GenerationRequest, Task
+
+log = logging.getLogger("easel.controlnet")
+
+FAMILIES = ("sd15", "sdxl")
+_CLASSES: dict[str, dict[Task, type[DiffusionPipeline]]] = {
+    "sd15": {
+        Task.TXT2IMG: StableDiffusionControlNetPipeline,
+        Task.IMG2IMG: StableDiffusionControlNetImg2ImgPipeline,
+        Task.INPAINT: StableDiffusionControlNetInpaintPipeline,
+    },
+    "sdxl": {
+        Task.TXT2IMG: StableDiffusionXLControlNetPipeline,
+        Task.IMG2IMG: StableDiffusionXLControlNetImg2ImgPipeline,
+        Task.INPAINT: StableDiffusionXLControlNetInpaintPipeline,
+    },
+}
+# The config folder (under configs_dir) a single-file ControlNet of each family reads: the config.json of
+# lllyasviel/control_v11p_sd15_canny and of diffusers/controlnet-canny-sdxl-1.0 (`easel prefetch-configs`).
+SINGLE_FILE_CONFIGS = {"sd15": "controlnet-sd15", "sdxl": "controlnet-sdxl"}
+
+
+def unit_field(index: int, name: str) -> str:
+    """The A1111 field a unit's problem is reported under."""
+    return f"alwayson_scripts.controlnet.args[{index}].{name}"
+
+
+# Loading ------------------------------------------------------------------------------------------------------------
+
+
+def single_file_family(path: Path) -> str:
+    """SDXL or SD1.5, from a single file's tensor names (SDXL ControlNets carry the added time/text embedding)."""
+    with safe_open(str(path), framework="pt") as fh:
+        keys = list(fh.keys())
+    return "sdxl" if any("label_emb" in k or "add_embedding" in k for k in keys) else "sd15"
+
+
+def controlnet_family(model: ControlNetModel) -> str:
+    return "sdxl" if model.config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def load_controlnet(
+    source: str, family: str, dtype: torch.dtype, demo_root: Path, configs_dir: Path | None
+) -> ControlNetModel:
+    """A ControlNet from a diffusers folder, a single `.safetensors` file (local config) or the demo."""
+    if source.startswith("demo:"):
+        path = demo.ensure_demo_controlnet(source.removeprefix("demo:"), demo_root)
+        return ControlNetModel.from_pretrained(path, **dtype_kwargs(dtype))
+    path = Path(source)
+    if path.is_dir():
+        return ControlNetModel.from_pretrained(path, **dtype_kwargs(dtype))
+    file_family = single_file_family(path)
+    config = configs_dir / SINGLE_FILE_CONFIGS[file_family] if configs_dir is not None else None
+    if config is None or not (config / "config.json").is_file():
+        raise InvalidRequest(
+            "alwayson_scripts.controlnet",
+            f"ControlNet {path.name} needs the local config folder {SINGLE_FILE_CONFIGS[file_family]} under "
+            "configs_dir (run `easel prefetch-configs` where there is internet)",
+        )
+    return ControlNetModel.from_single_file(str(path), config=str(config), local_files_only=True,
+                                            **dtype_kwargs(dtype))  # fmt: skip
+
+
+def ensure_loaded(
+    loaded: LoadedModel, units: list[ControlUnit], demo_root: Path, configs_dir: Path | None
+) -> list[ControlNetModel]:
+    """The ControlNet of each unit, loaded onto the model's device once and kept with it."""
+    family = loaded.spec.family
+    models = []
+    for index, unit in enumerate(units):
+        model = loaded.controlnets.get(unit.source)
+        if model is None:
+            with load_lock():
+                model = load_controlnet(unit.source, family, loaded.dtype, demo_root, configs_dir)
+            model.to(loaded.base.device)
+            model.eval()
+            log.info("loaded ControlNet %s for %s", unit.model, loaded.spec.id)
+            loaded.controlnets[unit.source] = model
+        if controlnet_family(model) != family:
+            raise InvalidRequest(
+                unit_field(index, "model"),
+                f"ControlNet '{unit.model}' is for {controlnet_family(model)} models, not for '{loaded.spec.id}' "
+                f"({family})",
+            )
+        models.append(model)
+    return models
+
+
+# The extension's arithmetic ---------------------------------------------------------------------------------------
+
+
+class UnitControlNet(torch.nn.Module):
+    """One unit of one pipeline call: runs its ControlNet and shapes the residuals as the extension does.
+
+    `n_images`: the images of the call (the CFG batch is [unconditional..., conditional...] when it is twice that);
+    `total_steps`: the number of steps the pipeline really runs, read when the first step comes."""
+
+    def __init__(self, model: ControlNetModel, unit: ControlUnit, n_images: int, total_steps: Callable[[], int]):
+        super().__init__()
+        self.inner = model
+        self.unit = unit
+        self.n_images = n_images
+        self.total_steps = total_steps
+        self.step = 0
+
+    @property
+    def config(self) -> Any:
+        return self.inner.config
+
+    def forward(self, *args: Any, conditioning_scale: float = 1.0, **kwargs: Any) -> Any:
+        step, self.step = self.step, self.step + 1
+        kwargs["return_dict"] = False
+        down, mid = self.inner(*args, conditioning_scale=1.0, **kwargs)
+        unit = self.unit
+        if guidance_stopped(step, self.total_steps(), unit.guidance_start, unit.guidance_end):
+            factor = 0.0
+        else:
+            factor = unit.weight * conditioning_scale
+        residuals = [*down, mid]
+        if unit.control_mode == ControlMode.BALANCED:
+            scales = [factor] * len(residuals)
+        else:
+            scales = [factor * s for s in soft_injection_scales(len(residuals))]
+        out = [r * s for r, s in zip(residuals, scales, strict=True)]
+        if unit.control_mode == ControlMode.CONTROL and out[0].shape[0] == 2 * self.n_images:
+            # cfg_injection: the unconditional half gets no control, so CFG pushes towards it.
+            mark = torch.cat([torch.zeros(self.n_images), torch.ones(self.n_images)]).to(out[0].device, out[0].dtype)
+            out = [r * mark.view(-1, 1, 1, 1) for r in out]
+        return out[:-1], out[-1]
+
+
+# Pipelines ------------------------------------------------------------------------------------------------------------
+
+
+def control_pipeline(loaded: LoadedModel, task: Task) -> DiffusionPipeline:
+    """The family's ControlNet pipeline for `task`, derived from the base once (`from_pipe`: weights shared). Its
+    `controlnet` is an empty placeholder: each call's view gets that call's units."""
+    pipe = loaded.control_derived.get(task)
+    if pipe is None:
+        cls = _CLASSES[loaded.spec.family][task]
+        # One parameter of the model's dtype: diffusers reads the placeholder's dtype while deriving.
+        placeholder = MultiControlNetModel([torch.nn.Linear(1, 1, dtype=loaded.dtype)])
+        pipe = cls.from_pipe(loaded.base, controlnet=placeholder, **dtype_kwargs(loaded.dtype))
+        pipe.set_progress_bar_config(disable=True)
+        loaded.control_derived[task] = pipe
+    return pipe
+
+
+def control_images(items: list[BatchItem], index: int) -> torch.Tensor:
+    """Unit `index`'s control image for every image of the call (requests of a call may bring different ones), as
+    one (N, 3, H, W) batch in [0, 1]: the one form every ControlNet pipeline takes per unit."""
+    pixels = [np.asarray(it.request.control_units[index].image.convert("RGB")) for it in items for _ in it.seeds]
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(255)
+
+
+def attach(view: DiffusionPipeline, loaded: LoadedModel, items: list[BatchItem], kwargs: dict[str, Any]) -> None:
+    """Give a per-call view of a ControlNet pipeline the call's units, and add their arguments to `kwargs`."""
+    req: GenerationRequest = items[0].request
+    models = [loaded.controlnets[u.source] for u in req.control_units]
+    n_images = sum(len(it.seeds) for it in items)
+
+    def total_steps() -> int:
+        return int(getattr(view, "_num_timesteps", 0) or req.steps)
+
+    view.controlnet = MultiControlNetModel(
+        [UnitControlNet(m, u, n_images, total_steps) for m, u in zip(models, req.control_units, strict=True)]
+    )
+    images = [control_images(items, i) for i in range(len(models))]
+    n = len(models)
+    kwargs.update(
+        controlnet_conditioning_scale=[1.0] * n,
+        control_guidance_start=[0.0] * n,
+        control_guidance_end=[1.0] * n,
+        guess_mode=False,
+    )
+    if req.task == Task.TXT2IMG:
+        kwargs["image"] = images
+    else:
+        kwargs["control_image"] = images
+
+
+def prepare_call_size(kwargs: dict[str, Any], req: GenerationRequest) -> None:
+    """ControlNet img2img pipelines take their size from the control image; say it outright."""
+    if req.task in (Task.IMG2IMG, Task.INPAINT):
+        kwargs.update(width=req.width, height=req.height)
