@@ -555,9 +555,16 @@ def _demo_controlnet(base_dir: Path) -> ControlNetModel:
     _seeded(2)
     net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
     with torch.no_grad():
-        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
             torch.nn.init.normal_(conv.weight, std=0.3)
             torch.nn.init.normal_(conv.bias, std=0.1)
+        # The hint's embedding keeps its scale through its layers (He init, no bias), so the picture follows the
+        # control image rather than only the latents.
+        for conv in net.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(conv.weight)
+                torch.nn.init.zeros_(conv.bias)
+        net.controlnet_cond_embedding.conv_out.weight.mul_(4.0)
     return net
 
 

@@ -243,7 +243,7 @@ def render_gateway(info: ErrorInfo) -> dict[str, Any]:
     return body
 
 
-A1111_PREFIXES = ("/sdapi/", "/v2/automatic1111/")
+A1111_PREFIXES = ("/sdapi/", "/v2/automatic1111/", "/controlnet/")  # the last: the A1111 ControlNet extension
 GATEWAY_PREFIXES = ("/v2/image/", "/v2/tasks", "/v2/results/")
 DEFAULT_RENDERERS: dict[str, Renderer] = {prefix: render_a1111 for prefix in A1111_PREFIXES}
 

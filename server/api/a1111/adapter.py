@@ -16,6 +16,7 @@ from PIL import Image
 from pipelines.hires import HIRES_UPSCALERS, HiresOptions, plan_hires
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, InpaintOptions, Task
+from server.api.a1111.controlnet_units import is_controlnet_script
 from server.api.a1111.infotext import create_infotext, format_number
 from server.api.a1111.schemas import GatewayTxt2ImgRequest, GenerationBase, Img2ImgRequest, Txt2ImgRequest
 from server.errors import ApiError, FieldError
@@ -151,7 +152,8 @@ def check_request(body: GenerationBase, settings: Settings, spec: ModelSpec) -> 
     if body.script_name:
         bad("script_name", f"Script '{body.script_name}' not found")
     for script in body.alwayson_scripts:
-        bad(f"alwayson_scripts.{script}", f"always-on script '{script}' not found")
+        if not is_controlnet_script(script):  # the ControlNet extension's units are read by controlnet_units
+            bad(f"alwayson_scripts.{script}", f"always-on script '{script}' not found")
     if isinstance(body, Img2ImgRequest):
         errors.extend(_check_img2img(body))
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:
