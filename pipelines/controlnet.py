@@ -64,7 +64,7 @@ SINGLE_FILE_CONFIGS = {"sd15": "controlnet-sd15", "sdxl": "controlnet-sdxl"}
 
 def unit_field(index: int, name: str) -> str:
     """The A1111 field a unit's problem is reported under."""
-    return f"alwayson_scripts.controlnet.args[{index}].{name}"
+    return f"alwayson_scripts.controlnet.args.{index}.{name}"
 
 
 # Loading ------------------------------------------------------------------------------------------------------------

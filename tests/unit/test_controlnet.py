@@ -212,7 +212,7 @@ def test_engine_runs_units_and_counts_the_controlnet_in_the_models_memory(engine
     ("kw", "field"),
     [
         ({"model": "demo-flux"}, "alwayson_scripts.controlnet"),
-        ({"control_units": [unit(image=square(32))]}, "alwayson_scripts.controlnet.args[0].image"),
+        ({"control_units": [unit(image=square(32))]}, "alwayson_scripts.controlnet.args.0.image"),
     ],
 )
 def test_engine_refuses_what_it_cannot_run(engine, kw, field) -> None:
@@ -225,7 +225,7 @@ def test_engine_refuses_a_controlnet_of_another_family(engine) -> None:
     job = engine.submit(request(model="demo-sdxl"))  # the SD1.5 demo ControlNet on SDXL
     with pytest.raises(InvalidRequest) as e:
         job.wait_sync(120)
-    assert e.value.field == "alwayson_scripts.controlnet.args[0].model" and "sd15" in e.value.message
+    assert e.value.field == "alwayson_scripts.controlnet.args.0.model" and "sd15" in e.value.message
 
 
 def test_batch_key_keeps_units_models_and_settings_apart() -> None:

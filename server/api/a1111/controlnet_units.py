@@ -115,7 +115,7 @@ Entries = list[controlnet_models.ControlNetEntry]
 
 def parse_unit(raw: Any, index: int, entries: Entries) -> tuple[ParsedUnit | None, list[FieldError]]:
     """One unit: (None, []) when it is not enabled, else the parsed unit or its problems."""
-    where = f"alwayson_scripts.controlnet.args[{index}]"
+    where = f"alwayson_scripts.controlnet.args.{index}"
     bad: list[FieldError] = []
     values = dict(raw)
     for alias, key in LEGACY_ALIASES.items():
@@ -225,7 +225,7 @@ def _image_and_mask(unit: ParsedUnit) -> tuple[Any, Any]:
 
 
 def _field(unit: ParsedUnit, name: str) -> str:
-    return f"alwayson_scripts.controlnet.args[{unit.index}].{name}"
+    return f"alwayson_scripts.controlnet.args.{unit.index}.{name}"
 
 
 def _decode(data: Any, field: str, settings: Settings) -> Image.Image:
