@@ -57,8 +57,8 @@ _CLASSES: dict[str, dict[Task, type[DiffusionPipeline]]] = {
         Task.INPAINT: StableDiffusionXLControlNetInpaintPipeline,
     },
 }
-# The config folder (under configs_dir) a single-file ControlNet of each family reads: the config.json of
-# lllyasviel/control_v11p_sd15_canny and of diffusers/controlnet-canny-sdxl-1.0 (`easel prefetch-configs`).
+# The config folder (under configs_dir) a single-file ControlNet of each family reads (`easel prefetch-configs`
+# fetches them: pipelines.prefetch.CONTROLNET_CONFIG_REPOS).
 SINGLE_FILE_CONFIGS = {"sd15": "controlnet-sd15", "sdxl": "controlnet-sdxl"}
 
 

@@ -283,3 +283,21 @@ def test_demo_controlnet_is_built_once_and_fits_its_model(tmp_path: Path, demo_r
     assert time.perf_counter() - started < 60
     with pytest.raises(ValueError):
         demo.ensure_demo_controlnet("flux", tmp_path)
+
+
+def test_single_file_controlnet_loads_offline_with_its_local_config(tmp_path: Path, demo_root: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = demo.ensure_demo_controlnet("sd15", demo_root)
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    single = tmp_path / "ControlNet" / "my_canny.safetensors"
+    single.parent.mkdir()
+    save_file(weights, single)
+    with pytest.raises(InvalidRequest, match="controlnet-sd15"):  # no config folder: refused by name, no hub call
+        controlnet.load_controlnet(str(single), "sd15", torch.float32, demo_root, tmp_path / "configs")
+    configs = tmp_path / "configs" / controlnet.SINGLE_FILE_CONFIGS["sd15"]
+    configs.mkdir(parents=True)
+    (configs / "config.json").write_bytes((folder / "config.json").read_bytes())
+    model = controlnet.load_controlnet(str(single), "sd15", torch.float32, demo_root, tmp_path / "configs")
+    assert controlnet.controlnet_family(model) == "sd15"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
