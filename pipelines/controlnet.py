@@ -14,6 +14,7 @@ does in its UNet hook (scripts/hook.py) rather than diffusers' own variants of i
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,11 @@ import torch
 from diffusers import (
     ControlNetModel,
     DiffusionPipeline,
+    FluxControlNetImg2ImgPipeline,
+    FluxControlNetInpaintPipeline,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxMultiControlNetModel,
     MultiControlNetModel,
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetInpaintPipeline,
@@ -44,7 +50,8 @@ from pipelines.request import GenerationRequest, Task
 
 log = logging.getLogger("easel.controlnet")
 
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15", "sdxl", "flux")
+CFG_FAMILIES = ("sd15", "sdxl")  # where the control modes mean something: classic CFG with an unconditional half
 _CLASSES: dict[str, dict[Task, type[DiffusionPipeline]]] = {
     "sd15": {
         Task.TXT2IMG: StableDiffusionControlNetPipeline,
@@ -56,7 +63,14 @@ _CLASSES: dict[str, dict[Task, type[DiffusionPipeline]]] = {
         Task.IMG2IMG: StableDiffusionXLControlNetImg2ImgPipeline,
         Task.INPAINT: StableDiffusionXLControlNetInpaintPipeline,
     },
+    "flux": {
+        Task.TXT2IMG: FluxControlNetPipeline,
+        Task.IMG2IMG: FluxControlNetImg2ImgPipeline,
+        Task.INPAINT: FluxControlNetInpaintPipeline,
+    },
 }
+_MULTI = {"sd15": MultiControlNetModel, "sdxl": MultiControlNetModel, "flux": FluxMultiControlNetModel}
+AnyControlNet = ControlNetModel | FluxControlNetModel
 # The config folder (under configs_dir) a single-file ControlNet of each family reads (`easel prefetch-configs`
 # fetches them: pipelines.prefetch.CONTROLNET_CONFIG_REPOS).
 SINGLE_FILE_CONFIGS = {"sd15": "controlnet-sd15", "sdxl": "controlnet-sdxl"}
@@ -71,27 +85,47 @@ def unit_field(index: int, name: str) -> str:
 
 
 def single_file_family(path: Path) -> str:
-    """SDXL or SD1.5, from a single file's tensor names (SDXL ControlNets carry the added time/text embedding)."""
+    """FLUX, SDXL or SD1.5, from a single file's tensor names (SDXL ControlNets carry the added time/text
+    embedding; FLUX ones single transformer blocks)."""
     with safe_open(str(path), framework="pt") as fh:
         keys = list(fh.keys())
+    flux_markers = ("single_transformer_blocks", "controlnet_single_blocks", "double_blocks", "controlnet_x_embedder")
+    if any(k.startswith(flux_markers) for k in keys):
+        return "flux"
     return "sdxl" if any("label_emb" in k or "add_embedding" in k for k in keys) else "sd15"
 
 
-def controlnet_family(model: ControlNetModel) -> str:
+def controlnet_family(model: torch.nn.Module) -> str:
+    if isinstance(model, FluxControlNetModel):
+        return "flux"
     return "sdxl" if model.config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def _folder_class(path: Path) -> type[AnyControlNet]:
+    """The ControlNet class a diffusers folder's config names (FLUX's or the UNet one)."""
+    try:
+        name = json.loads((path / "config.json").read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        name = ""
+    return FluxControlNetModel if name == "FluxControlNetModel" else ControlNetModel
 
 
 def load_controlnet(
     source: str, family: str, dtype: torch.dtype, demo_root: Path, configs_dir: Path | None
-) -> ControlNetModel:
+) -> AnyControlNet:
     """A ControlNet from a diffusers folder, a single `.safetensors` file (local config) or the demo."""
     if source.startswith("demo:"):
         path = demo.ensure_demo_controlnet(source.removeprefix("demo:"), demo_root)
-        return ControlNetModel.from_pretrained(path, **dtype_kwargs(dtype))
+        return _folder_class(path).from_pretrained(path, **dtype_kwargs(dtype))
     path = Path(source)
     if path.is_dir():
-        return ControlNetModel.from_pretrained(path, **dtype_kwargs(dtype))
+        return _folder_class(path).from_pretrained(path, **dtype_kwargs(dtype))
     file_family = single_file_family(path)
+    if file_family == "flux":
+        raise InvalidRequest(
+            "alwayson_scripts.controlnet", f"FLUX ControlNet {path.name}: use its diffusers folder (single files are "
+            "read for SD1.5 and SDXL ControlNets)"
+        )  # fmt: skip
     config = configs_dir / SINGLE_FILE_CONFIGS[file_family] if configs_dir is not None else None
     if config is None or not (config / "config.json").is_file():
         raise InvalidRequest(
@@ -105,7 +139,7 @@ def load_controlnet(
 
 def ensure_loaded(
     loaded: LoadedModel, units: list[ControlUnit], demo_root: Path, configs_dir: Path | None
-) -> list[ControlNetModel]:
+) -> list[torch.nn.Module]:
     """The ControlNet of each unit, loaded onto the model's device once and kept with it."""
     family = loaded.spec.family
     models = []
@@ -171,6 +205,37 @@ class UnitControlNet(torch.nn.Module):
         return out[:-1], out[-1]
 
 
+class UnitFluxControlNet(torch.nn.Module):
+    """One unit of one FLUX call: its ControlNet's block samples times `weight`, none outside the guidance window.
+    (FLUX has no unconditional half to keep the control off, and the extension defines no soft injection for it:
+    only Balanced runs here.)"""
+
+    def __init__(self, model: FluxControlNetModel, unit: ControlUnit, total_steps: Callable[[], int]):
+        super().__init__()
+        self.inner = model
+        self.unit = unit
+        self.total_steps = total_steps
+        self.step = 0
+
+    @property
+    def config(self) -> Any:
+        return self.inner.config
+
+    @property
+    def input_hint_block(self) -> Any:
+        return self.inner.input_hint_block
+
+    def forward(self, *args: Any, conditioning_scale: float = 1.0, **kwargs: Any) -> Any:
+        step, self.step = self.step, self.step + 1
+        kwargs["return_dict"] = False
+        blocks, singles = self.inner(*args, conditioning_scale=1.0, **kwargs)
+        unit = self.unit
+        stopped = guidance_stopped(step, self.total_steps(), unit.guidance_start, unit.guidance_end)
+        factor = 0.0 if stopped else unit.weight * conditioning_scale
+        scale = lambda samples: None if samples is None else [s * factor for s in samples]  # noqa: E731
+        return scale(blocks), scale(singles)
+
+
 # Pipelines ------------------------------------------------------------------------------------------------------------
 
 
@@ -181,7 +246,7 @@ def control_pipeline(loaded: LoadedModel, task: Task) -> DiffusionPipeline:
     if pipe is None:
         cls = _CLASSES[loaded.spec.family][task]
         # One parameter of the model's dtype: diffusers reads the placeholder's dtype while deriving.
-        placeholder = MultiControlNetModel([torch.nn.Linear(1, 1, dtype=loaded.dtype)])
+        placeholder = _MULTI[loaded.spec.family]([torch.nn.Linear(1, 1, dtype=loaded.dtype)])
         pipe = cls.from_pipe(loaded.base, controlnet=placeholder, **dtype_kwargs(loaded.dtype))
         pipe.set_progress_bar_config(disable=True)
         loaded.control_derived[task] = pipe
@@ -204,24 +269,28 @@ def attach(view: DiffusionPipeline, loaded: LoadedModel, items: list[BatchItem],
     def total_steps() -> int:
         return int(getattr(view, "_num_timesteps", 0) or req.steps)
 
+    images = [control_images(items, i) for i in range(len(models))]
+    n = len(models)
+    kwargs.update(controlnet_conditioning_scale=[1.0] * n, control_guidance_start=[0.0] * n,
+                  control_guidance_end=[1.0] * n)  # fmt: skip
+    if loaded.spec.family == "flux":
+        view.controlnet = FluxMultiControlNetModel(
+            [UnitFluxControlNet(m, u, total_steps) for m, u in zip(models, req.control_units, strict=True)]
+        )
+        kwargs.update(control_image=images, control_mode=[None] * n)  # no union ControlNet modes
+        if req.task == Task.TXT2IMG and "latents" not in kwargs:
+            # The pipeline VAE-encodes control images with the images' generators before it draws the noise: the
+            # noise is drawn first here, so each image starts from its seed's noise exactly as without ControlNet.
+            kwargs["latents"], _ = view.prepare_latents(
+                n_images, view.transformer.config.in_channels // 4, req.height, req.width,
+                view.transformer.dtype, view._execution_device, kwargs["generator"],
+            )  # fmt: skip
+        return
     view.controlnet = MultiControlNetModel(
         [UnitControlNet(m, u, n_images, total_steps) for m, u in zip(models, req.control_units, strict=True)]
     )
-    images = [control_images(items, i) for i in range(len(models))]
-    n = len(models)
-    kwargs.update(
-        controlnet_conditioning_scale=[1.0] * n,
-        control_guidance_start=[0.0] * n,
-        control_guidance_end=[1.0] * n,
-        guess_mode=False,
-    )
+    kwargs["guess_mode"] = False
     if req.task == Task.TXT2IMG:
         kwargs["image"] = images
     else:
         kwargs["control_image"] = images
-
-
-def prepare_call_size(kwargs: dict[str, Any], req: GenerationRequest) -> None:
-    """ControlNet img2img pipelines take their size from the control image; say it outright."""
-    if req.task in (Task.IMG2IMG, Task.INPAINT):
-        kwargs.update(width=req.width, height=req.height)

@@ -30,6 +30,7 @@ from diffusers import (
     DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
@@ -545,7 +546,22 @@ def ensure_demo_model(kind: str, root: Path) -> Path:
 
 # --- ControlNet ------------------------------------------------------------------------------------------------------
 
-DEMO_CONTROLNET_FAMILIES = ("sd15", "sdxl")
+DEMO_CONTROLNET_FAMILIES = ("sd15", "sdxl", "flux")
+
+
+def _demo_flux_controlnet(base_dir: Path) -> FluxControlNetModel:
+    """A FLUX ControlNet shaped for the demo transformer (one double and one single block, copied from it); its
+    zero-initialised projections get random weights so a control image changes the picture."""
+    transformer = FluxTransformer2DModel.from_pretrained(base_dir / "transformer")
+    _seeded(2)
+    net = FluxControlNetModel.from_transformer(
+        transformer, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2
+    )
+    with torch.no_grad():
+        for layer in [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]:
+            torch.nn.init.normal_(layer.weight, std=0.3)
+            torch.nn.init.normal_(layer.bias, std=0.1)
+    return net
 
 
 def _demo_controlnet(base_dir: Path) -> ControlNetModel:
@@ -582,7 +598,8 @@ def ensure_demo_controlnet(family: str, root: Path) -> Path:
     with _locked(root):
         if not _marker_ok(out_dir, kind):
             log.info("building the demo ControlNet for %s into %s", family, out_dir)
-            build_demo_model(kind, out_dir, make=lambda: _demo_controlnet(base))
+            make = _demo_flux_controlnet if family == "flux" else _demo_controlnet
+            build_demo_model(kind, out_dir, make=lambda: make(base))
     return out_dir
 
 

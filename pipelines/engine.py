@@ -31,6 +31,7 @@ from pipelines import checkpoints, controlnet, demo, log_context
 from pipelines.batching import batch_key
 from pipelines.cache import PipelineCache, free_device_memory
 from pipelines.checkpoints import NO_TXT2IMG_VARIANTS
+from pipelines.control_units import ControlMode
 from pipelines.embeddings import TextualInversions
 from pipelines.engine_api import JobStatus
 from pipelines.errors import (
@@ -129,14 +130,19 @@ def check_control_units(spec: ModelSpec, req: GenerationRequest) -> None:
     """ControlNet runs on SD1.5/SDXL txt2img, img2img and inpainting, one pass; elsewhere it is refused by name."""
     name = "alwayson_scripts.controlnet"
     if spec.family not in controlnet.FAMILIES:
-        raise InvalidRequest(name, f"ControlNet is supported for SD1.5 and SDXL models here, not {spec.family}")
-    if spec.variant == "sdxl-refiner":
-        raise InvalidRequest(name, "ControlNet does not run on an SDXL refiner checkpoint")
+        raise InvalidRequest(name, f"ControlNet is supported for SD1.5, SDXL and FLUX models here, not {spec.family}")
+    if spec.variant in ("sdxl-refiner", "flux-fill", "flux-kontext"):
+        raise InvalidRequest(name, f"ControlNet does not run on a {spec.variant} checkpoint")
     if req.hires is not None:
         raise InvalidRequest("enable_hr", "hires fix with ControlNet units is not supported yet")
     if req.refiner:
         raise InvalidRequest("refiner_checkpoint", "an SDXL refiner with ControlNet units is not supported yet")
     for i, unit in enumerate(req.control_units):
+        if spec.family not in controlnet.CFG_FAMILIES and unit.control_mode != ControlMode.BALANCED:
+            raise InvalidRequest(
+                controlnet.unit_field(i, "control_mode"),
+                f"only Balanced applies to {spec.family} (the other modes act on classic CFG: SD1.5 and SDXL)",
+            )
         if unit.image.size != (req.width, req.height):
             raise InvalidRequest(controlnet.unit_field(i, "image"), "the control image must have the output size")
 

@@ -94,15 +94,17 @@ def test_version_model_list_and_settings_shapes(client: TestClient, models_dir: 
     assert client.get(f"{prefix}/version").json() == {"version": 3}
     data = (models_dir / "ControlNet" / "control_v11p_sd15_canny.safetensors").read_bytes()
     short = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-    assert client.get(f"{prefix}/model_list").json() == {"model_list": [DEMO, f"control_v11p_sd15_canny [{short}]"]}
+    flux = controlnet_models.demo_entry("flux").title  # the registry's demo-flux has one too
+    expected = [DEMO, flux, f"control_v11p_sd15_canny [{short}]"]
+    assert client.get(f"{prefix}/model_list").json() == {"model_list": expected}
     assert client.get(f"{prefix}/settings").json() == {"control_net_unit_count": 3}
 
 
 def test_model_list_update_rescans_the_folder(client: TestClient, models_dir: Path) -> None:
-    assert len(client.get("/controlnet/model_list").json()["model_list"]) == 2
+    assert len(client.get("/controlnet/model_list").json()["model_list"]) == 3
     (models_dir / "ControlNet" / "control_v11f1p_sd15_depth.safetensors").write_bytes(b"weights")
-    assert len(client.get("/controlnet/model_list?update=false").json()["model_list"]) == 2  # the cached listing
-    assert len(client.get("/controlnet/model_list?update=true").json()["model_list"]) == 3
+    assert len(client.get("/controlnet/model_list?update=false").json()["model_list"]) == 3  # the cached listing
+    assert len(client.get("/controlnet/model_list?update=true").json()["model_list"]) == 4
 
 
 def test_settings_follow_the_unit_count_option(client: TestClient) -> None:

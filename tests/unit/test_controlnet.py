@@ -29,6 +29,7 @@ from pipelines.control_units import (
 from pipelines.errors import InvalidRequest
 from pipelines.families import adapter_for
 from pipelines.families.base import BatchItem
+from pipelines.hires import HiresOptions
 from pipelines.request import GenerationRequest, Task
 from pipelines.sampler_names import resolve_sampler
 
@@ -68,7 +69,7 @@ def run(load, demo_root: Path):
 # Mechanism on the pipelines ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
 def test_control_image_changes_the_picture_and_weight_zero_does_not(run, family: str) -> None:
     plain = px(run(family, [])[0])
     controlled = px(run(family, [unit(family)])[0])
@@ -104,12 +105,25 @@ def test_several_units_add_up(run) -> None:
     assert np.array_equal(px(run("sd15", [unit(), unit(image=square(inverted=True), weight=0.0)])[0]), one)
 
 
-def test_img2img_with_control(run) -> None:
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_img2img_and_inpainting_with_control(run, family: str) -> None:
     init = Image.new("RGB", (64, 64), "gray")
     fields = dict(task=Task.IMG2IMG, init_images=[init], strength=0.75, steps=4)
-    plain = px(run("sd15", [], **fields)[0])
-    controlled = run("sd15", [unit()], **fields)[0]
+    plain = px(run(family, [], **fields)[0])
+    controlled = run(family, [unit(family)], **fields)[0]
     assert controlled.size == (64, 64) and np.abs(px(controlled) - plain).mean() > 1
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    inpainted = run(family, [unit(family)], **{**fields, "task": Task.INPAINT, "mask": mask})[0]
+    assert inpainted.size == (64, 64)
+
+
+def test_flux_batch_keeps_each_seeds_picture(run) -> None:
+    # The FLUX pipeline VAE-encodes control images with the images' generators: the noise is drawn first, so an
+    # image is its seed's picture whatever shares the call.
+    alone = px(run("flux", [unit("flux")], seeds=(2,))[0])
+    together = run("flux", [unit("flux")], seeds=(1, 2))
+    assert np.abs(px(together[1]) - alone).max() <= 2
 
 
 def test_batched_images_keep_their_own_control_image_and_seed(run, load, demo_root: Path) -> None:
@@ -178,6 +192,7 @@ def engine(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         "  demo-sd15:\n    family: sd15\n    source: demo:sd15\n"
         "  demo-sdxl:\n    family: sdxl\n    source: demo:sdxl\n"
         "  demo-flux:\n    family: flux\n    source: demo:flux\n"
+        "  demo-qwen-image:\n    family: qwen-image\n    source: demo:qwen-image\n"
     )
     config = EngineConfig(data_dir=data_dir, max_batch=8, max_wait_ms=0, preload_default=False)
     eng = Engine(load_registry(yaml), config)
@@ -211,7 +226,13 @@ def test_engine_runs_units_and_counts_the_controlnet_in_the_models_memory(engine
 @pytest.mark.parametrize(
     ("kw", "field"),
     [
-        ({"model": "demo-flux"}, "alwayson_scripts.controlnet"),
+        ({"model": "demo-qwen-image"}, "alwayson_scripts.controlnet"),
+        (
+            {"model": "demo-flux", "control_units": [unit("flux", control_mode=ControlMode.CONTROL)]},
+            "alwayson_scripts.controlnet.args.0.control_mode",
+        ),
+        ({"refiner": "demo-sdxl"}, "refiner_checkpoint"),
+        ({"hires": HiresOptions()}, "enable_hr"),
         ({"control_units": [unit(image=square(32))]}, "alwayson_scripts.controlnet.args.0.image"),
     ],
 )
@@ -255,12 +276,14 @@ def test_model_listing_names_and_hashes_as_the_extension(tmp_path: Path) -> None
     empty = hashlib.sha256(b"").hexdigest()[:8]  # a file under 1 MiB: A1111 hashes nothing
     assert [e.title for e in entries] == [
         controlnet_models.demo_entry("sd15").title,
+        controlnet_models.demo_entry("flux").title,
         f"control_v11p_sd15_canny [{expected}]",
         f"controlnet-depth-sdxl [{empty}]",
     ]
-    assert controlnet_models.resolve(entries, f"control_v11p_sd15_canny [{expected}]") is entries[1]
-    assert controlnet_models.resolve(entries, "Control_V11P_SD15_Canny") is entries[1]  # bare name, any case
-    assert controlnet_models.resolve(entries, "canny") is entries[1]  # the shortest name containing it
+    canny = entries[2]
+    assert controlnet_models.resolve(entries, f"control_v11p_sd15_canny [{expected}]") is canny
+    assert controlnet_models.resolve(entries, "Control_V11P_SD15_Canny") is canny  # bare name, any case
+    assert controlnet_models.resolve(entries, "canny") is canny  # the shortest name containing it
     assert controlnet_models.resolve(entries, "openpose") is None
 
 
@@ -282,7 +305,7 @@ def test_demo_controlnet_is_built_once_and_fits_its_model(tmp_path: Path, demo_r
     assert path == again and (path / "diffusion_pytorch_model.safetensors").is_file()
     assert time.perf_counter() - started < 60
     with pytest.raises(ValueError):
-        demo.ensure_demo_controlnet("flux", tmp_path)
+        demo.ensure_demo_controlnet("qwen-image", tmp_path)
 
 
 def test_single_file_controlnet_loads_offline_with_its_local_config(tmp_path: Path, demo_root: Path) -> None:
@@ -301,3 +324,9 @@ def test_single_file_controlnet_loads_offline_with_its_local_config(tmp_path: Pa
     model = controlnet.load_controlnet(str(single), "sd15", torch.float32, demo_root, tmp_path / "configs")
     assert controlnet.controlnet_family(model) == "sd15"
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    flux_single = tmp_path / "ControlNet" / "flux_canny.safetensors"
+    save_file(load_file(demo.ensure_demo_controlnet("flux", demo_root) / "diffusion_pytorch_model.safetensors"),
+              flux_single)  # fmt: skip
+    assert controlnet.single_file_family(flux_single) == "flux"
+    with pytest.raises(InvalidRequest, match="diffusers folder"):
+        controlnet.load_controlnet(str(flux_single), "flux", torch.float32, demo_root, tmp_path / "configs")
