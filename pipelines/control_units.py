@@ -100,3 +100,14 @@ def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, mod
     k0, k1 = height / raw_h, width / raw_w
     k = min(k0, k1) if mode == ControlResize.OUTER_FIT else max(k0, k1)
     return int(np.round(k * min(raw_h, raw_w)))
+
+
+def crop_like_only_masked(
+    image: Image.Image, canvas: tuple[int, int], region: tuple[int, int, int, int], width: int, height: int
+) -> Image.Image:
+    """A control image for "only masked" inpainting, as the extension crops its input with the A1111 mask
+    (`inpaint_crop_input_image`): laid over the init image's canvas, cut to the masked region, and fitted to the
+    output size the way the init crop is (resize and fill), so control and picture line up."""
+    on_canvas = image.resize(canvas, Image.Resampling.BICUBIC)
+    crop = on_canvas.crop(region)
+    return fit_control_image(crop, width, height, ControlResize.OUTER_FIT)

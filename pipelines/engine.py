@@ -31,7 +31,7 @@ from pipelines import checkpoints, controlnet, demo, log_context
 from pipelines.batching import batch_key
 from pipelines.cache import PipelineCache, free_device_memory
 from pipelines.checkpoints import NO_TXT2IMG_VARIANTS
-from pipelines.control_units import ControlMode
+from pipelines.control_units import ControlMode, crop_like_only_masked
 from pipelines.embeddings import TextualInversions
 from pipelines.engine_api import JobStatus
 from pipelines.errors import (
@@ -1050,7 +1050,14 @@ class Engine:
             prepared = prepare_inpaint(
                 req.init_images[0], req.mask, req.width, req.height, req.inpaint, req.resize_mode, max_pixels
             )
-            req = dataclasses.replace(req, init_images=[prepared.image], mask=prepared.mask)
+            units = req.control_units
+            if units and prepared.crop_region is not None and prepared.canvas is not None:  # "only masked"
+                region, canvas = prepared.crop_region, prepared.canvas.size
+                units = [
+                    dataclasses.replace(u, image=crop_like_only_masked(u.image, canvas, region, req.width, req.height))
+                    for u in units
+                ]
+            req = dataclasses.replace(req, init_images=[prepared.image], mask=prepared.mask, control_units=units)
             return req, prepared.finish
         if req.task in (Task.IMG2IMG, Task.EDIT):
             images = [resize_image(flatten(im), req.width, req.height, req.resize_mode) for im in req.init_images]

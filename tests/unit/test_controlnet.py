@@ -330,3 +330,27 @@ def test_single_file_controlnet_loads_offline_with_its_local_config(tmp_path: Pa
     assert controlnet.single_file_family(flux_single) == "flux"
     with pytest.raises(InvalidRequest, match="diffusers folder"):
         controlnet.load_controlnet(str(flux_single), "flux", torch.float32, demo_root, tmp_path / "configs")
+
+
+def test_only_masked_inpainting_crops_the_control_image_with_the_mask() -> None:
+    from pipelines.engine import Engine
+    from pipelines.request import InpaintOptions
+
+    control = Image.new("RGB", (64, 64), "black")
+    control.paste((255, 255, 255), (0, 0, 16, 16))  # white only in the masked corner
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 16, 16))
+    req = GenerationRequest(
+        model="demo-sd15",
+        prompt="x",
+        task=Task.INPAINT,
+        width=64,
+        height=64,
+        init_images=[Image.new("RGB", (64, 64), "gray")],
+        mask=mask,
+        inpaint=InpaintOptions(mask_blur=0, full_res=True),
+        control_units=[unit(image=control)],
+    )
+    prepared, _ = Engine._prepare_images(req)
+    cropped = prepared.control_units[0].image
+    assert cropped.size == (64, 64) and cropped.getpixel((32, 32)) == (255, 255, 255)  # the corner, blown up
