@@ -31,6 +31,9 @@ from diffusers import (
     FluxControlNetPipeline,
     FluxMultiControlNetModel,
     MultiControlNetModel,
+    QwenImageControlNetModel,
+    QwenImageControlNetPipeline,
+    QwenImageMultiControlNetModel,
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
@@ -40,7 +43,6 @@ from diffusers import (
 )
 from safetensors import safe_open
 
-from pipelines import demo
 from pipelines.cache import load_lock
 from pipelines.control_units import ControlMode, ControlUnit, guidance_stopped, soft_injection_scales
 from pipelines.errors import InvalidRequest
@@ -50,7 +52,7 @@ from pipelines.request import GenerationRequest, Task
 
 log = logging.getLogger("easel.controlnet")
 
-FAMILIES = ("sd15", "sdxl", "flux")
+FAMILIES = ("sd15", "sdxl", "flux", "qwen-image")
 CFG_FAMILIES = ("sd15", "sdxl")  # where the control modes mean something: classic CFG with an unconditional half
 _CLASSES: dict[str, dict[Task, type[DiffusionPipeline]]] = {
     "sd15": {
@@ -68,9 +70,24 @@ _CLASSES: dict[str, dict[Task, type[DiffusionPipeline]]] = {
         Task.IMG2IMG: FluxControlNetImg2ImgPipeline,
         Task.INPAINT: FluxControlNetInpaintPipeline,
     },
+    # diffusers' Qwen-Image ControlNet inpainting pipeline is for inpainting ControlNets (the control image is the
+    # picture), not a ControlNet over an inpainting call: txt2img only.
+    "qwen-image": {Task.TXT2IMG: QwenImageControlNetPipeline},
 }
-_MULTI = {"sd15": MultiControlNetModel, "sdxl": MultiControlNetModel, "flux": FluxMultiControlNetModel}
-AnyControlNet = ControlNetModel | FluxControlNetModel
+TASKS = {family: frozenset(tasks) for family, tasks in _CLASSES.items()}
+# Units one call may carry: diffusers' Qwen-Image multi-ControlNet runs a single (union) ControlNet.
+MAX_UNITS = {"qwen-image": 1}
+_MULTI = {
+    "sd15": MultiControlNetModel,
+    "sdxl": MultiControlNetModel,
+    "flux": FluxMultiControlNetModel,
+    "qwen-image": QwenImageMultiControlNetModel,
+}
+_TRANSFORMER_CONTROLNETS: dict[str, tuple[str, type[torch.nn.Module]]] = {
+    "FluxControlNetModel": ("flux", FluxControlNetModel),
+    "QwenImageControlNetModel": ("qwen-image", QwenImageControlNetModel),
+}
+AnyControlNet = ControlNetModel | FluxControlNetModel | QwenImageControlNetModel
 # The config folder (under configs_dir) a single-file ControlNet of each family reads (`easel prefetch-configs`
 # fetches them: pipelines.prefetch.CONTROLNET_CONFIG_REPOS).
 SINGLE_FILE_CONFIGS = {"sd15": "controlnet-sd15", "sdxl": "controlnet-sdxl"}
@@ -96,18 +113,19 @@ def single_file_family(path: Path) -> str:
 
 
 def controlnet_family(model: torch.nn.Module) -> str:
-    if isinstance(model, FluxControlNetModel):
-        return "flux"
+    for family, cls in _TRANSFORMER_CONTROLNETS.values():
+        if isinstance(model, cls):
+            return family
     return "sdxl" if model.config.get("addition_embed_type") == "text_time" else "sd15"
 
 
-def _folder_class(path: Path) -> type[AnyControlNet]:
-    """The ControlNet class a diffusers folder's config names (FLUX's or the UNet one)."""
+def _folder_class(path: Path) -> type[Any]:
+    """The ControlNet class a diffusers folder's config names (FLUX's, Qwen-Image's or the UNet one)."""
     try:
         name = json.loads((path / "config.json").read_text()).get("_class_name", "")
     except (OSError, ValueError):
         name = ""
-    return FluxControlNetModel if name == "FluxControlNetModel" else ControlNetModel
+    return _TRANSFORMER_CONTROLNETS[name][1] if name in _TRANSFORMER_CONTROLNETS else ControlNetModel
 
 
 def load_controlnet(
@@ -115,6 +133,8 @@ def load_controlnet(
 ) -> AnyControlNet:
     """A ControlNet from a diffusers folder, a single `.safetensors` file (local config) or the demo."""
     if source.startswith("demo:"):
+        from pipelines import demo  # here: demo imports the family adapters, which import this module
+
         path = demo.ensure_demo_controlnet(source.removeprefix("demo:"), demo_root)
         return _folder_class(path).from_pretrained(path, **dtype_kwargs(dtype))
     path = Path(source)
@@ -205,12 +225,12 @@ class UnitControlNet(torch.nn.Module):
         return out[:-1], out[-1]
 
 
-class UnitFluxControlNet(torch.nn.Module):
-    """One unit of one FLUX call: its ControlNet's block samples times `weight`, none outside the guidance window.
-    (FLUX has no unconditional half to keep the control off, and the extension defines no soft injection for it:
-    only Balanced runs here.)"""
+class UnitTransformerControlNet(torch.nn.Module):
+    """One unit of one FLUX / Qwen-Image call: its ControlNet's block samples times `weight`, none outside the
+    guidance window. (These models have no unconditional half in the ControlNet's batch, and the extension defines
+    no soft injection for them: only Balanced runs here.)"""
 
-    def __init__(self, model: FluxControlNetModel, unit: ControlUnit, total_steps: Callable[[], int]):
+    def __init__(self, model: torch.nn.Module, unit: ControlUnit, total_steps: Callable[[], int]):
         super().__init__()
         self.inner = model
         self.unit = unit
@@ -223,17 +243,24 @@ class UnitFluxControlNet(torch.nn.Module):
 
     @property
     def input_hint_block(self) -> Any:
-        return self.inner.input_hint_block
+        return getattr(self.inner, "input_hint_block", None)
 
     def forward(self, *args: Any, conditioning_scale: float = 1.0, **kwargs: Any) -> Any:
         step, self.step = self.step, self.step + 1
         kwargs["return_dict"] = False
-        blocks, singles = self.inner(*args, conditioning_scale=1.0, **kwargs)
+        out = self.inner(*args, conditioning_scale=1.0, **kwargs)
         unit = self.unit
         stopped = guidance_stopped(step, self.total_steps(), unit.guidance_start, unit.guidance_end)
-        factor = 0.0 if stopped else unit.weight * conditioning_scale
-        scale = lambda samples: None if samples is None else [s * factor for s in samples]  # noqa: E731
-        return scale(blocks), scale(singles)
+        return _scaled(out, 0.0 if stopped else unit.weight * conditioning_scale)
+
+
+def _scaled(samples: Any, factor: float) -> Any:
+    """Block samples (tensors in lists / tuples, or None) times `factor`, the structure kept."""
+    if samples is None:
+        return None
+    if isinstance(samples, torch.Tensor):
+        return samples * factor
+    return type(samples)(_scaled(s, factor) for s in samples)
 
 
 # Pipelines ------------------------------------------------------------------------------------------------------------
@@ -273,18 +300,22 @@ def attach(view: DiffusionPipeline, loaded: LoadedModel, items: list[BatchItem],
     n = len(models)
     kwargs.update(controlnet_conditioning_scale=[1.0] * n, control_guidance_start=[0.0] * n,
                   control_guidance_end=[1.0] * n)  # fmt: skip
-    if loaded.spec.family == "flux":
-        view.controlnet = FluxMultiControlNetModel(
-            [UnitFluxControlNet(m, u, total_steps) for m, u in zip(models, req.control_units, strict=True)]
+    family = loaded.spec.family
+    if family in ("flux", "qwen-image"):
+        view.controlnet = _MULTI[family](
+            [UnitTransformerControlNet(m, u, total_steps) for m, u in zip(models, req.control_units, strict=True)]
         )
-        kwargs.update(control_image=images, control_mode=[None] * n)  # no union ControlNet modes
+        kwargs["control_image"] = images
+        if family == "flux":
+            kwargs["control_mode"] = [None] * n  # no union ControlNet modes
         if req.task == Task.TXT2IMG and "latents" not in kwargs:
-            # The pipeline VAE-encodes control images with the images' generators before it draws the noise: the
+            # The pipelines VAE-encode control images with the images' generators before they draw the noise: the
             # noise is drawn first here, so each image starts from its seed's noise exactly as without ControlNet.
-            kwargs["latents"], _ = view.prepare_latents(
+            drawn = view.prepare_latents(
                 n_images, view.transformer.config.in_channels // 4, req.height, req.width,
                 view.transformer.dtype, view._execution_device, kwargs["generator"],
             )  # fmt: skip
+            kwargs["latents"] = drawn[0] if isinstance(drawn, tuple) else drawn  # FLUX adds the latent ids
         return
     view.controlnet = MultiControlNetModel(
         [UnitControlNet(m, u, n_images, total_steps) for m, u in zip(models, req.control_units, strict=True)]

@@ -3,7 +3,8 @@
 Models come from the `ControlNet` folder of the A1111 models directory: `.safetensors` single files (the original
 layouts people download; their config comes from the local config folders of `easel prefetch-configs`) and
 diffusers folders (`config.json` + `diffusion_pytorch_model.safetensors`). The demo models get a tiny random-weight
-ControlNet each (`demo:sd15`, `demo:sdxl`, `demo:flux`), built with them on first use (pipelines.demo).
+ControlNet each (`demo:sd15`, `demo:sdxl`, `demo:flux`, `demo:qwen-image`), built with them on first use
+(pipelines.demo).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DEMO_CONTROLNET_FAMILIES = ("sd15", "sdxl", "flux")
+DEMO_CONTROLNET_FAMILIES = ("sd15", "sdxl", "flux", "qwen-image")
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 

@@ -34,6 +34,7 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
+    QwenImageControlNetModel,
     QwenImageEditPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
@@ -546,7 +547,7 @@ def ensure_demo_model(kind: str, root: Path) -> Path:
 
 # --- ControlNet ------------------------------------------------------------------------------------------------------
 
-DEMO_CONTROLNET_FAMILIES = ("sd15", "sdxl", "flux")
+DEMO_CONTROLNET_FAMILIES = ("sd15", "sdxl", "flux", "qwen-image")
 
 
 def _demo_flux_controlnet(base_dir: Path) -> FluxControlNetModel:
@@ -559,6 +560,21 @@ def _demo_flux_controlnet(base_dir: Path) -> FluxControlNetModel:
     )
     with torch.no_grad():
         for layer in [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]:
+            torch.nn.init.normal_(layer.weight, std=0.3)
+            torch.nn.init.normal_(layer.bias, std=0.1)
+    return net
+
+
+def _demo_qwen_controlnet(base_dir: Path) -> QwenImageControlNetModel:
+    """A Qwen-Image ControlNet shaped for the demo transformer (one block copied from it), zero projections made
+    random as for FLUX."""
+    transformer = QwenImageTransformer2DModel.from_pretrained(base_dir / "transformer")
+    _seeded(2)
+    net = QwenImageControlNetModel.from_transformer(
+        transformer, num_layers=1, attention_head_dim=16, num_attention_heads=2
+    )
+    with torch.no_grad():
+        for layer in [*net.controlnet_blocks, net.controlnet_x_embedder]:
             torch.nn.init.normal_(layer.weight, std=0.3)
             torch.nn.init.normal_(layer.bias, std=0.1)
     return net
@@ -598,7 +614,7 @@ def ensure_demo_controlnet(family: str, root: Path) -> Path:
     with _locked(root):
         if not _marker_ok(out_dir, kind):
             log.info("building the demo ControlNet for %s into %s", family, out_dir)
-            make = _demo_flux_controlnet if family == "flux" else _demo_controlnet
+            make = {"flux": _demo_flux_controlnet, "qwen-image": _demo_qwen_controlnet}.get(family, _demo_controlnet)
             build_demo_model(kind, out_dir, make=lambda: make(base))
     return out_dir
 

@@ -130,9 +130,14 @@ def check_control_units(spec: ModelSpec, req: GenerationRequest) -> None:
     """ControlNet runs on SD1.5/SDXL txt2img, img2img and inpainting, one pass; elsewhere it is refused by name."""
     name = "alwayson_scripts.controlnet"
     if spec.family not in controlnet.FAMILIES:
-        raise InvalidRequest(name, f"ControlNet is supported for SD1.5, SDXL and FLUX models here, not {spec.family}")
+        raise InvalidRequest(name, f"ControlNet runs on SD1.5, SDXL, FLUX and Qwen-Image models, not {spec.family}")
     if spec.variant in ("sdxl-refiner", "flux-fill", "flux-kontext"):
         raise InvalidRequest(name, f"ControlNet does not run on a {spec.variant} checkpoint")
+    if req.task not in controlnet.TASKS[spec.family]:
+        raise InvalidRequest(name, f"ControlNet on {spec.family} runs with txt2img only here, not {req.task.value}")
+    limit = controlnet.MAX_UNITS.get(spec.family)
+    if limit is not None and len(req.control_units) > limit:
+        raise InvalidRequest(name, f"at most {limit} unit(s) on {spec.family} (diffusers runs one ControlNet there)")
     if req.hires is not None:
         raise InvalidRequest("enable_hr", "hires fix with ControlNet units is not supported yet")
     if req.refiner:

@@ -79,6 +79,12 @@ def test_control_image_changes_the_picture_and_weight_zero_does_not(run, family:
     assert np.array_equal(px(run(family, [unit(family, weight=0.0)])[0]), plain)
 
 
+def test_qwen_image_control_and_weight_zero(run) -> None:
+    plain = px(run("qwen-image", [])[0])
+    assert np.abs(px(run("qwen-image", [unit("qwen-image")])[0]) - plain).mean() > 2
+    assert np.array_equal(px(run("qwen-image", [unit("qwen-image", weight=0.0)])[0]), plain)
+
+
 def test_guidance_window_limits_the_steps_with_control(run) -> None:
     plain = px(run("sd15", [], steps=4)[0])
     # Steps 0-3 of 4 are at 0, 0.25, 0.5, 0.75: a window from 0.9 on covers none of them.
@@ -226,7 +232,11 @@ def test_engine_runs_units_and_counts_the_controlnet_in_the_models_memory(engine
 @pytest.mark.parametrize(
     ("kw", "field"),
     [
-        ({"model": "demo-qwen-image"}, "alwayson_scripts.controlnet"),
+        ({"model": "demo-qwen-image", "control_units": [unit("qwen-image")] * 2}, "alwayson_scripts.controlnet"),
+        (
+            {"model": "demo-qwen-image", "task": Task.IMG2IMG, "init_images": [square()]},
+            "alwayson_scripts.controlnet",
+        ),
         (
             {"model": "demo-flux", "control_units": [unit("flux", control_mode=ControlMode.CONTROL)]},
             "alwayson_scripts.controlnet.args.0.control_mode",
@@ -305,7 +315,7 @@ def test_demo_controlnet_is_built_once_and_fits_its_model(tmp_path: Path, demo_r
     assert path == again and (path / "diffusion_pytorch_model.safetensors").is_file()
     assert time.perf_counter() - started < 60
     with pytest.raises(ValueError):
-        demo.ensure_demo_controlnet("qwen-image", tmp_path)
+        demo.ensure_demo_controlnet("qwen-image-edit", tmp_path)
 
 
 def test_single_file_controlnet_loads_offline_with_its_local_config(tmp_path: Path, demo_root: Path) -> None:
