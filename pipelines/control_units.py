@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -31,6 +31,14 @@ class ControlResize(str, enum.Enum):
     OUTER_FIT = "Resize and Fill"
 
 
+class HiresOption(str, enum.Enum):
+    """The extension's `HiResFixOption`: which hires pass a unit controls."""
+
+    BOTH = "Both"
+    LOW_RES_ONLY = "Low res only"
+    HIGH_RES_ONLY = "High res only"
+
+
 @dataclass(frozen=True)
 class ControlUnit:
     """One enabled ControlNet unit of a request.
@@ -49,10 +57,11 @@ class ControlUnit:
     guidance_end: float = 1.0
     control_mode: ControlMode = ControlMode.BALANCED
     save_detected_map: bool = True
+    hr_option: HiresOption = HiresOption.BOTH
 
     def batch_key(self) -> Hashable:
         """What must be equal for two requests' units to share a pipeline call (the images may differ)."""
-        return (self.source, self.weight, self.guidance_start, self.guidance_end, self.control_mode)
+        return (self.source, self.weight, self.guidance_start, self.guidance_end, self.control_mode, self.hr_option)
 
 
 def guidance_stopped(step: int, total: int, start: float, end: float) -> bool:
@@ -111,3 +120,27 @@ def crop_like_only_masked(
     on_canvas = image.resize(canvas, Image.Resampling.BICUBIC)
     crop = on_canvas.crop(region)
     return fit_control_image(crop, width, height, ControlResize.OUTER_FIT)
+
+
+# Preprocessors whose maps the extension always soft-injects in the hires pass (one-pixel edges upscaled show).
+HIRES_SOFT_MODULES = ("canny", "mlsd")
+
+
+def first_pass_units(units: list[ControlUnit]) -> list[ControlUnit]:
+    """The units of a hires job's first pass (all but "High res only")."""
+    return [u for u in units if u.hr_option != HiresOption.HIGH_RES_ONLY]
+
+
+def second_pass_units(units: list[ControlUnit], width: int, height: int) -> list[ControlUnit]:
+    """The units of the hires pass (all but "Low res only"), their maps at the hires size; canny and mlsd maps get
+    soft injection there, as the extension forces it."""
+    out = []
+    for u in units:
+        if u.hr_option == HiresOption.LOW_RES_ONLY:
+            continue
+        mode = u.control_mode
+        if mode == ControlMode.BALANCED and any(m in u.module for m in HIRES_SOFT_MODULES):
+            mode = ControlMode.PROMPT
+        image = fit_control_image(u.image, width, height, ControlResize.RESIZE)
+        out.append(replace(u, image=image, control_mode=mode))
+    return out

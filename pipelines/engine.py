@@ -138,8 +138,8 @@ def check_control_units(spec: ModelSpec, req: GenerationRequest) -> None:
     limit = controlnet.MAX_UNITS.get(spec.family)
     if limit is not None and len(req.control_units) > limit:
         raise InvalidRequest(name, f"at most {limit} unit(s) on {spec.family} (diffusers runs one ControlNet there)")
-    if req.hires is not None:
-        raise InvalidRequest("enable_hr", "hires fix with ControlNet units is not supported yet")
+    if req.hires is not None and Task.IMG2IMG not in controlnet.TASKS[spec.family]:
+        raise InvalidRequest("enable_hr", f"hires fix with ControlNet units needs img2img ControlNet ({spec.family})")
     if req.refiner:
         raise InvalidRequest("refiner_checkpoint", "an SDXL refiner with ControlNet units is not supported yet")
     for i, unit in enumerate(req.control_units):

@@ -12,6 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from pipelines.control_units import first_pass_units, second_pass_units
 from pipelines.hires import HiresPlan, crop_box, plan_hires
 from pipelines.registry import ModelSpec
 from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, Task
@@ -150,7 +151,7 @@ class FamilyAdapter(abc.ABC):
         (SD/SDXL) override it for the Latent modes. An interrupt during the first pass skips the second, as A1111."""
         assert req.hires is not None
         plan, second, progress = start_hires(req, self.size_multiple, on_step)
-        first = self.run(loaded, dataclasses.replace(req, hires=None), seeds, make_scheduler(), progress.first)
+        first = self.run(loaded, first_pass(req), seeds, make_scheduler(), progress.first)
         if progress.stopped:
             return first
         resample = Image.Resampling.NEAREST if req.hires.upscaler == "Nearest" else Image.Resampling.LANCZOS
@@ -211,9 +212,15 @@ def start_hires(
         strength=max(req.hires.denoising_strength, MIN_DENOISING_STRENGTH),  # 0 leaves no step to run
         hires=None,
         prompt_schedule_base_steps=req.steps,
+        control_units=second_pass_units(req.control_units, *plan.final),
     )
     estimate = max(1, int(steps * req.hires.denoising_strength))
     return plan, second, HiresProgress(on_step, req.steps, estimate)
+
+
+def first_pass(req: GenerationRequest) -> GenerationRequest:
+    """A hires job's first pass: the request without hires, with the ControlNet units that control it."""
+    return dataclasses.replace(req, hires=None, control_units=first_pass_units(req.control_units))
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:

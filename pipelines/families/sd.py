@@ -44,6 +44,7 @@ from pipelines.families.base import (
     LoadedModel,
     StepCallback,
     UnsupportedTask,
+    first_pass,
     start_hires,
 )
 from pipelines.hires import LATENT_UPSCALE_MODES, crop_box
@@ -294,7 +295,7 @@ class StableDiffusionAdapter(FamilyAdapter):
         if not req.hires.is_latent:
             return super().run_hires(loaded, req, seeds, make_scheduler, on_step)
         plan, second, progress = start_hires(req, self.size_multiple, on_step)
-        first = dataclasses.replace(req, hires=None)
+        first = first_pass(req)
         latents = self._call(loaded, [BatchItem(first, seeds)], make_scheduler(), progress.first, "latent")
         if progress.stopped:  # an interrupted A1111 job returns the first pass as it is
             return self._decode(loaded, latents)

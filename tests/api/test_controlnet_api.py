@@ -191,6 +191,7 @@ def test_img2img_unit_without_image_uses_the_init_image(client: TestClient, engi
         ({"control_mode": "Prompt first"}, f"{UNIT}.0.control_mode"),
         ({"control_mode": 7}, f"{UNIT}.0.control_mode"),
         ({"resize_mode": "Stretch"}, f"{UNIT}.0.resize_mode"),
+        ({"hr_option": "Sometimes"}, f"{UNIT}.0.hr_option"),
         ({"module": "no_such_preprocessor"}, f"{UNIT}.0.module"),
         ({"model": "ip-adapter_sd15 [12345678]", "module": "ip-adapter_clip_sd15"}, f"{UNIT}.0.model"),
         ({"input_image": "x", "image": "y"}, f"{UNIT}.0.input_image"),

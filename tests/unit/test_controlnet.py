@@ -21,9 +21,12 @@ from pipelines.control_units import (
     ControlMode,
     ControlResize,
     ControlUnit,
+    HiresOption,
+    first_pass_units,
     fit_control_image,
     guidance_stopped,
     pixel_perfect_resolution,
+    second_pass_units,
     soft_injection_scales,
 )
 from pipelines.errors import InvalidRequest
@@ -59,9 +62,15 @@ def run(load, demo_root: Path):
         fields = dict(model=f"demo-{family}", prompt="a cat", width=64, height=64, steps=2, guidance=5.0, seed=1)
         req = GenerationRequest(**{**fields, **kw}, control_units=units)
         controlnet.ensure_loaded(loaded, units, demo_root, None)
-        scheduler = type(loaded.base.scheduler).from_config(loaded.base.scheduler.config)
+
+        def scheduler():
+            return type(loaded.base.scheduler).from_config(loaded.base.scheduler.config)
+
+        adapter = adapter_for(family)
         with torch.inference_mode():
-            return adapter_for(family).run(loaded, req, list(seeds), scheduler, lambda step, total: False)
+            if req.hires is not None:
+                return adapter.run_hires(loaded, req, list(seeds), scheduler, lambda step, total: False)
+            return adapter.run(loaded, req, list(seeds), scheduler(), lambda step, total: False)
 
     return _run
 
@@ -130,6 +139,37 @@ def test_flux_batch_keeps_each_seeds_picture(run) -> None:
     alone = px(run("flux", [unit("flux")], seeds=(2,))[0])
     together = run("flux", [unit("flux")], seeds=(1, 2))
     assert np.abs(px(together[1]) - alone).max() <= 2
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_applies_units_to_the_passes_their_hr_option_names(run, upscaler: str) -> None:
+    hires = HiresOptions(scale=1.5, upscaler=upscaler, denoising_strength=0.6)
+    fields = dict(hires=hires, steps=3)
+    pictures = {
+        name: px(run("sd15", units, **fields)[0])
+        for name, units in {
+            "none": [],
+            "both": [unit()],
+            "low": [unit(hr_option=HiresOption.LOW_RES_ONLY)],
+            "high": [unit(hr_option=HiresOption.HIGH_RES_ONLY)],
+        }.items()
+    }
+    assert pictures["both"].shape == (96, 96, 3)
+    for a, b in [("none", "both"), ("none", "low"), ("none", "high"), ("low", "both"), ("high", "both")]:
+        assert np.abs(pictures[a] - pictures[b]).mean() > 0.5, (a, b)
+
+
+def test_second_pass_units_as_the_extension() -> None:
+    units = [
+        unit(module="canny"),
+        unit(hr_option=HiresOption.LOW_RES_ONLY),
+        unit(control_mode=ControlMode.CONTROL, module="mlsd"),
+        unit(),
+    ]
+    second = second_pass_units(units, 96, 80)
+    assert [u.control_mode for u in second] == [ControlMode.PROMPT, ControlMode.CONTROL, ControlMode.BALANCED]
+    assert all(u.image.size == (96, 80) for u in second)
+    assert first_pass_units([unit(hr_option=HiresOption.HIGH_RES_ONLY), unit()]) == [unit()]
 
 
 def test_batched_images_keep_their_own_control_image_and_seed(run, load, demo_root: Path) -> None:
@@ -242,7 +282,7 @@ def test_engine_runs_units_and_counts_the_controlnet_in_the_models_memory(engine
             "alwayson_scripts.controlnet.args.0.control_mode",
         ),
         ({"refiner": "demo-sdxl"}, "refiner_checkpoint"),
-        ({"hires": HiresOptions()}, "enable_hr"),
+        ({"model": "demo-qwen-image", "control_units": [unit("qwen-image")], "hires": HiresOptions()}, "enable_hr"),
         ({"control_units": [unit(image=square(32))]}, "alwayson_scripts.controlnet.args.0.image"),
     ],
 )

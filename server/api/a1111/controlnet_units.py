@@ -2,9 +2,10 @@
 
 Defaults and spellings are the extension's (internal_controlnet/args.py, v1.1.455): `enabled` false, module "none",
 weight 1 (0-2), resize_mode "Crop and Resize", processor_res / threshold_a / threshold_b -1 (the module's default),
-guidance 0-1, control_mode "Balanced", pixel_perfect false, save_detected_map true. Older clients' spellings are
-read too: `input_image` (image), `guidance` (guidance_end), `lowvram` (low_vram), `mask_image` (mask), control_mode
-and resize_mode as ints, the old resize mode names. Every problem is a 422 naming the unit's field.
+guidance 0-1, control_mode "Balanced", pixel_perfect false, hr_option "Both", save_detected_map true. Older
+clients' spellings are read too: `input_image` (image), `guidance` (guidance_end), `lowvram` (low_vram), `mask_image`
+(mask), control_mode and resize_mode as ints, the old resize mode names. Every problem is a 422 naming the unit's
+field.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipelines.control_units import (
     ControlMode,
     ControlResize,
     ControlUnit,
+    HiresOption,
     fit_control_image,
     pixel_perfect_resolution,
 )
@@ -76,6 +78,7 @@ class ParsedUnit:
     control_mode: ControlMode
     pixel_perfect: bool
     save_detected_map: bool
+    hr_option: HiresOption
 
 
 def _number(raw: dict[str, Any], name: str, default: float, bad: list[FieldError], where: str) -> float:
@@ -158,10 +161,15 @@ def parse_unit(raw: Any, index: int, entries: Entries) -> tuple[ParsedUnit | Non
     if resize is None:
         choices = ", ".join(f"'{m.value}'" for m in ControlResize)
         bad.append(FieldError(f"{where}.resize_mode", f"must be one of {choices} (or 0-2)"))
+    hr_value = values.get("hr_option", HiresOption.BOTH.value)
+    hr_option = next((o for o in HiresOption if o.value == hr_value), None)
+    if hr_option is None:
+        choices = ", ".join(f"'{o.value}'" for o in HiresOption)
+        bad.append(FieldError(f"{where}.hr_option", f"must be one of {choices}"))
     res = _number(values, "processor_res", -1, bad, where)
     ta = _number(values, "threshold_a", -1, bad, where)
     tb = _number(values, "threshold_b", -1, bad, where)
-    if bad or entry is None or mode is None or resize is None:
+    if bad or entry is None or mode is None or resize is None or hr_option is None:
         return None, bad
     return ParsedUnit(
         index=index,
@@ -179,6 +187,7 @@ def parse_unit(raw: Any, index: int, entries: Entries) -> tuple[ParsedUnit | Non
         control_mode=mode,
         pixel_perfect=bool(values.get("pixel_perfect", False)),
         save_detected_map=bool(values.get("save_detected_map", True)),
+        hr_option=hr_option,
     ), []
 
 
@@ -294,6 +303,7 @@ def build_units(units: list[ParsedUnit], generation: GenerationRequest, settings
                 guidance_end=unit.guidance_end,
                 control_mode=unit.control_mode,
                 save_detected_map=unit.save_detected_map,
+                hr_option=unit.hr_option,
             )
         )
     return built
