@@ -404,3 +404,30 @@ def test_only_masked_inpainting_crops_the_control_image_with_the_mask() -> None:
     prepared, _ = Engine._prepare_images(req)
     cropped = prepared.control_units[0].image
     assert cropped.size == (64, 64) and cropped.getpixel((32, 32)) == (255, 255, 255)  # the corner, blown up
+
+
+def test_engine_batches_units_of_the_same_models_only(engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter = adapter_for("sd15")
+    original = adapter.run_batch
+    calls: list[list[int]] = []
+
+    def spy(loaded, items, scheduler, on_step):
+        calls.append([s for it in items for s in it.seeds])
+        return original(loaded, items, scheduler, on_step)
+
+    monkeypatch.setattr(adapter, "run_batch", spy)
+    blocker = engine.submit(request(prompt="blocker", steps=2000, control_units=[]))
+    deadline = time.monotonic() + 60
+    while blocker.progress.sampling_step < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    jobs = [
+        engine.submit(request(seed=10)),
+        engine.submit(request(seed=20, control_units=[unit(image=square(inverted=True))])),  # same model: shares
+        engine.submit(request(seed=30, control_units=[unit(weight=0.5)])),  # other weight: alone
+        engine.submit(request(seed=40, control_units=[])),  # no ControlNet: alone
+    ]
+    blocker.cancel()
+    results = [job.wait_sync(120) for job in jobs]
+    assert sorted(calls[1:]) == [[10, 20], [30], [40]]
+    assert [r.seeds for r in results] == [[10], [20], [30], [40]]
