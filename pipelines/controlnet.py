@@ -198,6 +198,7 @@ class UnitControlNet(torch.nn.Module):
         self.n_images = n_images
         self.total_steps = total_steps
         self.step = 0
+        self.zeros: Any = None  # the residuals of an off step, once their shapes are known
 
     @property
     def config(self) -> Any:
@@ -205,13 +206,18 @@ class UnitControlNet(torch.nn.Module):
 
     def forward(self, *args: Any, conditioning_scale: float = 1.0, **kwargs: Any) -> Any:
         step, self.step = self.step, self.step + 1
-        kwargs["return_dict"] = False
-        down, mid = self.inner(*args, conditioning_scale=1.0, **kwargs)
         unit = self.unit
         if guidance_stopped(step, self.total_steps(), unit.guidance_start, unit.guidance_end):
             factor = 0.0
         else:
             factor = unit.weight * conditioning_scale
+        if factor == 0.0 and self.zeros is not None:
+            return self.zeros  # an off step costs no ControlNet pass (the batch does not change within a call)
+        kwargs["return_dict"] = False
+        down, mid = self.inner(*args, conditioning_scale=1.0, **kwargs)
+        if factor == 0.0:
+            self.zeros = ([torch.zeros_like(d) for d in down], torch.zeros_like(mid))
+            return self.zeros
         residuals = [*down, mid]
         if unit.control_mode == ControlMode.BALANCED:
             scales = [factor] * len(residuals)
@@ -236,6 +242,7 @@ class UnitTransformerControlNet(torch.nn.Module):
         self.unit = unit
         self.total_steps = total_steps
         self.step = 0
+        self.zeros: Any = None  # the block samples of an off step, once their shapes are known
 
     @property
     def config(self) -> Any:
@@ -247,11 +254,16 @@ class UnitTransformerControlNet(torch.nn.Module):
 
     def forward(self, *args: Any, conditioning_scale: float = 1.0, **kwargs: Any) -> Any:
         step, self.step = self.step, self.step + 1
-        kwargs["return_dict"] = False
-        out = self.inner(*args, conditioning_scale=1.0, **kwargs)
         unit = self.unit
         stopped = guidance_stopped(step, self.total_steps(), unit.guidance_start, unit.guidance_end)
-        return _scaled(out, 0.0 if stopped else unit.weight * conditioning_scale)
+        factor = 0.0 if stopped else unit.weight * conditioning_scale
+        if factor == 0.0 and self.zeros is not None:
+            return self.zeros  # an off step costs no ControlNet pass
+        kwargs["return_dict"] = False
+        out = _scaled(self.inner(*args, conditioning_scale=1.0, **kwargs), factor)
+        if factor == 0.0:
+            self.zeros = out
+        return out
 
 
 def _scaled(samples: Any, factor: float) -> Any:

@@ -160,6 +160,8 @@ def test_detected_maps_can_be_left_out(client: TestClient) -> None:
     unit = {"enabled": True, "model": DEMO, "image": b64_png(square())}
     response = txt2img(client, unit, {**unit, "save_detected_map": False})
     assert len(response.json()["images"]) == 2  # one picture, one map
+    overridden = txt2img(client, unit, override_settings={"control_net_no_detectmap": True})
+    assert len(overridden.json()["images"]) == 1
     assert client.post(f"{SD}/options", json={"control_net_no_detectmap": True}).status_code == 200
     assert len(txt2img(client, unit).json()["images"]) == 1
 

@@ -218,6 +218,18 @@ def test_soft_injection_and_cfg_injection_as_the_extension() -> None:
     assert soft_injection_scales(10) == soft_injection_scales(13)[:10]  # SDXL: the first 10, as the extension
 
 
+def test_off_steps_skip_the_controlnet_pass() -> None:
+    net = FixedNet()
+    calls = []
+    net.register_forward_hook(lambda *a: calls.append(1))
+    window = unit(guidance_start=0.5, guidance_end=1.0)
+    wrapper = controlnet.UnitControlNet(net, window, 1, lambda: 4)
+    outputs = [wrapper(torch.zeros(2, 1, 1, 1), 0) for _ in range(4)]
+    assert len(calls) == 3  # step 1 (off) runs once to learn the shapes, step 2 reuses them; steps 3-4 are on
+    assert all(float(r.abs().sum()) == 0 for r in [*outputs[1][0], outputs[1][1]])
+    assert float(outputs[2][1].abs().sum()) > 0
+
+
 def test_guidance_window_is_a1111s_rule() -> None:
     # percent = step / total; off when below start or above end (the end itself is still on).
     assert [guidance_stopped(s, 4, 0.0, 0.5) for s in range(4)] == [False, False, False, True]

@@ -357,7 +357,7 @@ def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], ve
 
 def detected_maps(prep: Prepared, options: dict[str, Any]) -> list[Image.Image]:
     """The detected maps the response carries: each unit's, unless the unit's `save_detected_map` is false or the
-    `control_net_no_detectmap` option is set."""
-    if options.get("control_net_no_detectmap"):
+    `control_net_no_detectmap` option is set (also as an override_setting, which A1111 applies while it runs)."""
+    if {**options, **prep.body.override_settings}.get("control_net_no_detectmap"):
         return []
     return [unit.image for unit in prep.request.control_units if unit.save_detected_map]
