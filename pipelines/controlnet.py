@@ -45,7 +45,7 @@ from safetensors import safe_open
 
 from pipelines.cache import load_lock
 from pipelines.control_units import ControlMode, ControlUnit, guidance_stopped, soft_injection_scales
-from pipelines.errors import InvalidRequest
+from pipelines.errors import InvalidRequest, ModelLoadError
 from pipelines.families import dtype_kwargs
 from pipelines.families.base import BatchItem, LoadedModel
 from pipelines.request import GenerationRequest, Task
@@ -166,9 +166,16 @@ def ensure_loaded(
     for index, unit in enumerate(units):
         model = loaded.controlnets.get(unit.source)
         if model is None:
-            with load_lock():
-                model = load_controlnet(unit.source, family, loaded.dtype, demo_root, configs_dir)
-            model.to(loaded.base.device)
+            try:
+                with load_lock():
+                    model = load_controlnet(unit.source, family, loaded.dtype, demo_root, configs_dir)
+            except InvalidRequest:
+                raise
+            except Exception as e:  # a broken file: say which, as a failed model load, never a traceback
+                log.exception("loading ControlNet %s failed", unit.model)
+                raise ModelLoadError(f"ControlNet '{unit.model}' failed to load: {type(e).__name__}: {e}") from e
+            # The model's device (with CPU offload of the base, the accelerator: the ControlNet stays there).
+            model.to(loaded.device)
             model.eval()
             log.info("loaded ControlNet %s for %s", unit.model, loaded.spec.id)
             loaded.controlnets[unit.source] = model

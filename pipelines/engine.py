@@ -127,7 +127,8 @@ def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
 
 
 def check_control_units(spec: ModelSpec, req: GenerationRequest) -> None:
-    """ControlNet runs on SD1.5/SDXL txt2img, img2img and inpainting, one pass; elsewhere it is refused by name."""
+    """Where ControlNet units can run (pipelines.controlnet: families, tasks, units per call, control modes); anything
+    else is refused with the field that asks for it."""
     name = "alwayson_scripts.controlnet"
     if spec.family not in controlnet.FAMILIES:
         raise InvalidRequest(name, f"ControlNet runs on SD1.5, SDXL, FLUX and Qwen-Image models, not {spec.family}")

@@ -443,3 +443,13 @@ def test_engine_batches_units_of_the_same_models_only(engine, monkeypatch: pytes
     results = [job.wait_sync(120) for job in jobs]
     assert sorted(calls[1:]) == [[10, 20], [30], [40]]
     assert [r.seeds for r in results] == [[10], [20], [30], [40]]
+
+
+def test_a_broken_controlnet_file_fails_as_a_model_load(engine, tmp_path: Path) -> None:
+    from pipelines.errors import ModelLoadError
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    job = engine.submit(request(control_units=[unit(model="broken [x]", source=str(broken))]))
+    with pytest.raises(ModelLoadError, match="broken"):
+        job.wait_sync(120)
