@@ -45,6 +45,7 @@ RESIZE_ALIASES = {
     "Envelope (Outer Fit)": ControlResize.OUTER_FIT,
 }
 NO_MODEL = ("", "none")
+MIN_RES, MAX_RES, DEFAULT_RES = 64, 2048, 512  # the extension's preprocessor resolution slider and default
 
 
 def script_args(alwayson: dict[str, Any]) -> tuple[str, Any] | None:
@@ -284,7 +285,8 @@ def build_units(units: list[ParsedUnit], generation: GenerationRequest, settings
         if unit.pixel_perfect:
             resolution = pixel_perfect_resolution(image.size, generation.width, generation.height, resize)
         params = PreprocessorParams(
-            resolution=resolution if resolution > 0 else 512,
+            # The extension resets a value outside the module's slider (at most 64-2048) to the module's default.
+            resolution=resolution if MIN_RES <= resolution <= MAX_RES else DEFAULT_RES,
             threshold_a=unit.threshold_a if unit.threshold_a >= 0 else None,
             threshold_b=unit.threshold_b if unit.threshold_b >= 0 else None,
         )
