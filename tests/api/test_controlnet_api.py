@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -233,3 +234,23 @@ def test_real_engine_control_changes_the_picture(data_dir: Path, tmp_path: Path)
     assert np.abs(pictures[0] - pictures[1]).mean() > 1
     assert np.array_equal(np.asarray(decode(zero.json()["images"][0]).convert("RGB"), dtype=np.int16), pictures[0])
     assert len(controlled.json()["images"]) == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "not a dict",
+        [{"enabled": True, "model": DEMO, "image": {"image": 5}}],
+        [{"enabled": True, "model": DEMO, "image": [1, 2, 3]}],
+        [{"enabled": True, "model": {"a": 1}, "image": "x"}],
+        [{"enabled": True, "model": DEMO, "image": [{"image": "\ud800"}], "weight": "heavy"}],
+        [{"enabled": True, "model": DEMO, "mask": 7, "image": "aGk="}],
+        [{"enabled": True, "model": DEMO, "resize_mode": 10**30, "control_mode": [1], "hr_option": {"x": 1}}],
+        [{"enabled": True, "model": DEMO, "processor_res": 10**12, "pixel_perfect": True}],
+    ],
+)
+def test_hostile_units_get_a_4xx_never_a_5xx(client: TestClient, args) -> None:
+    body = {"prompt": "a", "steps": 1, "width": 64, "height": 64, "alwayson_scripts": {"controlnet": {"args": args}}}
+    raw = json.dumps(body)  # ASCII escapes: a lone surrogate travels as JSON sends it, "\\ud800"
+    response = client.post(f"{SD}/txt2img", content=raw, headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
