@@ -129,7 +129,13 @@ def test_unit_defaults_and_detected_map_appended(client: TestClient, engine: Fak
     assert detected.size == (64, 64)
     assert detected.getpixel((32, 32)) == (255, 255, 255) and detected.getpixel((4, 4)) == (0, 0, 0)
     info = info_of(response)
-    assert len(info["infotexts"]) == 1 and f'ControlNet 0: "Module: none, Model: {DEMO}' in info["infotexts"][0]
+    assert len(info["infotexts"]) == 1
+    expected = (
+        f'ControlNet 0: "Module: none, Model: {DEMO}, Weight: 1.0, Resize Mode: Crop and Resize, Processor Res: -1, '
+        "Threshold A: -1.0, Threshold B: -1.0, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, "
+        'Control Mode: Balanced"'
+    )
+    assert expected in info["infotexts"][0]
 
 
 def test_disabled_units_are_skipped_as_the_extension_does(client: TestClient, engine: FakeEngine) -> None:

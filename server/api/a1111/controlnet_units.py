@@ -320,16 +320,23 @@ def with_units(generation: GenerationRequest, units: list[ControlUnit]) -> Gener
     return replace(generation, control_units=units) if units else generation
 
 
-def infotext_params(units: list[ControlUnit]) -> dict[str, str]:
-    """The extension's infotext keys: `ControlNet N: "Module: ..., Model: ..., Weight: ..."` per unit."""
+def infotext_params(units: list[ParsedUnit]) -> dict[str, str]:
+    """The extension's infotext keys (`ControlNetUnit.serialize`): `ControlNet N: "Module: none, Model: ...,
+    Weight: 1.0, Resize Mode: Crop and Resize, Processor Res: 512, ..."` per enabled unit, values as Python prints
+    them."""
     out = {}
     for i, u in enumerate(units):
         fields = {
             "Module": u.module,
-            "Model": u.model,
-            "Weight": f"{u.weight:g}",
-            "Guidance Start": f"{u.guidance_start:g}",
-            "Guidance End": f"{u.guidance_end:g}",
+            "Model": u.model.title,
+            "Weight": u.weight,
+            "Resize Mode": u.resize_mode.value,
+            "Processor Res": u.processor_res,
+            "Threshold A": u.threshold_a,
+            "Threshold B": u.threshold_b,
+            "Guidance Start": u.guidance_start,
+            "Guidance End": u.guidance_end,
+            "Pixel Perfect": u.pixel_perfect,
             "Control Mode": u.control_mode.value,
         }
         out[f"ControlNet {i}"] = ", ".join(f"{k}: {v}" for k, v in fields.items())  # quoted by create_infotext

@@ -130,12 +130,12 @@ async def warnings_for(request: Request, body: GenerationBase, generation: Gener
 
 async def with_controlnet(
     request: Request, body: GenerationBase, generation: GenerationRequest, settings: Settings
-) -> GenerationRequest:
+) -> tuple[GenerationRequest, list[controlnet_units.ParsedUnit]]:
     """The request with the ControlNet extension's enabled units (`alwayson_scripts.controlnet.args`): parsed and
     checked (422 naming the unit's field), then their images decoded and preprocessed under the preparation
-    limit."""
+    limit. Also the parsed units, for the infotext."""
     if controlnet_units.script_args(body.alwayson_scripts) is None:
-        return generation
+        return generation, []
     cat = controlnet.catalog(request.app)
 
     def parse() -> list[controlnet_units.ParsedUnit]:
@@ -146,9 +146,9 @@ async def with_controlnet(
 
     parsed = await run_in_threadpool(parse)
     if not parsed:
-        return generation
+        return generation, []
     units = await imagework.prepare(request, controlnet_units.build_units, parsed, generation, settings)
-    return controlnet_units.with_units(generation, units)
+    return controlnet_units.with_units(generation, units), parsed
 
 
 async def prepare(request: Request, body: GenerationBase, session: Session) -> tuple[Prepared, str | None]:
@@ -187,8 +187,8 @@ async def prepare(request: Request, body: GenerationBase, session: Session) -> t
         if isinstance(body, Txt2ImgRequest):
             extra = adapter.txt2img_extra_params(body, choice.spec)
 
-    generation = await with_controlnet(request, body, generation, settings)
-    extra.update(controlnet_units.infotext_params(generation.control_units))
+    generation, units = await with_controlnet(request, body, generation, settings)
+    extra.update(controlnet_units.infotext_params(units))
     generation.preview_every = preview_interval(session.options)
     generation.clip_skip = clip_skip_of({**session.options, **body.override_settings})
     generation.subseed = adapter.resolve_subseed(body.subseed)
