@@ -26,6 +26,8 @@ def batch_key(job_id: str, req: GenerationRequest, choice: SamplerChoice) -> Has
     """Equal keys may share a pipeline call; a unique key runs alone."""
     if req.task not in BATCHABLE_TASKS or req.hires is not None or req.refiner:  # two passes of their own
         return ("alone", job_id)
+    if any(unit.is_ip_adapter for unit in req.control_units):  # its image prompt goes into the UNet for one call
+        return ("alone", job_id)
     return (
         req.model,
         req.task,

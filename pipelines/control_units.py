@@ -58,10 +58,25 @@ class ControlUnit:
     control_mode: ControlMode = ControlMode.BALANCED
     save_detected_map: bool = True
     hr_option: HiresOption = HiresOption.BOTH
+    # Set for an IP-Adapter unit (an image prompt, pipelines.ip_adapter): its CLIP image encoder folder. `image` is
+    # then the prompt image as sent, not a map at the output size.
+    image_encoder: str | None = None
+
+    @property
+    def is_ip_adapter(self) -> bool:
+        return self.image_encoder is not None
 
     def batch_key(self) -> Hashable:
         """What must be equal for two requests' units to share a pipeline call (the images may differ)."""
         return (self.source, self.weight, self.guidance_start, self.guidance_end, self.control_mode, self.hr_option)
+
+
+def controlnet_units(units: list[ControlUnit]) -> list[ControlUnit]:
+    return [u for u in units if not u.is_ip_adapter]
+
+
+def ip_adapter_units(units: list[ControlUnit]) -> list[ControlUnit]:
+    return [u for u in units if u.is_ip_adapter]
 
 
 def guidance_stopped(step: int, total: int, start: float, end: float) -> bool:
@@ -137,6 +152,9 @@ def second_pass_units(units: list[ControlUnit], width: int, height: int) -> list
     out = []
     for u in units:
         if u.hr_option == HiresOption.LOW_RES_ONLY:
+            continue
+        if u.is_ip_adapter:  # an image prompt, not a map: the same in both passes
+            out.append(u)
             continue
         mode = u.control_mode
         if mode == ControlMode.BALANCED and any(m in u.module for m in HIRES_SOFT_MODULES):

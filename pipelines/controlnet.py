@@ -44,7 +44,13 @@ from diffusers import (
 from safetensors import safe_open
 
 from pipelines.cache import load_lock
-from pipelines.control_units import ControlMode, ControlUnit, guidance_stopped, soft_injection_scales
+from pipelines.control_units import (
+    ControlMode,
+    ControlUnit,
+    controlnet_units,
+    guidance_stopped,
+    soft_injection_scales,
+)
 from pipelines.errors import InvalidRequest, ModelLoadError
 from pipelines.families import dtype_kwargs
 from pipelines.families.base import BatchItem, LoadedModel
@@ -164,6 +170,8 @@ def ensure_loaded(
     family = loaded.spec.family
     models = []
     for index, unit in enumerate(units):
+        if unit.is_ip_adapter:  # pipelines.ip_adapter loads those
+            continue
         model = loaded.controlnets.get(unit.source)
         if model is None:
             try:
@@ -300,16 +308,21 @@ def control_pipeline(loaded: LoadedModel, task: Task) -> DiffusionPipeline:
 
 
 def control_images(items: list[BatchItem], index: int) -> torch.Tensor:
-    """Unit `index`'s control image for every image of the call (requests of a call may bring different ones), as
-    one (N, 3, H, W) batch in [0, 1]: the one form every ControlNet pipeline takes per unit."""
-    pixels = [np.asarray(it.request.control_units[index].image.convert("RGB")) for it in items for _ in it.seeds]
+    """ControlNet unit `index`'s control image for every image of the call (requests of a call may bring different
+    ones), as one (N, 3, H, W) batch in [0, 1]: the one form every ControlNet pipeline takes per unit."""
+    pixels = [
+        np.asarray(controlnet_units(it.request.control_units)[index].image.convert("RGB"))
+        for it in items
+        for _ in it.seeds
+    ]
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div(255)
 
 
 def attach(view: DiffusionPipeline, loaded: LoadedModel, items: list[BatchItem], kwargs: dict[str, Any]) -> None:
     """Give a per-call view of a ControlNet pipeline the call's units, and add their arguments to `kwargs`."""
     req: GenerationRequest = items[0].request
-    models = [loaded.controlnets[u.source] for u in req.control_units]
+    units = controlnet_units(req.control_units)
+    models = [loaded.controlnets[u.source] for u in units]
     n_images = sum(len(it.seeds) for it in items)
 
     def total_steps() -> int:
@@ -322,7 +335,7 @@ def attach(view: DiffusionPipeline, loaded: LoadedModel, items: list[BatchItem],
     family = loaded.spec.family
     if family in ("flux", "qwen-image"):
         view.controlnet = _MULTI[family](
-            [UnitTransformerControlNet(m, u, total_steps) for m, u in zip(models, req.control_units, strict=True)]
+            [UnitTransformerControlNet(m, u, total_steps) for m, u in zip(models, units, strict=True)]
         )
         kwargs["control_image"] = images
         if family == "flux":
@@ -337,7 +350,7 @@ def attach(view: DiffusionPipeline, loaded: LoadedModel, items: list[BatchItem],
             kwargs["latents"] = drawn[0] if isinstance(drawn, tuple) else drawn  # FLUX adds the latent ids
         return
     view.controlnet = MultiControlNetModel(
-        [UnitControlNet(m, u, n_images, total_steps) for m, u in zip(models, req.control_units, strict=True)]
+        [UnitControlNet(m, u, n_images, total_steps) for m, u in zip(models, units, strict=True)]
     )
     kwargs["guess_mode"] = False
     if req.task == Task.TXT2IMG:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEMO_CONTROLNET_FAMILIES = ("sd15", "sdxl", "flux", "qwen-image")
+DEMO_IP_ADAPTER_FAMILIES = ("sd15", "sdxl")
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -44,6 +45,12 @@ def demo_entry(family: str) -> ControlNetEntry:
     return ControlNetEntry(name, f"{name} [{hashlib.sha256(name.encode()).hexdigest()[:8]}]", f"demo:{family}")
 
 
+def demo_ip_adapter_entry(family: str) -> ControlNetEntry:
+    """The demo model's tiny IP-Adapter (pipelines.ip_adapter), listed with the ControlNets as the extension does."""
+    name = f"ip-adapter_demo-{family}"
+    return ControlNetEntry(name, f"{name} [{hashlib.sha256(name.encode()).hexdigest()[:8]}]", f"demo-ip:{family}")
+
+
 def _is_diffusers_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / WEIGHTS_FILE).is_file()
 
@@ -51,6 +58,7 @@ def _is_diffusers_folder(path: Path) -> bool:
 def scan(folder: Path | None, demo_families: tuple[str, ...] = ()) -> list[ControlNetEntry]:
     """Every model, sorted by name as the extension sorts them by default; demo ones first."""
     entries = [demo_entry(f) for f in DEMO_CONTROLNET_FAMILIES if f in demo_families]
+    entries += [demo_ip_adapter_entry(f) for f in DEMO_IP_ADAPTER_FAMILIES if f in demo_families]
     if folder is None or not folder.is_dir():
         return entries
     found: list[ControlNetEntry] = []

@@ -42,12 +42,15 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from safetensors.torch import save_file
 from tokenizers import AddedToken, pre_tokenizers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
@@ -616,6 +619,75 @@ def ensure_demo_controlnet(family: str, root: Path) -> Path:
             log.info("building the demo ControlNet for %s into %s", family, out_dir)
             make = {"flux": _demo_flux_controlnet, "qwen-image": _demo_qwen_controlnet}.get(family, _demo_controlnet)
             build_demo_model(kind, out_dir, make=lambda: make(base))
+    return out_dir
+
+
+# --- IP-Adapter -----------------------------------------------------------------------------------------------------
+
+
+def _ip_hidden_size(unet: UNet2DConditionModel, name: str) -> int:
+    """The channels of the block an attention processor sits in (diffusers' own rule when it loads IP-Adapters)."""
+    channels = list(unet.config.block_out_channels)
+    if name.startswith("mid_block"):
+        return channels[-1]
+    block = int(name.split(".")[1])
+    return list(reversed(channels))[block] if name.startswith("up_blocks") else channels[block]
+
+
+def _build_demo_ip_adapter(base_dir: Path, out_dir: Path) -> None:
+    """A tiny IP-Adapter for the demo UNet (image projection to 4 tokens, key/value layers for each cross-attention,
+    in the single-file layout) and a tiny CLIP image encoder beside it."""
+    unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
+    cross = unet.config.cross_attention_dim
+    embed = 16
+    _seeded(3)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+            patch_size=16, projection_dim=embed,
+        )
+    )  # fmt: skip
+    tensors = {
+        "image_proj.proj.weight": torch.randn(cross * 4, embed) * 0.3,
+        "image_proj.proj.bias": torch.zeros(cross * 4),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = _ip_hidden_size(unet, name)
+        tensors[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross) * 0.5
+        tensors[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross) * 0.5
+        key_id += 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "ip-adapter.safetensors")
+    encoder.save_pretrained(out_dir / "image_encoder", safe_serialization=True)
+
+
+def ensure_demo_ip_adapter(family: str, root: Path) -> Path:
+    """`root/ip-adapter-<family>`: the demo model's tiny IP-Adapter and image encoder, built on first use."""
+    if family not in ("sd15", "sdxl"):
+        raise ValueError(f"no demo IP-Adapter for family '{family}'")
+    root = Path(root)
+    kind = f"ip-adapter-{family}"
+    out_dir = root / kind
+    if _marker_ok(out_dir, kind):
+        return out_dir
+    base = ensure_demo_model(family, root)
+    with _locked(root):
+        if not _marker_ok(out_dir, kind):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{kind}.tmp-", dir=root))
+            try:
+                with torch.random.fork_rng(devices=[]), _quiet_progress():
+                    _build_demo_ip_adapter(base, tmp)
+                os.chmod(tmp, 0o755)
+                shutil.rmtree(out_dir, ignore_errors=True)
+                os.replace(tmp, out_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            (out_dir / MARKER).write_text(json.dumps({"kind": kind, "version": DEMO_VERSION}))
     return out_dir
 
 

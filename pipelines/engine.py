@@ -27,11 +27,11 @@ import psutil
 import torch
 from PIL import Image
 
-from pipelines import checkpoints, controlnet, demo, log_context
+from pipelines import checkpoints, controlnet, demo, ip_adapter, log_context
 from pipelines.batching import batch_key
 from pipelines.cache import PipelineCache, free_device_memory
 from pipelines.checkpoints import NO_TXT2IMG_VARIANTS
-from pipelines.control_units import ControlMode, crop_like_only_masked
+from pipelines.control_units import ControlMode, ControlUnit, crop_like_only_masked, ip_adapter_units
 from pipelines.embeddings import TextualInversions
 from pipelines.engine_api import JobStatus
 from pipelines.errors import (
@@ -144,6 +144,9 @@ def check_control_units(spec: ModelSpec, req: GenerationRequest) -> None:
     if req.refiner:
         raise InvalidRequest("refiner_checkpoint", "an SDXL refiner with ControlNet units is not supported yet")
     for i, unit in enumerate(req.control_units):
+        if unit.is_ip_adapter:
+            check_ip_adapter_unit(spec, unit, i)
+            continue
         if spec.family not in controlnet.CFG_FAMILIES and unit.control_mode != ControlMode.BALANCED:
             raise InvalidRequest(
                 controlnet.unit_field(i, "control_mode"),
@@ -151,6 +154,21 @@ def check_control_units(spec: ModelSpec, req: GenerationRequest) -> None:
             )
         if unit.image.size != (req.width, req.height):
             raise InvalidRequest(controlnet.unit_field(i, "image"), "the control image must have the output size")
+
+
+def check_ip_adapter_unit(spec: ModelSpec, unit: ControlUnit, index: int) -> None:
+    """IP-Adapter units: SD1.5/SDXL, the whole denoising (diffusers has no per-step window for them), weight as
+    the adapter's scale."""
+    if spec.family not in ip_adapter.FAMILIES:
+        raise InvalidRequest(
+            controlnet.unit_field(index, "model"), f"IP-Adapter runs on SD1.5 and SDXL, not {spec.family}"
+        )
+    if (unit.guidance_start, unit.guidance_end) != (0.0, 1.0):
+        raise InvalidRequest(
+            controlnet.unit_field(index, "guidance_start"), "an IP-Adapter unit applies to every step here (0 to 1)"
+        )
+    if unit.control_mode != ControlMode.BALANCED:
+        raise InvalidRequest(controlnet.unit_field(index, "control_mode"), "an IP-Adapter unit runs Balanced only")
 
 
 class Job(CompletableJob):
@@ -819,6 +837,7 @@ class Engine:
             try:
                 controlnet.ensure_loaded(loaded, job0.request.control_units, self.config.demo_root,
                                          self.config.configs_dir)  # fmt: skip
+                ip_adapter.ensure_loaded(loaded, ip_adapter_units(job0.request.control_units), self.config.demo_root)
                 self.cache.enforce_budget(spec.id)
             except Exception as e:
                 for job, _ in started:
@@ -1060,7 +1079,11 @@ class Engine:
             if units and prepared.crop_region is not None and prepared.canvas is not None:  # "only masked"
                 region, canvas = prepared.crop_region, prepared.canvas.size
                 units = [
-                    dataclasses.replace(u, image=crop_like_only_masked(u.image, canvas, region, req.width, req.height))
+                    u
+                    if u.is_ip_adapter
+                    else dataclasses.replace(
+                        u, image=crop_like_only_masked(u.image, canvas, region, req.width, req.height)
+                    )
                     for u in units
                 ]
             req = dataclasses.replace(req, init_images=[prepared.image], mask=prepared.mask, control_units=units)

@@ -79,6 +79,7 @@ class LoadedModel:
     # (pipelines.controlnet); dropped with the model, and counted in its memory.
     controlnets: dict[str, torch.nn.Module] = field(default_factory=dict)
     control_derived: dict[Task, DiffusionPipeline] = field(default_factory=dict)
+    ip_adapters: dict[str, Any] = field(default_factory=dict)  # IP-Adapter weights by source (pipelines.ip_adapter)
 
     @property
     def execution_device(self) -> torch.device | None:

@@ -90,7 +90,7 @@ class FluxAdapter(FamilyAdapter):
     ) -> list[list[Image.Image]]:
         req = items[0].request
         cached = self.pipeline_for(loaded, req.task)
-        if req.control_units:  # the ControlNet pipeline of the task (pipelines.controlnet), sharing the base's weights
+        if req.control_units:  # the task's ControlNet pipeline (the engine refuses IP-Adapter units here)
             cached = controlnet.control_pipeline(loaded, req.task)
         pipe = call_view(cached, scheduler, req.steps, loaded.execution_device)
         prompts, _ = batch_prompts(items)

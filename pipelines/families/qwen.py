@@ -130,7 +130,7 @@ class QwenImageAdapter(_QwenBase):
     ) -> list[list[Image.Image]]:
         req = items[0].request
         cached = self.pipeline_for(loaded, req.task)
-        if req.control_units:  # the ControlNet pipeline (pipelines.controlnet), sharing the base's weights
+        if req.control_units:  # the ControlNet pipeline (the engine refuses IP-Adapter units here)
             cached = controlnet.control_pipeline(loaded, req.task)
         pipe = call_view(cached, scheduler, req.steps, loaded.execution_device)
         prompts, negatives = batch_prompts(items)

@@ -22,7 +22,8 @@ from diffusers import (
 )
 from PIL import Image
 
-from pipelines import controlnet, single_file
+from pipelines import controlnet, ip_adapter, single_file
+from pipelines.control_units import controlnet_units, ip_adapter_units
 from pipelines.families import (
     batch_init_images,
     batch_prompts,
@@ -188,11 +189,9 @@ class StableDiffusionAdapter(FamilyAdapter):
         """One pipeline call: PIL images, or the final latents (`output_type="latent"`, for a latent hires pass).
         `init_latents` replaces the init images of an img2img call (diffusers treats 4-channel input as latents)."""
         req = items[0].request
-        if req.control_units:  # the ControlNet pipeline of the task (pipelines.controlnet), sharing the base's weights
-            self.pipeline_for(loaded, req.task)  # the same task checks
+        cached = self.pipeline_for(loaded, req.task)
+        if controlnet_units(req.control_units):  # the task's ControlNet pipeline, sharing the base's weights
             cached = controlnet.control_pipeline(loaded, req.task)
-        else:
-            cached = self.pipeline_for(loaded, req.task)
         pipe = call_view(cached, scheduler, req.steps, loaded.execution_device)
         prompts, negatives = batch_prompts(items)
         prompts = [extract_loras(p)[0] for p in prompts]
@@ -220,10 +219,11 @@ class StableDiffusionAdapter(FamilyAdapter):
                 width=req.width,
                 height=req.height,
             )
-        if req.control_units:
+        if controlnet_units(req.control_units):
             controlnet.attach(pipe, loaded, items, kwargs)
+        ip_scope = ip_adapter.scope(pipe, loaded, ip_adapter_units(req.control_units), kwargs)
         # The text encoders may carry LoRA weights too: encode inside. Tiling is on for this call only.
-        with lora_scope(loaded, items), tiling_scope(pipe, req.tiling):
+        with lora_scope(loaded, items), tiling_scope(pipe, req.tiling), ip_scope:
             # SDXL: all-empty negatives become zeros (force_zeros_for_empty_prompt); the batcher never mixes empty
             # and non-empty negative prompts in one call.
             encode = encode_sdxl if loaded.spec.family == "sdxl" else encode_sd15
