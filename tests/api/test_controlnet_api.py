@@ -24,6 +24,7 @@ from tests.api.fake_engine import FakeEngine
 from tests.api.test_a1111 import A1111_ERROR_KEYS, GW, MODELS_YAML, SD, info_of, make_settings
 
 DEMO = controlnet_models.demo_entry("sd15").title
+IP_DEMO = controlnet_models.demo_ip_adapter_entry("sd15").title
 UNIT = "alwayson_scripts.controlnet.args"
 
 
@@ -96,16 +97,16 @@ def test_version_model_list_and_settings_shapes(client: TestClient, models_dir: 
     data = (models_dir / "ControlNet" / "control_v11p_sd15_canny.safetensors").read_bytes()
     short = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     flux = controlnet_models.demo_entry("flux").title  # the registry's demo-flux has one too
-    expected = [DEMO, flux, f"control_v11p_sd15_canny [{short}]"]
+    expected = [DEMO, flux, IP_DEMO, f"control_v11p_sd15_canny [{short}]"]
     assert client.get(f"{prefix}/model_list").json() == {"model_list": expected}
     assert client.get(f"{prefix}/settings").json() == {"control_net_unit_count": 3}
 
 
 def test_model_list_update_rescans_the_folder(client: TestClient, models_dir: Path) -> None:
-    assert len(client.get("/controlnet/model_list").json()["model_list"]) == 3
+    assert len(client.get("/controlnet/model_list").json()["model_list"]) == 4
     (models_dir / "ControlNet" / "control_v11f1p_sd15_depth.safetensors").write_bytes(b"weights")
-    assert len(client.get("/controlnet/model_list?update=false").json()["model_list"]) == 3  # the cached listing
-    assert len(client.get("/controlnet/model_list?update=true").json()["model_list"]) == 4
+    assert len(client.get("/controlnet/model_list?update=false").json()["model_list"]) == 4  # the cached listing
+    assert len(client.get("/controlnet/model_list?update=true").json()["model_list"]) == 5
 
 
 def test_settings_follow_the_unit_count_option(client: TestClient) -> None:
@@ -214,6 +215,44 @@ def test_bad_unit_fields_are_422_naming_the_field(client: TestClient, unit: dict
 def test_args_must_be_a_list(client: TestClient) -> None:
     body = {"prompt": "a", "steps": 1, "alwayson_scripts": {"controlnet": {"args": {"enabled": True}}}}
     assert_unit_422(client.post(f"{SD}/txt2img", json=body), UNIT)
+
+
+# IP-Adapter units ----------------------------------------------------------------------------------------------------
+
+
+def test_ip_adapter_unit_reaches_the_engine_without_a_detected_map(client: TestClient, engine: FakeEngine) -> None:
+    unit = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": IP_DEMO, "image": b64_png(square(100))}
+    response = txt2img(client, unit, {"enabled": True, "model": DEMO, "image": b64_png(square())})
+    assert response.status_code == 200, response.text
+    ip, control = engine.requests[-1].control_units
+    assert (ip.source, ip.image_encoder, ip.image.size) == ("demo-ip:sd15", "demo-ip:sd15", (100, 100))
+    assert control.image_encoder is None
+    assert len(response.json()["images"]) == 2  # the picture and the ControlNet unit's map only
+
+
+def test_ip_adapter_file_needs_its_local_image_encoder(client: TestClient, engine: FakeEngine, models_dir: Path):
+    (models_dir / "ControlNet" / "ip-adapter_sd15.safetensors").write_bytes(b"weights")
+    unit = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15", "image": b64_png(square())}
+    refused = txt2img(client, unit)
+    assert_unit_422(refused, f"{UNIT}.0.module")
+    assert "clip_vision/clip_h" in refused.json()["errors"]
+    encoder = models_dir / "clip_vision" / "clip_h"
+    encoder.mkdir(parents=True)
+    (encoder / "config.json").write_text("{}")
+    assert txt2img(client, unit).status_code == 200
+    assert engine.requests[-1].control_units[0].image_encoder == str(encoder)
+
+
+@pytest.mark.parametrize(
+    ("unit", "field"),
+    [
+        ({"module": "none", "model": IP_DEMO}, f"{UNIT}.0.module"),  # an IP-Adapter needs an ip-adapter module
+        ({"module": "ip-adapter_face_id_plus", "model": IP_DEMO}, f"{UNIT}.0.model"),  # FaceID: insightface
+        ({"module": "ip-adapter_clip_sd15", "model": DEMO}, f"{UNIT}.0.model"),  # a ControlNet is no IP-Adapter
+    ],
+)
+def test_ip_adapter_unit_problems(client: TestClient, unit: dict, field: str) -> None:
+    assert_unit_422(txt2img(client, {"enabled": True, "image": b64_png(square()), **unit}), field)
 
 
 # Real engine ---------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipelines import controlnet, controlnet_models, demo
+from pipelines import controlnet, controlnet_models, demo, ip_adapter
 from pipelines.batching import batch_key
 from pipelines.control_units import (
     ControlMode,
@@ -62,6 +62,7 @@ def run(load, demo_root: Path):
         fields = dict(model=f"demo-{family}", prompt="a cat", width=64, height=64, steps=2, guidance=5.0, seed=1)
         req = GenerationRequest(**{**fields, **kw}, control_units=units)
         controlnet.ensure_loaded(loaded, units, demo_root, None)
+        ip_adapter.ensure_loaded(loaded, [u for u in units if u.is_ip_adapter], demo_root)
 
         def scheduler():
             return type(loaded.base.scheduler).from_config(loaded.base.scheduler.config)
@@ -187,6 +188,32 @@ def test_batched_images_keep_their_own_control_image_and_seed(run, load, demo_ro
     assert np.abs(px(together[0][0]) - px(together[1][0])).mean() > 1
 
 
+# IP-Adapter ----------------------------------------------------------------------------------------------------------
+
+
+def ip_unit(family: str = "sd15", **kw) -> ControlUnit:
+    base = dict(model=f"ip-adapter_demo-{family}", source=f"demo-ip:{family}", image=square())
+    return ControlUnit(**{**base, "image_encoder": f"demo-ip:{family}", **kw})
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_ip_adapter_image_prompt_steers_and_leaves_the_unet_as_it_was(run, load, family: str) -> None:
+    unet = load(family).base.unet
+    processors = dict(unet.attn_processors)
+    plain = px(run(family, [])[0])
+    prompted = px(run(family, [ip_unit(family)])[0])
+    other = px(run(family, [ip_unit(family, image=square(inverted=True))])[0])
+    assert np.abs(prompted - plain).mean() > 2 and np.abs(prompted - other).mean() > 1
+    assert np.array_equal(px(run(family, [ip_unit(family, weight=0.0)])[0]), plain)
+    # Taken out after the call: the same processors, no image projection, the plain picture again.
+    assert dict(unet.attn_processors) == processors and unet.encoder_hid_proj is None
+    assert np.array_equal(px(run(family, [])[0]), plain)
+    # With a ControlNet unit in the same request.
+    controlled = px(run(family, [unit(family)])[0])
+    both = px(run(family, [unit(family), ip_unit(family)])[0])
+    assert np.abs(both - controlled).mean() > 1
+
+
 # The extension's arithmetic, on the wrapper itself -----------------------------------------------------------------
 
 
@@ -294,6 +321,8 @@ def test_engine_runs_units_and_counts_the_controlnet_in_the_models_memory(engine
             "alwayson_scripts.controlnet.args.0.control_mode",
         ),
         ({"refiner": "demo-sdxl"}, "refiner_checkpoint"),
+        ({"model": "demo-flux", "control_units": [ip_unit("sd15")]}, "alwayson_scripts.controlnet.args.0.model"),
+        ({"control_units": [ip_unit(guidance_end=0.5)]}, "alwayson_scripts.controlnet.args.0.guidance_start"),
         ({"model": "demo-qwen-image", "control_units": [unit("qwen-image")], "hires": HiresOptions()}, "enable_hr"),
         ({"control_units": [unit(image=square(32))]}, "alwayson_scripts.controlnet.args.0.image"),
     ],
@@ -318,6 +347,8 @@ def test_batch_key_keeps_units_models_and_settings_apart() -> None:
     assert batch_key("b", request(control_units=[unit(source="/models/ControlNet/x.safetensors")]), choice) != key
     assert batch_key("b", request(control_units=[unit(weight=0.5)]), choice) != key
     assert batch_key("b", request(control_units=[]), choice) != key
+    ip = request(control_units=[ip_unit()])
+    assert batch_key("b", ip, choice) != batch_key("c", ip, choice)  # an image prompt runs alone
 
 
 # Torch-free helpers -----------------------------------------------------------------------------------------------

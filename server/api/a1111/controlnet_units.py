@@ -10,6 +10,7 @@ field.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -80,6 +81,7 @@ class ParsedUnit:
     pixel_perfect: bool
     save_detected_map: bool
     hr_option: HiresOption
+    image_encoder: str | None = None  # an IP-Adapter unit's CLIP image encoder (pipelines.ip_adapter)
 
 
 def _number(raw: dict[str, Any], name: str, default: float, bad: list[FieldError], where: str) -> float:
@@ -117,7 +119,35 @@ def _is_ip_adapter(module: str, model: str) -> bool:
 Entries = list[controlnet_models.ControlNetEntry]
 
 
-def parse_unit(raw: Any, index: int, entries: Entries) -> tuple[ParsedUnit | None, list[FieldError]]:
+def image_encoder_for(
+    entry: controlnet_models.ControlNetEntry, module: str, models: Path | None
+) -> tuple[str | None, str | None]:
+    """An IP-Adapter's CLIP image encoder folder, or why there is none. The extension picks the encoder by module:
+    `ip-adapter_clip_sdxl` / `_clip_g` use ViT-bigG, the others ViT-H; here they are transformers folders
+    (config.json + model.safetensors) at `<models>/clip_vision/clip_g` and `clip_h`."""
+    if entry.source.startswith("demo-ip:"):
+        return entry.source, None  # the demo IP-Adapter brings its own
+    name = entry.name.lower()
+    bigg = module in ("ip-adapter_clip_sdxl", "ip-adapter_clip_g") or (
+        module == "ip-adapter-auto" and "sdxl" in name and "vit-h" not in name
+    )
+    folder_name = "clip_g" if bigg else "clip_h"
+    folder = models / "clip_vision" / folder_name if models is not None else None
+    if folder is None or not (folder / "config.json").is_file():
+        return None, (
+            f"IP-Adapter '{entry.name}' needs its image encoder: a CLIPVisionModelWithProjection folder "
+            f"(config.json + model.safetensors) at <models>/clip_vision/{folder_name}"
+        )
+    return str(folder), None
+
+
+def _is_ip_adapter_entry(entry: controlnet_models.ControlNetEntry) -> bool:
+    return entry.source.startswith("demo-ip:") or _is_ip_adapter("", entry.name)
+
+
+def parse_unit(
+    raw: Any, index: int, entries: Entries, models: Path | None = None
+) -> tuple[ParsedUnit | None, list[FieldError]]:
     """One unit: (None, []) when it is not enabled, else the parsed unit or its problems."""
     where = f"alwayson_scripts.controlnet.args.{index}"
     bad: list[FieldError] = []
@@ -132,18 +162,32 @@ def parse_unit(raw: Any, index: int, entries: Entries) -> tuple[ParsedUnit | Non
             log.info('ControlNet unit %d is not enabled (send "enabled": true to use it); skipped', index)
         return None, []
     module = str(values.get("module") or "none")
-    try:
-        module = canonical_module(module)
-    except PreprocessorError as e:
-        bad.append(FieldError(f"{where}.module", str(e)))
     model_name = str(values.get("model") or "None")
-    if _is_ip_adapter(module, model_name):
-        return None, [FieldError(f"{where}.model", "IP-Adapter units are not supported by this server yet")]
+    ip = _is_ip_adapter(module, model_name)
+    if ip:  # the CLIP image encoder is the "preprocessor" (pipelines.ip_adapter), not an image operation
+        module = module.strip().lower()
+        if "face_id" in module or "faceid" in model_name.lower():
+            bad.append(FieldError(f"{where}.model", "IP-Adapter FaceID needs insightface, which this server lacks"))
+        elif not module.startswith("ip-adapter"):
+            bad.append(FieldError(f"{where}.module", "an IP-Adapter model needs an ip-adapter_clip_* module"))
+    else:
+        try:
+            module = canonical_module(module)
+        except PreprocessorError as e:
+            bad.append(FieldError(f"{where}.module", str(e)))
     entry = None
     if model_name.strip().lower() in NO_MODEL:
         bad.append(FieldError(f"{where}.model", "no ControlNet model selected (see GET /controlnet/model_list)"))
     elif (entry := controlnet_models.resolve(entries, model_name)) is None:
         bad.append(FieldError(f"{where}.model", f"model({model_name}) not found in supported models"))
+    encoder = None
+    if ip and entry is not None and not bad:
+        if not _is_ip_adapter_entry(entry):
+            bad.append(FieldError(f"{where}.model", f"'{entry.title}' is a ControlNet, not an IP-Adapter"))
+        else:
+            encoder, why = image_encoder_for(entry, module, models)
+            if why is not None:
+                bad.append(FieldError(f"{where}.module", why))
     weight = _number(values, "weight", 1.0, bad, where)
     if not 0.0 <= weight <= 2.0:
         bad.append(FieldError(f"{where}.weight", "must be between 0 and 2"))
@@ -189,10 +233,11 @@ def parse_unit(raw: Any, index: int, entries: Entries) -> tuple[ParsedUnit | Non
         pixel_perfect=bool(values.get("pixel_perfect", False)),
         save_detected_map=bool(values.get("save_detected_map", True)),
         hr_option=hr_option,
+        image_encoder=encoder,
     ), []
 
 
-def parse_units(alwayson: dict[str, Any], entries: list[controlnet_models.ControlNetEntry]) -> list[ParsedUnit]:
+def parse_units(alwayson: dict[str, Any], entries: Entries, models: Path | None = None) -> list[ParsedUnit]:
     """The enabled units of a request, in order; a 422 naming every bad field."""
     found = script_args(alwayson)
     if found is None:
@@ -205,7 +250,7 @@ def parse_units(alwayson: dict[str, Any], entries: list[controlnet_models.Contro
     for index, raw in enumerate(args):
         if not isinstance(raw, dict):  # the extension skips what is not a unit (UI positional leftovers)
             continue
-        unit, bad = parse_unit(raw, index, entries)
+        unit, bad = parse_unit(raw, index, entries, models)
         errors += bad
         if unit is not None:
             units.append(unit)
@@ -280,6 +325,24 @@ def build_units(units: list[ParsedUnit], generation: GenerationRequest, settings
     preparation thread: this is the image work)."""
     built = []
     for unit in units:
+        if unit.image_encoder is not None:  # an IP-Adapter's image prompt: the picture itself, as sent
+            image, _ = input_image(replace_mask(unit), generation, settings)
+            built.append(
+                ControlUnit(
+                    model=unit.model.title,
+                    source=unit.model.source,
+                    image=image,
+                    module=unit.module,
+                    weight=unit.weight,
+                    guidance_start=unit.guidance_start,
+                    guidance_end=unit.guidance_end,
+                    control_mode=unit.control_mode,
+                    save_detected_map=False,
+                    hr_option=unit.hr_option,
+                    image_encoder=unit.image_encoder,
+                )
+            )
+            continue
         image, resize = input_image(unit, generation, settings)
         resolution = unit.processor_res
         if unit.pixel_perfect:
@@ -309,6 +372,11 @@ def build_units(units: list[ParsedUnit], generation: GenerationRequest, settings
             )
         )
     return built
+
+
+def replace_mask(unit: ParsedUnit) -> ParsedUnit:
+    """The unit without its mask (an IP-Adapter's CLIP mask is not applied here)."""
+    return dataclasses.replace(unit, mask=None)
 
 
 def models_dir(settings: Settings) -> Path | None:

@@ -139,10 +139,11 @@ async def with_controlnet(
     cat = controlnet.catalog(request.app)
 
     def parse() -> list[controlnet_units.ParsedUnit]:
+        models = controlnet_units.models_dir(settings)
         try:
-            return controlnet_units.parse_units(body.alwayson_scripts, cat.entries())
+            return controlnet_units.parse_units(body.alwayson_scripts, cat.entries(), models)
         except ApiError:  # a model added since the last scan is found after a fresh one
-            return controlnet_units.parse_units(body.alwayson_scripts, cat.scan())
+            return controlnet_units.parse_units(body.alwayson_scripts, cat.scan(), models)
 
     parsed = await run_in_threadpool(parse)
     if not parsed:
