@@ -1,15 +1,18 @@
-"""ControlNet on SD1.5 / SDXL: diffusers' ControlNet pipelines, with the sd-webui-controlnet extension's arithmetic.
+"""ControlNet: diffusers' ControlNet pipelines (SD1.5, SDXL, FLUX.1, Qwen-Image), with the sd-webui-controlnet
+extension's arithmetic.
 
-The ControlNet pipelines are derived from the base pipeline with `from_pipe` (UNet, VAE, text encoders shared) and
-cached on the `LoadedModel`, as are the ControlNet weights (counted in its memory, so in the cache's budget). Each
-call gets its own `MultiControlNetModel` of `UnitControlNet` wrappers, one per unit, which apply what the extension
-does in its UNet hook (scripts/hook.py) rather than diffusers' own variants of it:
+The ControlNet pipelines are derived from the base pipeline with `from_pipe` (denoiser, VAE, text encoders shared)
+and cached on the `LoadedModel`, as are the ControlNet weights (counted in its memory, so in the cache's budget).
+Each call gets its own multi-ControlNet of per-unit wrappers. On SD1.5/SDXL (`UnitControlNet`) they apply what the
+extension does in its UNet hook (scripts/hook.py) rather than diffusers' own variants of it:
 - weight: every residual times `weight`;
 - control mode "My prompt is more important": soft injection, residual i of 13 times 0.825**(12-i);
 - "ControlNet is more important": soft injection, and the control reaches only the conditional half of the CFG
   batch (the extension's cfg_injection; diffusers' guess_mode is the same idea for all units at once);
 - guidance_start / guidance_end: off at steps where step/total is outside the window (A1111's rule, which differs
   from diffusers' control_guidance_start/end at the window's edges).
+FLUX and Qwen-Image (`UnitTransformerControlNet`) get the weight and the window (the extension defines nothing more
+for them).
 """
 
 from __future__ import annotations
@@ -149,8 +152,8 @@ def load_controlnet(
     file_family = single_file_family(path)
     if file_family == "flux":
         raise InvalidRequest(
-            "alwayson_scripts.controlnet", f"FLUX ControlNet {path.name}: use its diffusers folder (single files are "
-            "read for SD1.5 and SDXL ControlNets)"
+            "alwayson_scripts.controlnet", f"{path.name} is a transformer (FLUX / Qwen-Image) ControlNet: use its "
+            "diffusers folder (single files are read for SD1.5 and SDXL ControlNets)"
         )  # fmt: skip
     config = configs_dir / SINGLE_FILE_CONFIGS[file_family] if configs_dir is not None else None
     if config is None or not (config / "config.json").is_file():
@@ -182,17 +185,17 @@ def ensure_loaded(
             except Exception as e:  # a broken file: say which, as a failed model load, never a traceback
                 log.exception("loading ControlNet %s failed", unit.model)
                 raise ModelLoadError(f"ControlNet '{unit.model}' failed to load: {type(e).__name__}: {e}") from e
+            if controlnet_family(model) != family:  # refused before it takes any device memory
+                raise InvalidRequest(
+                    unit_field(index, "model"),
+                    f"ControlNet '{unit.model}' is for {controlnet_family(model)} models, not for '{loaded.spec.id}' "
+                    f"({family})",
+                )
             # The model's device (with CPU offload of the base, the accelerator: the ControlNet stays there).
             model.to(loaded.device)
             model.eval()
             log.info("loaded ControlNet %s for %s", unit.model, loaded.spec.id)
             loaded.controlnets[unit.source] = model
-        if controlnet_family(model) != family:
-            raise InvalidRequest(
-                unit_field(index, "model"),
-                f"ControlNet '{unit.model}' is for {controlnet_family(model)} models, not for '{loaded.spec.id}' "
-                f"({family})",
-            )
         models.append(model)
     return models
 

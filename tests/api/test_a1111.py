@@ -601,7 +601,7 @@ def test_samplers_schedulers_upscalers(client: TestClient):
 
 
 def test_empty_listings_and_static_shapes(client: TestClient):
-    assert client.get(f"{SD}/scripts").json() == {"txt2img": [], "img2img": []}
+    assert client.get(f"{SD}/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     assert client.get(f"{SD}/embeddings").json() == {"loaded": {}, "skipped": {}}
     for path in ("script-info", "loras", "sd-vae", "hypernetworks", "face-restorers",
                  "realesrgan-models", "extensions"):  # fmt: skip

@@ -338,6 +338,7 @@ def test_engine_refuses_a_controlnet_of_another_family(engine) -> None:
     with pytest.raises(InvalidRequest) as e:
         job.wait_sync(120)
     assert e.value.field == "alwayson_scripts.controlnet.args.0.model" and "sd15" in e.value.message
+    assert "demo:sd15" not in engine.cache.get(engine.registry.get("demo-sdxl")).controlnets  # not kept
 
 
 def test_batch_key_keeps_units_models_and_settings_apart() -> None:
@@ -370,10 +371,11 @@ def test_model_listing_names_and_hashes_as_the_extension(tmp_path: Path) -> None
     assert [e.title for e in entries] == [
         controlnet_models.demo_entry("sd15").title,
         controlnet_models.demo_entry("flux").title,
+        controlnet_models.demo_ip_adapter_entry("sd15").title,  # IP-Adapters are listed with them, as the extension
         f"control_v11p_sd15_canny [{expected}]",
         f"controlnet-depth-sdxl [{empty}]",
     ]
-    canny = entries[2]
+    canny = entries[3]
     assert controlnet_models.resolve(entries, f"control_v11p_sd15_canny [{expected}]") is canny
     assert controlnet_models.resolve(entries, "Control_V11P_SD15_Canny") is canny  # bare name, any case
     assert controlnet_models.resolve(entries, "canny") is canny  # the shortest name containing it

@@ -257,7 +257,8 @@ def _add_listing_routes(router: APIRouter) -> None:
 
     @router.get("/scripts")
     async def scripts() -> dict[str, list[str]]:
-        return {"txt2img": [], "img2img": []}
+        # The always-on scripts this server reads (A1111 lists them by their lower-case title); none is selectable.
+        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
 
     @router.get("/prompt-styles", response_model=list[PromptStyleItem])
     async def prompt_styles(request: Request) -> list[PromptStyleItem]:
