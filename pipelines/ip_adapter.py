@@ -103,7 +103,9 @@ def scope(
     size = encoder.config.image_size
     view.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
     try:
-        unet._load_ip_adapter_weights([w.state_dict for w in weights])
+        # Not under accelerate's init_empty_weights (low_cpu_mem_usage), which patches torch for every thread while
+        # it runs (pipelines.cache._LOAD_LOCK): the adapter layers are small, built and filled directly.
+        unet._load_ip_adapter_weights([w.state_dict for w in weights], low_cpu_mem_usage=False)
         view.set_ip_adapter_scale([u.weight for u in units])
         kwargs["ip_adapter_image"] = [u.image for u in units]
         yield
