@@ -1,21 +1,21 @@
 """Which work can share one pipeline call.
 
 Requests batch together when everything that shapes the denoising loop is equal: model, task, size, steps,
-sampler and schedule, guidance, strength, variation-seed strength and seed resize, tiling, and the LoRAs
-(structured or `<lora:...>` tags, which are active for a whole call). Prompts, negative prompts and seeds may differ
-(each image keeps its own generator). ControlNet requests share a call only with requests whose units use the same
-models with the same weights, modes and windows (their control images may differ: each image gets its own). Hires
-and refiner requests run alone (two passes). Inpainting and
-instruction edits carry per-request masks / reference images that the pipelines take once per call, so they never
-share a call with another request. Deadlines may differ too: a request past its deadline
-leaves a shared call on its own (the engine fails it at the next step and drops its images).
+sampler and schedule, guidance, strength, variation-seed strength and seed resize, tiling, the LoRAs
+(structured or `<lora:...>` tags, which are active for a whole call), and whether the prompt is an A1111 composable
+(`AND`) one. Prompts, negative prompts and seeds may differ (each image keeps its own generator). ControlNet requests
+share a call only with requests whose units use the same models with the same weights, modes and windows (their
+control images may differ: each image gets its own); IP-Adapter requests run alone. Hires and refiner requests run
+alone (two passes). Inpainting and instruction edits carry per-request masks / reference images that the pipelines
+take once per call, so they never share a call with another request. Deadlines may differ too: a request past its
+deadline leaves a shared call on its own (the engine fails it at the next step and drops its images).
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
 
-from pipelines.prompts import clean_prompts, request_loras
+from pipelines.prompts import clean_prompts, is_composable, request_loras
 from pipelines.request import GenerationRequest, Task
 from pipelines.sampler_names import SamplerChoice
 
@@ -47,5 +47,8 @@ def batch_key(job_id: str, req: GenerationRequest, choice: SamplerChoice) -> Has
         (req.subseed_strength, req.seed_resize_from_w, req.seed_resize_from_h),
         req.tiling,
         req.clip_skip,
+        # A1111 `AND` prompts run through a UNet wrapper that evaluates each part (pipelines.composable); plain
+        # prompts never go through it. Composable requests with different numbers of parts do share a call.
+        is_composable(clean_prompts(req)[0]),
         tuple(unit.batch_key() for unit in req.control_units),
     )

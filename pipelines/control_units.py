@@ -117,15 +117,6 @@ def fit_control_image(image: Image.Image, width: int, height: int, mode: Control
     return canvas
 
 
-def pixel_perfect_resolution(size: tuple[int, int], width: int, height: int, mode: ControlResize) -> int:
-    """The extension's `pixel_perfect_resolution`: the preprocessor resolution that maps the input's short side
-    onto the output without resampling twice."""
-    raw_w, raw_h = size
-    k0, k1 = height / raw_h, width / raw_w
-    k = min(k0, k1) if mode == ControlResize.OUTER_FIT else max(k0, k1)
-    return int(np.round(k * min(raw_h, raw_w)))
-
-
 def crop_like_only_masked(
     image: Image.Image, canvas: tuple[int, int], region: tuple[int, int, int, int], width: int, height: int
 ) -> Image.Image:

@@ -58,6 +58,7 @@ from pipelines.lora import LoraManager, registry_for
 from pipelines.matting import BackgroundRemover
 from pipelines.optimize import apply_optimizations, prepare_call, warmup_shapes, watch_compiles
 from pipelines.previews import PreviewMaker
+from pipelines.prompts import clean_prompts, is_composable
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task, wants_preview
 from pipelines.sampler_names import SamplerChoice
@@ -143,6 +144,9 @@ def check_control_units(spec: ModelSpec, req: GenerationRequest) -> None:
         raise InvalidRequest("enable_hr", f"hires fix with ControlNet units needs img2img ControlNet ({spec.family})")
     if req.refiner:
         raise InvalidRequest("refiner_checkpoint", "an SDXL refiner with ControlNet units is not supported yet")
+    if spec.family in ("sd15", "sdxl") and is_composable(clean_prompts(req)[0]):
+        # The AND wrapper (pipelines.composable) re-batches the UNet's rows; the units' residuals are per image.
+        raise InvalidRequest("prompt", "A1111 AND prompts with ControlNet / IP-Adapter units are not supported yet")
     for i, unit in enumerate(req.control_units):
         if unit.is_ip_adapter:
             check_ip_adapter_unit(spec, unit, i)

@@ -358,7 +358,7 @@ def prepare_inpaint(
         mask = ImageOps.invert(mask)
     if opts.full_res and mask.size != image.size:
         mask = mask.resize(image.size, resample=LANCZOS)  # the crop region must mean the same pixels in both
-    mask = blur_mask(mask, opts.mask_blur)
+    mask = blur_mask(mask, opts.mask_blur, opts.mask_blur_y)
     region = get_crop_region(mask, opts.full_res_padding) if opts.full_res else None
     if region is not None:
         prepared = _prepare_only_masked(image, mask, region, width, height, max_pixels)

@@ -282,12 +282,12 @@ def encode_sdxl(
     z = torch.cat(hidden, dim=-1)[index]
     pooled = pooled[index]
     b = len(prompts)
-    if zero_negative:
+    if zero_negative:  # one zero row per negative (composable prompts have more prompt rows than negatives)
         return {
             "prompt_embeds": z,
-            "negative_prompt_embeds": torch.zeros_like(z),
+            "negative_prompt_embeds": z.new_zeros((len(negatives), *z.shape[1:])),
             "pooled_prompt_embeds": pooled,
-            "negative_pooled_prompt_embeds": torch.zeros_like(pooled),
+            "negative_pooled_prompt_embeds": pooled.new_zeros((len(negatives), *pooled.shape[1:])),
         }
     return {
         "prompt_embeds": z[:b],

@@ -7,10 +7,12 @@
   does, and returns the `lora` / `lyco` ones as `LoraRef`s.
 - `strip_attention` turns A1111 syntax into plain text for text encoders that are not CLIP (FLUX's T5, Qwen's VL
   model): the text is kept, weights and brackets and BREAK go.
+- `split_and` splits a prompt into A1111's composable subprompts (`a AND b:0.5`), each with its weight
+  (`get_multicond_prompt_list`); SD1.5/SDXL combine them in the denoiser (`pipelines.composable`).
 
 Prompt editing `[a:b:when]` and alternation `[a|b]` are scheduled by `pipelines.prompt_schedules` before this
 parser sees each step's text; textual-inversion embeddings are found by `pipelines.prompt_embeds`. Not supported (the
-text goes to the encoder as written): `AND` composition, `#` comment lines.
+text goes to the encoder as written): `#` comment lines.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from pipelines.request import GenerationRequest, LoraRef
 
@@ -44,6 +47,9 @@ _RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 # A1111's `re_extra_net`: `<lora:name:1.0>`, `<hypernet:name>`, ... Every such tag is removed from the prompt.
 _RE_EXTRA_NET = re.compile(r"<(\w+):([^>]+)>")
 _LORA_KINDS = frozenset({"lora", "lyco"})  # A1111 registers `lyco` as an alias of the Lora extra network
+# A1111's `re_AND` and `re_weight` (prompt_parser.py, v1.10), as written there.
+_RE_AND = re.compile(r"\bAND\b")
+_RE_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
@@ -116,6 +122,37 @@ def strip_attention(text: str) -> str:
     """Plain text for non-CLIP encoders (FLUX, Qwen): brackets, weights and escapes resolved, BREAK -> a space."""
     out = "".join(" " if is_break(frag) else frag[0] for frag in parse_prompt_attention(text))
     return out.strip()
+
+
+class SubPrompt(NamedTuple):
+    """One part of an A1111 composable prompt: its text and its weight in the guidance."""
+
+    text: str
+    weight: float = 1.0
+
+
+def split_and(prompt: str) -> list[SubPrompt]:
+    """A1111 `get_multicond_prompt_list` for one prompt: split on the word `AND` (uppercase only); a part ending in
+    `:number` has that weight (default 1), the number and the whitespace around it are removed, leading whitespace
+    is kept. Extra-network tags are removed first (A1111 parses them out of the whole prompt before this).
+
+    >>> split_and("a cat AND a dog:0.5")
+    [SubPrompt(text='a cat', weight=1.0), SubPrompt(text=' a dog', weight=0.5)]
+    """
+    out = []
+    for part in _RE_AND.split(prompt):
+        m = _RE_WEIGHT.search(part)  # always matches (everything is optional), as in A1111
+        text, weight = m.groups() if m is not None else (part, None)
+        out.append(SubPrompt(text, float(weight) if weight is not None else 1.0))
+    return out
+
+
+def is_composable(prompt: str) -> bool:
+    """Whether A1111 would combine this prompt's guidance differently from one plain prompt: several `AND` parts, or
+    one part with a weight other than 1 (A1111 scales the guidance by it: `a cat:2` is twice the CFG term). `prompt`
+    is without extra-network tags."""
+    parts = split_and(prompt)
+    return len(parts) > 1 or parts[0].weight != 1.0
 
 
 def _number(value: str, default: float, tag: str) -> float:

@@ -42,6 +42,7 @@ class InpaintOptions:
     """A1111-style inpainting knobs; pure image preparation, applied around the pipeline call."""
 
     mask_blur: int = 4
+    mask_blur_y: int | None = None  # vertical blur when it differs from the horizontal `mask_blur` (A1111 x/y)
     inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
     full_res: bool = True  # "only masked": crop around the mask, inpaint at full size, paste back
     full_res_padding: int = 0

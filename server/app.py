@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.engine_api import EngineClient
 from pipelines.registry import Registry, load_registry
+from server import studio
 from server.access import install_access
 from server.access.config import check_access_settings
 from server.checkpoint_scan import checkpoint_rescanner
@@ -222,5 +223,6 @@ def create_app(
     indoxhub.install(app)
     genpicz.install(app)
     genrex.install(app)
+    studio.install(app)  # the web page at / and /studio
     register_error_handlers(app)
     return app

@@ -243,8 +243,8 @@ def render_gateway(info: ErrorInfo) -> dict[str, Any]:
     return body
 
 
-A1111_PREFIXES = ("/sdapi/", "/v2/automatic1111/", "/controlnet/")  # the last: the A1111 ControlNet extension
-GATEWAY_PREFIXES = ("/v2/image/", "/v2/tasks", "/v2/results/")
+A1111_PREFIXES = ("/sdapi/", "/v2/automatic1111/", "/controlnet/")  # /controlnet: the ControlNet extension's API
+GATEWAY_PREFIXES = ("/v2/image/", "/v2/tasks", "/v2/results/", "/v2/history", "/v2/models")
 DEFAULT_RENDERERS: dict[str, Renderer] = {prefix: render_a1111 for prefix in A1111_PREFIXES}
 
 

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     # the memory image decoding can take, as the admission queue bounds generation.
     image_prep_concurrency: int = Field(2, ge=1)
     max_prompt_chars: int = Field(20_000, ge=1)
+    # Engine jobs one A1111 img2img script request may run (SD upscale: tiles per upscale), refused above.
+    max_script_jobs: int = Field(256, ge=1)
     # A connection must send its complete request headers within this long of opening (or of the previous
     # response), or it is closed: clients that never finish their headers (slowloris) cannot hold connections.
     header_timeout_s: float = Field(10.0, gt=0)

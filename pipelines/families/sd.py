@@ -1,7 +1,8 @@
 """Stable Diffusion 1.5 and SDXL: UNet, discrete-time schedulers, classic CFG with a negative prompt.
 
 Prompts follow A1111's syntax: `(word:1.3)` emphasis, BREAK and prompts past 77 tokens are encoded in 75-token
-chunks by `pipelines.prompt_embeds` and passed as embeddings; `<lora:name:w>` tags activate LoRAs (`pipelines.lora`).
+chunks by `pipelines.prompt_embeds` and passed as embeddings; `<lora:name:w>` tags activate LoRAs (`pipelines.lora`);
+`AND` composable prompts are combined in the UNet call (`pipelines.composable`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from diffusers import (
 from PIL import Image
 
 from pipelines import controlnet, ip_adapter, single_file
+from pipelines.composable import ComposedUNet, encode_composed, install, merged, placeholder_kwargs
 from pipelines.control_units import controlnet_units, ip_adapter_units
 from pipelines.families import (
     batch_init_images,
@@ -53,7 +55,7 @@ from pipelines.lora import lora_scope
 from pipelines.optimize import place
 from pipelines.prompt_embeds import CacheScope, encode_sd15, encode_sdxl
 from pipelines.prompt_schedules import schedules, text_at_step
-from pipelines.prompts import extract_loras, request_loras
+from pipelines.prompts import extract_loras, is_composable, request_loras, split_and
 from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, Task
 from pipelines.tiling import tiling_scope
@@ -195,6 +197,9 @@ class StableDiffusionAdapter(FamilyAdapter):
         pipe = call_view(cached, scheduler, req.steps, loaded.execution_device)
         prompts, negatives = batch_prompts(items)
         prompts = [extract_loras(p)[0] for p in prompts]
+        # A1111 `AND` / a weighted prompt: each image's parts (the batcher keeps such requests apart from plain ones).
+        composed = [merged(split_and(p)) for p in prompts] if any(is_composable(p) for p in prompts) else None
+        prompts = [split_and(p)[0].text for p in prompts]  # a plain prompt loses a ":1" suffix, as in A1111
         negatives = [extract_loras(n)[0] for n in negatives]
         seeds = batch_seeds(items)
         kwargs: dict[str, Any] = dict(
@@ -234,8 +239,19 @@ class StableDiffusionAdapter(FamilyAdapter):
             def encode_texts(ps: list[str], ns: list[str]) -> dict[str, torch.Tensor]:
                 return encode(pipe, ps, ns, cache=cache, embeddings=loaded.embeddings, **layer)
 
-            scheduled = schedules(prompts + negatives, req.steps, req.prompt_schedule_base_steps)
-            if scheduled is None:
+            if composed is not None:  # A1111 `AND`: the UNet of this call combines the parts (pipelines.composable)
+                steps = encode_composed(
+                    encode_texts, composed, negatives, req.steps, schedule_steps(req), req.prompt_schedule_base_steps
+                )
+                unet = ComposedUNet(pipe.unet, [[p.weight for p in parts] for parts in composed], steps)
+                install(pipe, unet)  # on this call's view only
+                kwargs.update(placeholder_kwargs(steps[0]))
+                kwargs.update(
+                    callback_on_step_end=step_callback(
+                        on_step, schedule_steps(req), lambda _pipe, step, _kwargs: unet.set_step(step)
+                    )
+                )
+            elif (scheduled := schedules(prompts + negatives, req.steps, req.prompt_schedule_base_steps)) is None:
                 kwargs.update(encode_texts(prompts, negatives))
             else:  # prompt editing / alternation: the conditioning changes between steps
                 per_step, switch = scheduled_conditioning(encode_texts, scheduled, len(prompts), schedule_steps(req))

@@ -27,10 +27,13 @@ from server.access.principal import Principal, basic_principal, key_principal
 from server.access.ratelimit import RateDecision, RateLimiter
 from server.errors import A1111_PREFIXES, ErrorInfo, renderer_for
 
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-# The API pages' own scripts and styles (server.app.DOCS_ASSETS_PATH), and the style presets' example thumbnails
-# (server.thumbnails: public pictures of a fixed prompt, one per style, made once).
-OPEN_PREFIXES = ("/docs-assets/", "/v1/style-thumbnails/")
+# The studio page (`/`, `/studio`: server.studio) is open too: it holds no data, and asks for a key for every call.
+OPEN_PATHS = frozenset(
+    {"/livez", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/", "/studio"}
+)
+# The API pages' own scripts and styles (server.app.DOCS_ASSETS_PATH), the studio page's, and the style presets'
+# example thumbnails (server.thumbnails: public pictures of a fixed prompt, one per style, made once).
+OPEN_PREFIXES = ("/docs-assets/", "/studio-assets/", "/v1/style-thumbnails/")
 
 
 def _has_route(scope: Scope) -> bool:

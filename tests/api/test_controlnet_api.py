@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 from pipelines import controlnet_models
 from pipelines.control_units import ControlMode
+from pipelines.controlnet_preprocessors import PreprocessorParams, resolve_params
 from pipelines.registry import Registry, load_registry
 from server.app import create_app
 from tests.api.fake_engine import FakeEngine
@@ -131,10 +132,11 @@ def test_unit_defaults_and_detected_map_appended(client: TestClient, engine: Fak
     assert detected.getpixel((32, 32)) == (255, 255, 255) and detected.getpixel((4, 4)) == (0, 0, 0)
     info = info_of(response)
     assert len(info["infotexts"]) == 1
+    p = resolve_params("none", PreprocessorParams(-1, -1, -1))  # written bound-checked, as the extension does
     expected = (
-        f'ControlNet 0: "Module: none, Model: {DEMO}, Weight: 1.0, Resize Mode: Crop and Resize, Processor Res: -1, '
-        "Threshold A: -1.0, Threshold B: -1.0, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, "
-        'Control Mode: Balanced"'
+        f'ControlNet 0: "Module: none, Model: {DEMO}, Weight: 1.0, Resize Mode: Crop and Resize, Processor Res: '
+        f"{p.resolution}, Threshold A: {p.a}, Threshold B: {p.b}, Guidance Start: 0.0, Guidance End: 1.0, "
+        'Pixel Perfect: False, Control Mode: Balanced"'
     )
     assert expected in info["infotexts"][0]
 

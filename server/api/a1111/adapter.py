@@ -16,9 +16,16 @@ from PIL import Image
 from pipelines.hires import HIRES_UPSCALERS, HiresOptions, plan_hires
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, InpaintOptions, Task
+from server.api.a1111 import scripts
 from server.api.a1111.controlnet_units import is_controlnet_script
 from server.api.a1111.infotext import create_infotext, format_number
-from server.api.a1111.schemas import GatewayTxt2ImgRequest, GenerationBase, Img2ImgRequest, Txt2ImgRequest
+from server.api.a1111.schemas import (
+    GatewayImg2ImgRequest,
+    GatewayTxt2ImgRequest,
+    GenerationBase,
+    Img2ImgRequest,
+    Txt2ImgRequest,
+)
 from server.errors import ApiError, FieldError
 from server.settings import Settings
 from server.styles import StyleBook
@@ -94,7 +101,7 @@ def choose_model(
         if spec is None:
             raise unknown_model(registry, str(override), "override_settings.sd_model_checkpoint")
         return ModelChoice(spec, "override_settings.sd_model_checkpoint")
-    if isinstance(body, GatewayTxt2ImgRequest):
+    if isinstance(body, (GatewayTxt2ImgRequest, GatewayImg2ImgRequest)):
         if body.model:
             spec = registry.resolve(body.model)
             if spec is None:
@@ -149,8 +156,7 @@ def check_request(body: GenerationBase, settings: Settings, spec: ModelSpec) -> 
         bad("denoising_strength", "must be between 0 and 1")
     if not -1 <= body.seed <= MAX_SEED:
         bad("seed", f"must be -1 (random) or between 0 and {MAX_SEED}")
-    if body.script_name:
-        bad("script_name", f"Script '{body.script_name}' not found")
+    errors.extend(scripts.select(body)[1])  # an unknown name is A1111's 422 "Script '<name>' not found"
     for script in body.alwayson_scripts:
         if not is_controlnet_script(script):  # the ControlNet extension's units are read by controlnet_units
             bad(f"alwayson_scripts.{script}", f"always-on script '{script}' not found")

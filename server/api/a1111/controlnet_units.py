@@ -26,9 +26,15 @@ from pipelines.control_units import (
     ControlUnit,
     HiresOption,
     fit_control_image,
-    pixel_perfect_resolution,
 )
-from pipelines.controlnet_preprocessors import PreprocessorError, PreprocessorParams, canonical_module, run_preprocessor
+from pipelines.controlnet_preprocessors import (
+    PreprocessorError,
+    PreprocessorParams,
+    canonical_module,
+    pixel_perfect_resolution,
+    resolve_params,
+    run_preprocessor,
+)
 from pipelines.request import GenerationRequest
 from server.errors import ApiError, FieldError
 from server.images import decode_image
@@ -46,7 +52,6 @@ RESIZE_ALIASES = {
     "Envelope (Outer Fit)": ControlResize.OUTER_FIT,
 }
 NO_MODEL = ("", "none")
-MIN_RES, MAX_RES, DEFAULT_RES = 64, 2048, 512  # the extension's preprocessor resolution slider and default
 
 
 def script_args(alwayson: dict[str, Any]) -> tuple[str, Any] | None:
@@ -346,13 +351,9 @@ def build_units(units: list[ParsedUnit], generation: GenerationRequest, settings
         image, resize = input_image(unit, generation, settings)
         resolution = unit.processor_res
         if unit.pixel_perfect:
-            resolution = pixel_perfect_resolution(image.size, generation.width, generation.height, resize)
-        params = PreprocessorParams(
-            # The extension resets a value outside the module's slider (at most 64-2048) to the module's default.
-            resolution=resolution if MIN_RES <= resolution <= MAX_RES else DEFAULT_RES,
-            threshold_a=unit.threshold_a if unit.threshold_a >= 0 else None,
-            threshold_b=unit.threshold_b if unit.threshold_b >= 0 else None,
-        )
+            resolution = pixel_perfect_resolution(image.size, (generation.width, generation.height), resize.value)
+        # Values outside the module's sliders (the API's -1) are its defaults (controlnet_preprocessors).
+        params = unit_params(unit, resolution)
         try:
             detected = run_preprocessor(unit.module, image, params, models_dir(settings))
         except PreprocessorError as e:
@@ -372,6 +373,11 @@ def build_units(units: list[ParsedUnit], generation: GenerationRequest, settings
             )
         )
     return built
+
+
+def unit_params(unit: ParsedUnit, resolution: int | None = None) -> PreprocessorParams:
+    res = unit.processor_res if resolution is None else resolution
+    return PreprocessorParams(resolution=res, threshold_a=unit.threshold_a, threshold_b=unit.threshold_b)
 
 
 def replace_mask(unit: ParsedUnit) -> ParsedUnit:
@@ -394,14 +400,18 @@ def infotext_params(units: list[ParsedUnit]) -> dict[str, str]:
     them."""
     out = {}
     for i, u in enumerate(units):
+        res, a, b = u.processor_res, u.threshold_a, u.threshold_b
+        if u.image_encoder is None:  # written bound-checked, as the extension writes them
+            resolved = resolve_params(u.module, unit_params(u))
+            res, a, b = resolved.resolution, resolved.a, resolved.b
         fields = {
             "Module": u.module,
             "Model": u.model.title,
             "Weight": u.weight,
             "Resize Mode": u.resize_mode.value,
-            "Processor Res": u.processor_res,
-            "Threshold A": u.threshold_a,
-            "Threshold B": u.threshold_b,
+            "Processor Res": res,
+            "Threshold A": a,
+            "Threshold B": b,
             "Guidance Start": u.guidance_start,
             "Guidance End": u.guidance_end,
             "Pixel Perfect": u.pixel_perfect,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from datetime import datetime
@@ -18,16 +19,16 @@ from pipelines import log_context
 from pipelines.engine_api import EngineClient, JobHandle, JobStatus
 from pipelines.errors import EngineNotReady, InvalidRequest
 from pipelines.lora import registry_for
-from pipelines.prompts import extract_loras, merge_loras
+from pipelines.prompts import extract_loras, is_composable, merge_loras
 from pipelines.request import GenerationRequest, GenerationResult
 from server import imagework
 from server.access.principal import job_owner
-from server.api.a1111 import adapter, controlnet, controlnet_units, paste
+from server.api.a1111 import adapter, controlnet, controlnet_units, paste, scripts
 from server.api.a1111 import options as opts
 from server.api.a1111.adapter import InputImages, Prepared
 from server.api.a1111.schemas import GenerationBase, Img2ImgRequest, Txt2ImgRequest
 from server.api.a1111.state import Session
-from server.errors import ApiError
+from server.errors import ApiError, FieldError
 from server.images import b64, decode_image, encode_image
 from server.jobs import JobSpec, StoredImage
 from server.jobs.http import accepted, cancel_on_disconnect, submit
@@ -38,10 +39,16 @@ log = logging.getLogger("easel.a1111")
 
 # The gateway's documented default checkpoint for /v2/automatic1111/sdapi/v1/txt2img (any models.yaml alias).
 GATEWAY_DEFAULT_MODEL = "Realistic_Vision_V5.1.safetensors"
-ASYNC_ROUTE = "txt2img"  # the job record's route (and result_ttl_s_by_route key) of async gateway txt2img
+# The job record's route (and result_ttl_s_by_route key) of async gateway txt2img and img2img.
+ASYNC_ROUTE = "txt2img"
+ASYNC_IMG2IMG_ROUTE = "img2img"
 # Its own infotext key: A1111 reads "Face restoration" back as "restore faces on".
 FACE_RESTORATION_KEY = "Face restoration not applied"
 FACE_RESTORATION_NOT_APPLIED = "no face-restoration model is installed"
+# A1111 `AND` composable prompts need a CFG term per part; SD1.5/SDXL combine them (pipelines.composable).
+COMPOSABLE_FAMILIES = frozenset({"sd15", "sdxl"})
+COMPOSABLE_KEY = "AND not applied"
+COMPOSABLE_NOT_APPLIED = "composable prompts are combined on SD1.5 and SDXL only; the prompt was encoded as one text"
 
 
 def require_engine(request: Request) -> EngineClient:
@@ -113,11 +120,15 @@ def missing_loras(prompt: str, lora_dir: Path | None) -> list[str]:
     return [name for name in names if registry is None or registry.get(name) is None]
 
 
-async def warnings_for(request: Request, body: GenerationBase, generation: GenerationRequest, options: dict[str, Any]
-                       ) -> dict[str, str]:  # fmt: skip
+async def warnings_for(request: Request, body: GenerationBase, generation: GenerationRequest, options: dict[str, Any],
+                       family: str = "sd15") -> dict[str, str]:  # fmt: skip
     """What A1111 does without refusing the request but this server must say: LoRAs it cannot find (left out, as
-    A1111 does) and face restoration it cannot apply. Infotext keys, logged too."""
+    A1111 does), face restoration it cannot apply, and `AND` composable prompts on FLUX / Qwen-Image (encoded as one
+    text). Infotext keys, logged too."""
     notes: dict[str, str] = {}
+    if family not in COMPOSABLE_FAMILIES and is_composable(extract_loras(generation.prompt)[0]):
+        notes[COMPOSABLE_KEY] = COMPOSABLE_NOT_APPLIED
+        log.warning("%s: AND (composable prompt) not applied on family %s", request.url.path, family)
     missing = await run_in_threadpool(missing_loras, generation.prompt, request.app.state.settings.lora_dir)
     if missing:
         notes["Lora not found"] = ", ".join(missing)
@@ -148,6 +159,9 @@ async def with_controlnet(
     parsed = await run_in_threadpool(parse)
     if not parsed:
         return generation, []
+    if isinstance(body, Img2ImgRequest) and scripts.select(body)[0] is not None:  # tiles / outpainting jobs
+        why = "ControlNet units with an img2img script are not supported yet"
+        raise ApiError.invalid([FieldError("alwayson_scripts.controlnet", why)])
     units = await imagework.prepare(request, controlnet_units.build_units, parsed, generation, settings)
     return controlnet_units.with_units(generation, units), parsed
 
@@ -171,11 +185,17 @@ async def prepare(request: Request, body: GenerationBase, session: Session) -> t
             raise ApiError(404, "Init image not found", field="init_images", code="init_image_not_found")
         background = str(session.options.get("img2img_background_color") or "#ffffff")
 
+        selected = scripts.select(body)[0]
+
         def build() -> tuple[GenerationRequest, bool]:
             # One call under the preparation limit: the decoded inputs are checked and, when large, resized to
-            # the output before the limit is released (server.imagework).
+            # the output before the limit is released (server.imagework). A script keeps the init image's own
+            # size (it is upscaled or expanded, then cut to width x height): its sizes are checked instead.
             images = decode_inputs(body, settings, background)
             generation = adapter.to_generation_request(body, choice.spec, images, prompts)
+            if selected is not None:
+                scripts.check_sizes(selected, generation, settings)
+                return generation, False
             return imagework.checked_and_presized(settings, generation), images.mask is not None
 
         try:
@@ -194,7 +214,7 @@ async def prepare(request: Request, body: GenerationBase, session: Session) -> t
     generation.clip_skip = clip_skip_of({**session.options, **body.override_settings})
     generation.subseed = adapter.resolve_subseed(body.subseed)
     generation.skip_missing_loras = True  # A1111 generates without a LoRA it cannot find
-    extra.update(await warnings_for(request, body, generation, session.options))
+    extra.update(await warnings_for(request, body, generation, session.options, choice.spec.family))
     prep = Prepared(
         body=body,
         spec=choice.spec,
@@ -214,6 +234,9 @@ async def run(request: Request, body: GenerationBase, session: Session) -> dict[
     owner = job_owner(request)
     prep.request.tags["owner"] = owner
     prep.request.tags[log_context.REQUEST_ID_TAG] = log_context.request_id.get()
+    selected = scripts.select(prep.body)[0]
+    if selected is not None:
+        return await run_script(request, engine, prep, model_field, session, selected)
     jobs = request.app.state.jobs
     accounting = jobs.accounting
     reservation = None
@@ -249,6 +272,62 @@ async def run(request: Request, body: GenerationBase, session: Session) -> dict[
 
     await run_in_threadpool(keep_overrides, prep.body, session, prep, model_field)
     return await run_in_threadpool(render, prep, result, session.options, settings.a1111_version)
+
+
+async def run_script(request: Request, engine: EngineClient, prep: Prepared, model_field: str | None, session: Session,
+                     selected: scripts.Selected) -> dict[str, Any]:  # fmt: skip
+    """An img2img `script_name`: the script's jobs one after another through the engine (server.img2img_scripts),
+    answered as one A1111 response. Credits are held for the images the script answers with."""
+    settings: Settings = request.app.state.settings
+    jobs = request.app.state.jobs
+    accounting = jobs.accounting
+    reservation = None
+    if accounting is not None:
+        count = scripts.output_count(selected, prep.body)
+        owner = prep.request.tags["owner"]
+        reservation = await run_in_threadpool(accounting.reserve, owner, count, None, jobs.runner_id)
+    try:
+        outcome = await scripts.run(
+            request, engine, selected, prep.request, prep.spec.size_multiple, settings.sync_timeout_s
+        )
+    except InvalidRequest as e:
+        await run_in_threadpool(release, accounting, reservation)
+        raise _engine_field(e, model_field) from None
+    except TimeoutError:
+        await run_in_threadpool(release, accounting, reservation)
+        raise ApiError(
+            504,
+            f"the script {selected.title!r} did not finish within sync_timeout_s={settings.sync_timeout_s:g} s; "
+            "its running job was cancelled",
+            code="timeout",
+        ) from None
+    except BaseException:
+        await run_in_threadpool(release, accounting, reservation)
+        raise
+    if accounting is not None:
+        await run_in_threadpool(accounting.complete, reservation, len(outcome.images))
+    await run_in_threadpool(keep_overrides, prep.body, session, prep, model_field)
+    first = outcome.first
+    result = GenerationResult(
+        images=outcome.images,
+        seeds=outcome.seeds,
+        model=first.model,
+        model_hash=first.model_hash,
+        sampler=first.sampler,
+        schedule=first.schedule,
+        width=(outcome.reported_size or outcome.images[0].size)[0],
+        height=(outcome.reported_size or outcome.images[0].size)[1],
+        steps=first.steps,
+        interrupted=outcome.interrupted,
+    )
+    log.info("%s: script %r ran %d job(s)", request.url.path, selected.title, outcome.jobs)
+    prep.extra_generation_params.update(outcome.extra_params)
+    # What the answer describes: the script's images, one call's worth (A1111's Processed of the script).
+    prep.request = dataclasses.replace(
+        prep.request, batch_size=len(outcome.images), n_iter=1, init_images=[], mask=None
+    )
+    grid = scripts.returns_grid(selected, len(outcome.images), session.options)
+    return await run_in_threadpool(render, prep, result, session.options, settings.a1111_version, grid)
 
 
 def release(accounting: Any, reservation: Any) -> None:
@@ -304,14 +383,16 @@ async def run_async(request: Request, body: GenerationBase, session: Session) ->
     def render_body(result: GenerationResult, _images: list[StoredImage]) -> dict[str, Any]:
         return render(prep, result, options, version)
 
+    route = ASYNC_IMG2IMG_ROUTE if isinstance(body, Img2ImgRequest) else ASYNC_ROUTE
     spec = JobSpec(
         request=prep.request,
         dialect="a1111",
-        route=ASYNC_ROUTE,
+        route=route,
         request_json=adapter.echo_parameters(prep.body),
-        render=render_body,
-        store_images=False,  # A1111 answers base64 with infotext; the body carries them
-        ttl_s=settings.result_ttl_for(ASYNC_ROUTE),
+        render=render_body,  # the A1111 body: base64 images with their infotext, as the synchronous call answers
+        # Also kept as result files: a task's and the history's signed image URLs (GET /v2/history) link them.
+        store_images=True,
+        ttl_s=settings.result_ttl_for(route),
     )
     try:
         ticket = await submit(request, spec)
@@ -321,8 +402,10 @@ async def run_async(request: Request, body: GenerationBase, session: Session) ->
     return accepted(request, ticket)
 
 
-def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], version: str | None) -> dict[str, Any]:
-    """The A1111 response: encoded images (grid first when A1111 would add one), echo, info JSON."""
+def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], version: str | None,
+           grid: bool | None = None) -> dict[str, Any]:  # fmt: skip
+    """The A1111 response: encoded images (grid first when A1111 would add one, or when `grid` says so), echo,
+    info JSON."""
     text_opts = adapter.InfotextOptions.from_options(options)
     seeds = adapter.all_seeds(result, prep.request.seed, prep.request.total_images)
     images: list[Image.Image] = list(result.images)
@@ -333,7 +416,7 @@ def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], ve
         for i in range(len(images))
     ]
     index_of_first_image = 0
-    if adapter.wants_grid(prep.body, len(images), options):
+    if adapter.wants_grid(prep.body, len(images), options) if grid is None else grid and bool(images):
         images.insert(0, adapter.image_grid(images, prep.request.batch_size, int(options.get("n_rows", -1))))
         infotexts.insert(0, infotexts[0])  # A1111 uses the main prompt and first seed for the grid
         index_of_first_image = 1

@@ -12,11 +12,12 @@ from pipelines import embedding_files
 from pipelines.lora import registry_for
 from server import imagework
 from server.access.principal import can_see, is_admin, owner_filter
-from server.api.a1111 import catalog, extras, generation
+from server.api.a1111 import catalog, extras, generation, scripts
 from server.api.a1111 import options as opts
 from server.api.a1111.adapter import unknown_model
 from server.api.a1111.infotext import parse_generation_parameters
 from server.api.a1111.schemas import (
+    GatewayImg2ImgRequest,
     GatewayTxt2ImgRequest,
     GenerationResponse,
     Img2ImgRequest,
@@ -98,12 +99,26 @@ def _add_generation_routes(router: APIRouter, gateway: bool) -> None:
             """A1111 txt2img with A1111's API defaults (steps 50, Euler, 512x512, cfg 7)."""
             return await generation.run(request, body, session)
 
-    @router.post("/img2img", response_model=GenerationResponse)
-    async def img2img(
-        request: Request, body: Img2ImgRequest, session: Session = Depends(get_session)
-    ) -> dict[str, Any]:
-        """img2img; a `mask` (white = repaint, or RGBA alpha) makes it inpainting."""
-        return await generation.run(request, body, session)
+    if gateway:
+
+        @router.post("/img2img", response_model=GenerationResponse, responses={202: {"model": TaskAccepted}})
+        async def img2img_gateway(
+            request: Request, body: GatewayImg2ImgRequest, session: Session = Depends(get_session)
+        ) -> Any:
+            """Gateway img2img; a `mask` (white = repaint, or RGBA alpha) makes it inpainting. `model` and `"async":
+            true` as for the gateway txt2img."""
+            if body.async_:
+                return await generation.run_async(request, body, session)
+            return await generation.run(request, body, session)
+
+    else:
+
+        @router.post("/img2img", response_model=GenerationResponse)
+        async def img2img(
+            request: Request, body: Img2ImgRequest, session: Session = Depends(get_session)
+        ) -> dict[str, Any]:
+            """img2img; a `mask` (white = repaint, or RGBA alpha) makes it inpainting."""
+            return await generation.run(request, body, session)
 
     @router.post("/png-info", response_model=PNGInfoResponse)
     async def png_info(request: Request, body: PNGInfoRequest) -> PNGInfoResponse:
@@ -256,9 +271,14 @@ def _add_listing_routes(router: APIRouter) -> None:
         return catalog.cmd_flags(request.app.state.settings, show_paths=is_admin(request))
 
     @router.get("/scripts")
-    async def scripts() -> dict[str, list[str]]:
-        # The always-on scripts this server reads (A1111 lists them by their lower-case title); none is selectable.
-        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+    async def scripts_list() -> dict[str, list[str]]:
+        """The selectable scripts `script_name` takes (A1111's built-in img2img ones that need no extra model)."""
+        return scripts.names()
+
+    @router.get("/script-info")
+    async def script_info() -> list[dict[str, Any]]:
+        """Each script's `script_args`, in order, as A1111 describes them (label, default value, range, choices)."""
+        return scripts.script_info()
 
     @router.get("/prompt-styles", response_model=list[PromptStyleItem])
     async def prompt_styles(request: Request) -> list[PromptStyleItem]:
@@ -273,7 +293,6 @@ def _add_listing_routes(router: APIRouter) -> None:
 
     # Features this server does not have yet answer with empty lists / null, like an A1111 without them.
     for path in (
-        "/script-info",
         "/sd-vae",
         "/hypernetworks",
         "/face-restorers",

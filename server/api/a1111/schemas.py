@@ -114,6 +114,16 @@ class Img2ImgRequest(GenerationBase):
     include_init_images: bool = False
 
 
+class GatewayImg2ImgRequest(Img2ImgRequest):
+    """`/v2/automatic1111/sdapi/v1/img2img`: as the gateway's txt2img, `model`, steps 20 and `"async": true`."""
+
+    model: str | None = Field(None, description="models.yaml id, alias or A1111 title")
+    steps: int = 20
+    async_: bool = Field(
+        False, alias="async", exclude=True, description="Answer 202 with a task address; poll GET /v2/tasks/{address}"
+    )
+
+
 class GenerationResponse(BaseModel):
     images: list[str] = Field(description="base64 PNGs (no data: prefix), each with its infotext chunk")
     parameters: dict[str, Any]
