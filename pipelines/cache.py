@@ -29,6 +29,11 @@ Loader = Callable[[ModelSpec], LoadedModel]
 _LOAD_LOCK = threading.Lock()
 
 
+def load_lock() -> threading.Lock:
+    """The process-wide loading lock, for loads outside `PipelineCache.get` (a ControlNet next to its model)."""
+    return _LOAD_LOCK
+
+
 def free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -126,6 +131,15 @@ class PipelineCache:
             victim = next(k for k in self._entries if k != keep)
             self._retire_locked(victim)
             evicted.append(victim)
+        return evicted
+
+    def enforce_budget(self, keep: str) -> list[str]:
+        """Evict least recently used models if `keep` grew past the budget after it was loaded (ControlNets)."""
+        with self._lock:
+            evicted = self._evict_locked(keep=keep) if keep in self._entries else []
+        if evicted:
+            log.info("evicted %s", ", ".join(evicted))
+            free_device_memory()
         return evicted
 
     def unload(self, model_id: str | None = None) -> list[str]:

@@ -18,19 +18,23 @@ import shutil
 import string
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLQwenImage,
+    ControlNetModel,
     DiffusionPipeline,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
+    QwenImageControlNetModel,
     QwenImageEditPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
@@ -38,12 +42,15 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from safetensors.torch import save_file
 from tokenizers import AddedToken, pre_tokenizers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
@@ -469,14 +476,14 @@ def _marker_ok(out_dir: Path, kind: str) -> bool:
     return data.get("kind") == kind and data.get("version") == DEMO_VERSION
 
 
-def build_demo_model(kind: str, out_dir: Path) -> Path:
+def build_demo_model(kind: str, out_dir: Path, make: Callable[[], Any] | None = None) -> Path:
     """Build the demo pipeline `kind` into `out_dir` (replacing it) and return `out_dir`.
 
     Written to a temp folder beside `out_dir`, renamed into place, then marked complete: a crash leaves either
     nothing or an unmarked folder, never a marked half-written one. Not safe against a concurrent build of the
     same folder: use `ensure_demo_model` for that.
     """
-    if kind not in _BUILDERS:
+    if make is None and kind not in _BUILDERS:
         raise ValueError(f"unknown demo model kind '{kind}' (known: {', '.join(DEMO_KINDS)})")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -484,7 +491,7 @@ def build_demo_model(kind: str, out_dir: Path) -> Path:
     old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
     try:
         with torch.random.fork_rng(devices=[]), _quiet_progress():  # fixed seeds, caller's RNG left alone
-            pipe = _BUILDERS[kind]()
+            pipe = (make or _BUILDERS[kind])()
             pipe.save_pretrained(tmp, safe_serialization=True)
         if kind == "qwen-image-edit":
             _finish_edit_processor(tmp)
@@ -538,6 +545,149 @@ def ensure_demo_model(kind: str, root: Path) -> Path:
             log.info("building the demo model %s (tiny, random weights) into %s", kind, out_dir)
             build_demo_model(kind, out_dir)
             log.info("built the demo model %s in %.1f s", kind, time.perf_counter() - started)
+    return out_dir
+
+
+# --- ControlNet ------------------------------------------------------------------------------------------------------
+
+DEMO_CONTROLNET_FAMILIES = ("sd15", "sdxl", "flux", "qwen-image")
+
+
+def _demo_flux_controlnet(base_dir: Path) -> FluxControlNetModel:
+    """A FLUX ControlNet shaped for the demo transformer (one double and one single block, copied from it); its
+    zero-initialised projections get random weights so a control image changes the picture."""
+    transformer = FluxTransformer2DModel.from_pretrained(base_dir / "transformer")
+    _seeded(2)
+    net = FluxControlNetModel.from_transformer(
+        transformer, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2
+    )
+    with torch.no_grad():
+        for layer in [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]:
+            torch.nn.init.normal_(layer.weight, std=0.3)
+            torch.nn.init.normal_(layer.bias, std=0.1)
+    return net
+
+
+def _demo_qwen_controlnet(base_dir: Path) -> QwenImageControlNetModel:
+    """A Qwen-Image ControlNet shaped for the demo transformer (one block copied from it), zero projections made
+    random as for FLUX."""
+    transformer = QwenImageTransformer2DModel.from_pretrained(base_dir / "transformer")
+    _seeded(2)
+    net = QwenImageControlNetModel.from_transformer(
+        transformer, num_layers=1, attention_head_dim=16, num_attention_heads=2
+    )
+    with torch.no_grad():
+        for layer in [*net.controlnet_blocks, net.controlnet_x_embedder]:
+            torch.nn.init.normal_(layer.weight, std=0.3)
+            torch.nn.init.normal_(layer.bias, std=0.1)
+    return net
+
+
+def _demo_controlnet(base_dir: Path) -> ControlNetModel:
+    """A ControlNet shaped for the demo UNet (copied from it, as real ones start). Its zero convolutions get
+    random weights instead of zeros, so a control image visibly changes the demo's noise pictures."""
+    unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
+    _seeded(2)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            torch.nn.init.normal_(conv.weight, std=0.3)
+            torch.nn.init.normal_(conv.bias, std=0.1)
+        # The hint's embedding keeps its scale through its layers (He init, no bias), so the picture follows the
+        # control image rather than only the latents.
+        for conv in net.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(conv.weight)
+                torch.nn.init.zeros_(conv.bias)
+        net.controlnet_cond_embedding.conv_out.weight.mul_(4.0)
+    return net
+
+
+def ensure_demo_controlnet(family: str, root: Path) -> Path:
+    """`root/controlnet-<family>`: the demo model's tiny random-weight ControlNet, built (with the demo model) on
+    first use. Safe when several threads or processes ask at once."""
+    if family not in DEMO_CONTROLNET_FAMILIES:
+        raise ValueError(f"no demo ControlNet for family '{family}'")
+    root = Path(root)
+    kind = f"controlnet-{family}"
+    out_dir = root / kind
+    if _marker_ok(out_dir, kind):
+        return out_dir
+    base = ensure_demo_model(family, root)  # takes the lock itself: not while we hold it
+    with _locked(root):
+        if not _marker_ok(out_dir, kind):
+            log.info("building the demo ControlNet for %s into %s", family, out_dir)
+            make = {"flux": _demo_flux_controlnet, "qwen-image": _demo_qwen_controlnet}.get(family, _demo_controlnet)
+            build_demo_model(kind, out_dir, make=lambda: make(base))
+    return out_dir
+
+
+# --- IP-Adapter -----------------------------------------------------------------------------------------------------
+
+
+def _ip_hidden_size(unet: UNet2DConditionModel, name: str) -> int:
+    """The channels of the block an attention processor sits in (diffusers' own rule when it loads IP-Adapters)."""
+    channels = list(unet.config.block_out_channels)
+    if name.startswith("mid_block"):
+        return channels[-1]
+    block = int(name.split(".")[1])
+    return list(reversed(channels))[block] if name.startswith("up_blocks") else channels[block]
+
+
+def _build_demo_ip_adapter(base_dir: Path, out_dir: Path) -> None:
+    """A tiny IP-Adapter for the demo UNet (image projection to 4 tokens, key/value layers for each cross-attention,
+    in the single-file layout) and a tiny CLIP image encoder beside it."""
+    unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
+    cross = unet.config.cross_attention_dim
+    embed = 16
+    _seeded(3)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=64,
+            patch_size=16, projection_dim=embed,
+        )
+    )  # fmt: skip
+    tensors = {
+        "image_proj.proj.weight": torch.randn(cross * 4, embed) * 0.3,
+        "image_proj.proj.bias": torch.zeros(cross * 4),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = _ip_hidden_size(unet, name)
+        tensors[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross) * 0.5
+        tensors[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross) * 0.5
+        key_id += 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "ip-adapter.safetensors")
+    encoder.save_pretrained(out_dir / "image_encoder", safe_serialization=True)
+
+
+def ensure_demo_ip_adapter(family: str, root: Path) -> Path:
+    """`root/ip-adapter-<family>`: the demo model's tiny IP-Adapter and image encoder, built on first use."""
+    if family not in ("sd15", "sdxl"):
+        raise ValueError(f"no demo IP-Adapter for family '{family}'")
+    root = Path(root)
+    kind = f"ip-adapter-{family}"
+    out_dir = root / kind
+    if _marker_ok(out_dir, kind):
+        return out_dir
+    base = ensure_demo_model(family, root)
+    with _locked(root):
+        if not _marker_ok(out_dir, kind):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{kind}.tmp-", dir=root))
+            try:
+                with torch.random.fork_rng(devices=[]), _quiet_progress():
+                    _build_demo_ip_adapter(base, tmp)
+                os.chmod(tmp, 0o755)
+                shutil.rmtree(out_dir, ignore_errors=True)
+                os.replace(tmp, out_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            (out_dir / MARKER).write_text(json.dumps({"kind": kind, "version": DEMO_VERSION}))
     return out_dir
 
 

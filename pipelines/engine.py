@@ -27,10 +27,11 @@ import psutil
 import torch
 from PIL import Image
 
-from pipelines import checkpoints, demo, log_context, quantized
+from pipelines import checkpoints, controlnet, demo, ip_adapter, log_context, quantized
 from pipelines.batching import batch_key
 from pipelines.cache import PipelineCache, free_device_memory
 from pipelines.checkpoints import NO_TXT2IMG_VARIANTS
+from pipelines.control_units import ControlMode, ControlUnit, crop_like_only_masked, ip_adapter_units
 from pipelines.embeddings import TextualInversions
 from pipelines.engine_api import JobStatus
 from pipelines.errors import (
@@ -67,6 +68,7 @@ from pipelines.optimize import (
 )
 from pipelines.placement import PlacementError
 from pipelines.previews import PreviewMaker
+from pipelines.prompts import clean_prompts, is_composable
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, GenerationResult, Task, wants_preview
 from pipelines.sampler_names import SamplerChoice
@@ -133,6 +135,54 @@ def resolve_dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32
     return torch.float16 if spec.family in ("sd15", "sdxl") else torch.bfloat16
+
+
+def check_control_units(spec: ModelSpec, req: GenerationRequest) -> None:
+    """Where ControlNet units can run (pipelines.controlnet: families, tasks, units per call, control modes); anything
+    else is refused with the field that asks for it."""
+    name = "alwayson_scripts.controlnet"
+    if spec.family not in controlnet.FAMILIES:
+        raise InvalidRequest(name, f"ControlNet runs on SD1.5, SDXL, FLUX and Qwen-Image models, not {spec.family}")
+    if spec.variant in ("sdxl-refiner", "flux-fill", "flux-kontext"):
+        raise InvalidRequest(name, f"ControlNet does not run on a {spec.variant} checkpoint")
+    if req.task not in controlnet.TASKS[spec.family]:
+        raise InvalidRequest(name, f"ControlNet on {spec.family} runs with txt2img only here, not {req.task.value}")
+    limit = controlnet.MAX_UNITS.get(spec.family)
+    if limit is not None and len(req.control_units) > limit:
+        raise InvalidRequest(name, f"at most {limit} unit(s) on {spec.family} (diffusers runs one ControlNet there)")
+    if req.hires is not None and Task.IMG2IMG not in controlnet.TASKS[spec.family]:
+        raise InvalidRequest("enable_hr", f"hires fix with ControlNet units needs img2img ControlNet ({spec.family})")
+    if req.refiner:
+        raise InvalidRequest("refiner_checkpoint", "an SDXL refiner with ControlNet units is not supported yet")
+    if spec.family in ("sd15", "sdxl") and is_composable(clean_prompts(req)[0]):
+        # The AND wrapper (pipelines.composable) re-batches the UNet's rows; the units' residuals are per image.
+        raise InvalidRequest("prompt", "A1111 AND prompts with ControlNet / IP-Adapter units are not supported yet")
+    for i, unit in enumerate(req.control_units):
+        if unit.is_ip_adapter:
+            check_ip_adapter_unit(spec, unit, i)
+            continue
+        if spec.family not in controlnet.CFG_FAMILIES and unit.control_mode != ControlMode.BALANCED:
+            raise InvalidRequest(
+                controlnet.unit_field(i, "control_mode"),
+                f"only Balanced applies to {spec.family} (the other modes act on classic CFG: SD1.5 and SDXL)",
+            )
+        if unit.image.size != (req.width, req.height):
+            raise InvalidRequest(controlnet.unit_field(i, "image"), "the control image must have the output size")
+
+
+def check_ip_adapter_unit(spec: ModelSpec, unit: ControlUnit, index: int) -> None:
+    """IP-Adapter units: SD1.5/SDXL, the whole denoising (diffusers has no per-step window for them), weight as
+    the adapter's scale."""
+    if spec.family not in ip_adapter.FAMILIES:
+        raise InvalidRequest(
+            controlnet.unit_field(index, "model"), f"IP-Adapter runs on SD1.5 and SDXL, not {spec.family}"
+        )
+    if (unit.guidance_start, unit.guidance_end) != (0.0, 1.0):
+        raise InvalidRequest(
+            controlnet.unit_field(index, "guidance_start"), "an IP-Adapter unit applies to every step here (0 to 1)"
+        )
+    if unit.control_mode != ControlMode.BALANCED:
+        raise InvalidRequest(controlnet.unit_field(index, "control_mode"), "an IP-Adapter unit runs Balanced only")
 
 
 class Job(CompletableJob):
@@ -595,6 +645,8 @@ class Engine:
                 raise InvalidRequest("subseed_strength", "variation seeds apply to txt2img only in this server")
         if req.tiling and not sd:
             raise InvalidRequest("tiling", f"tiling (seamless images) is not supported for family {spec.family}")
+        if req.control_units:
+            check_control_units(spec, req)
 
     def _refiner_spec(self, spec: ModelSpec, req: GenerationRequest) -> ModelSpec | None:
         """The refiner model of an SDXL txt2img request, or None; refused (a 4xx naming the A1111 field) where
@@ -829,6 +881,16 @@ class Engine:
             for job, _ in started:
                 self._fail(job, e)
             return
+        if job0.request.control_units:  # the call's requests share the units' models (pipelines.batching)
+            try:
+                controlnet.ensure_loaded(loaded, job0.request.control_units, self.config.demo_root,
+                                         self.config.configs_dir)  # fmt: skip
+                ip_adapter.ensure_loaded(loaded, ip_adapter_units(job0.request.control_units), self.config.demo_root)
+                self.cache.enforce_budget(spec.id)
+            except Exception as e:
+                for job, _ in started:
+                    self._fail(job, e)
+                return
         ready: list[Unit] = []
         now = time.time()
         for job, it in started:
@@ -1061,7 +1123,18 @@ class Engine:
             prepared = prepare_inpaint(
                 req.init_images[0], req.mask, req.width, req.height, req.inpaint, req.resize_mode, max_pixels
             )
-            req = dataclasses.replace(req, init_images=[prepared.image], mask=prepared.mask)
+            units = req.control_units
+            if units and prepared.crop_region is not None and prepared.canvas is not None:  # "only masked"
+                region, canvas = prepared.crop_region, prepared.canvas.size
+                units = [
+                    u
+                    if u.is_ip_adapter
+                    else dataclasses.replace(
+                        u, image=crop_like_only_masked(u.image, canvas, region, req.width, req.height)
+                    )
+                    for u in units
+                ]
+            req = dataclasses.replace(req, init_images=[prepared.image], mask=prepared.mask, control_units=units)
             return req, prepared.finish
         if req.task in (Task.IMG2IMG, Task.EDIT):
             images = [resize_image(flatten(im), req.width, req.height, req.resize_mode) for im in req.init_images]

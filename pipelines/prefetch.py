@@ -40,6 +40,15 @@ FLUX_ENCODER_PATTERNS: tuple[str, ...] = tuple(
 )
 
 
+# Single-file ControlNets hold weights only: their config.json comes from one diffusers ControlNet per family
+# (every ControlNet of a family has the same architecture; pipelines.controlnet reads these folders).
+CONTROLNET_CONFIG_REPOS: dict[str, str] = {
+    "controlnet-sd15": "lllyasviel/control_v11p_sd15_canny",
+    "controlnet-sdxl": "diffusers/controlnet-canny-sdxl-1.0",
+}
+CONTROLNET_PATTERNS: tuple[str, ...] = ("config.json",)
+
+
 @dataclass(frozen=True)
 class PrefetchItem:
     variant: str
@@ -51,15 +60,21 @@ class PrefetchItem:
 def prefetch_plan(
     dest: str | Path, variants: Iterable[str] | None = None, flux_encoders: bool = False
 ) -> list[PrefetchItem]:
-    """What `prefetch-configs` downloads: one item per variant (all by default), in VARIANTS order."""
-    wanted = list(VARIANTS) if variants is None else list(dict.fromkeys(variants))
-    unknown = [v for v in wanted if v not in VARIANTS]
+    """What `prefetch-configs` downloads: one item per variant (all by default), in VARIANTS order, then the
+    ControlNet configs (`controlnet-sd15`, `controlnet-sdxl`)."""
+    known = [*VARIANTS, *CONTROLNET_CONFIG_REPOS]
+    wanted = list(known) if variants is None else list(dict.fromkeys(variants))
+    unknown = [v for v in wanted if v not in known]
     if unknown:
-        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(known)}")
     if flux_encoders and FLUX_ENCODER_SOURCE not in wanted:
         wanted.append(FLUX_ENCODER_SOURCE)  # the one place the shared FLUX weights are downloaded to
     plan = []
-    for variant in sorted(wanted, key=list(VARIANTS).index):
+    for variant in sorted(wanted, key=known.index):
+        if variant in CONTROLNET_CONFIG_REPOS:
+            repo = CONTROLNET_CONFIG_REPOS[variant]
+            plan.append(PrefetchItem(variant, repo, CONTROLNET_PATTERNS, config_dir_for(variant, dest)))
+            continue
         patterns = CONFIG_PATTERNS
         if flux_encoders and variant == FLUX_ENCODER_SOURCE:
             patterns += FLUX_ENCODER_PATTERNS
@@ -74,7 +89,8 @@ def link_flux_encoders(plan: list[PrefetchItem]) -> list[Path]:
         return []
     made = []
     for item in plan:
-        if VARIANTS[item.variant].family != "flux" or item.local_dir == source:
+        info = VARIANTS.get(item.variant)  # None: a ControlNet config
+        if info is None or info.family != "flux" or item.local_dir == source:
             continue
         for component in FLUX_ENCODER_COMPONENTS:
             for src in sorted((source / component).glob("*.safetensors*")):

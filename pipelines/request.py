@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image
 
+from pipelines.control_units import ControlUnit
 from pipelines.errors import InvalidRequest
 from pipelines.hires import HiresOptions
 
@@ -123,6 +124,8 @@ class GenerationRequest:
     prompt_schedule_base_steps: int | None = None
     # `background: transparent`: the finished images get alpha from models.yaml's `background_removal` model (RGBA).
     transparent_background: bool = False
+    # ControlNet units (the A1111 ControlNet extension's), each with its detected map at the output size.
+    control_units: list[ControlUnit] = field(default_factory=list)
     # Free-form tags the dialect wants echoed back (never read by the GPU side).
     tags: dict[str, Any] = field(default_factory=dict)
     # When the request stops being worth running: absolute wall-clock time, `time.time()` seconds since the epoch

@@ -333,7 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_pre.add_argument("dir", type=Path, metavar="DIR", help="destination; one folder per variant (configs_dir)")
     p_pre.add_argument(
-        "--variant", action="append", help="only this variant (repeatable): sd15, sd2, sdxl, sdxl-refiner, flux-*"
+        "--variant",
+        action="append",
+        help="only this variant (repeatable): sd15, sd2, sdxl, sdxl-refiner, flux-*, controlnet-sd15, controlnet-sdxl",
     )
     p_pre.add_argument(
         "--flux-encoders", action="store_true", help="also the FLUX.1 VAE and text encoder weights (~10 GB, once)"

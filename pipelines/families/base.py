@@ -12,6 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from pipelines.control_units import first_pass_units, second_pass_units
 from pipelines.hires import HiresPlan, crop_box, plan_hires
 from pipelines.registry import ModelSpec
 from pipelines.request import MIN_DENOISING_STRENGTH, GenerationRequest, Task
@@ -74,6 +75,11 @@ class LoadedModel:
     loras: LoraManager | None = None  # LoRA adapters of `base` (and `derived`); None: no Lora directory configured
     text_cache: TextEmbeddingCache = field(default_factory=TextEmbeddingCache)  # encoder outputs of recent prompts
     embeddings: TextualInversions | None = None  # textual-inversion embeddings folder (SD1.5/SDXL prompts)
+    # ControlNet weights used with this model (by source), and the ControlNet pipelines derived from `base`
+    # (pipelines.controlnet); dropped with the model, and counted in its memory.
+    controlnets: dict[str, torch.nn.Module] = field(default_factory=dict)
+    control_derived: dict[Task, DiffusionPipeline] = field(default_factory=dict)
+    ip_adapters: dict[str, Any] = field(default_factory=dict)  # IP-Adapter weights by source (pipelines.ip_adapter)
 
     @property
     def execution_device(self) -> torch.device | None:
@@ -96,7 +102,7 @@ class LoadedModel:
     def device_bytes(self) -> dict[str, int]:
         """Bytes of weights this model holds on each device ("cuda:0", "cpu", ...), where they are right now."""
         out: dict[str, int] = {}
-        for comp in self.base.components.values():
+        for comp in [*self.base.components.values(), *self.controlnets.values()]:
             if isinstance(comp, torch.nn.Module):
                 for t in (*comp.parameters(), *comp.buffers()):
                     key = str(t.device)
@@ -169,7 +175,7 @@ class FamilyAdapter(abc.ABC):
         (SD/SDXL) override it for the Latent modes. An interrupt during the first pass skips the second, as A1111."""
         assert req.hires is not None
         plan, second, progress = start_hires(req, self.size_multiple, on_step)
-        first = self.run(loaded, dataclasses.replace(req, hires=None), seeds, make_scheduler(), progress.first)
+        first = self.run(loaded, first_pass(req), seeds, make_scheduler(), progress.first)
         if progress.stopped:
             return first
         resample = Image.Resampling.NEAREST if req.hires.upscaler == "Nearest" else Image.Resampling.LANCZOS
@@ -230,9 +236,15 @@ def start_hires(
         strength=max(req.hires.denoising_strength, MIN_DENOISING_STRENGTH),  # 0 leaves no step to run
         hires=None,
         prompt_schedule_base_steps=req.steps,
+        control_units=second_pass_units(req.control_units, *plan.final),
     )
     estimate = max(1, int(steps * req.hires.denoising_strength))
     return plan, second, HiresProgress(on_step, req.steps, estimate)
+
+
+def first_pass(req: GenerationRequest) -> GenerationRequest:
+    """A hires job's first pass: the request without hires, with the ControlNet units that control it."""
+    return dataclasses.replace(req, hires=None, control_units=first_pass_units(req.control_units))
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:

@@ -22,7 +22,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from pipelines import single_file
+from pipelines import controlnet, single_file
 from pipelines.families import (
     batch_init_images,
     batch_prompts,
@@ -97,7 +97,10 @@ class FluxAdapter(FamilyAdapter):
         on_step: StepCallback,
     ) -> list[list[Image.Image]]:
         req = items[0].request
-        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps, loaded.execution_device)
+        cached = self.pipeline_for(loaded, req.task)
+        if req.control_units:  # the task's ControlNet pipeline (the engine refuses IP-Adapter units here)
+            cached = controlnet.control_pipeline(loaded, req.task)
+        pipe = call_view(cached, scheduler, req.steps, loaded.execution_device)
         prompts, _ = batch_prompts(items)
         kwargs: dict[str, Any] = dict(
             prompt=[strip_attention(extract_loras(p)[0]) for p in prompts],
@@ -117,5 +120,7 @@ class FluxAdapter(FamilyAdapter):
             kwargs.update(image=batch_init_images(items), strength=req.strength)
         elif req.task == Task.INPAINT:
             kwargs.update(image=batch_init_images(items), mask_image=mask_arg(req), strength=req.strength)
+        if req.control_units:
+            controlnet.attach(pipe, loaded, items, kwargs)
         with lora_scope(loaded, items):
             return split_outputs(to_pil(pipe(**kwargs).images), items)

@@ -26,6 +26,7 @@ from transformers import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torchvision_available
 
+from pipelines import controlnet
 from pipelines.families import (
     batch_init_images,
     batch_prompts,
@@ -136,7 +137,10 @@ class QwenImageAdapter(_QwenBase):
         on_step: StepCallback,
     ) -> list[list[Image.Image]]:
         req = items[0].request
-        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps, loaded.execution_device)
+        cached = self.pipeline_for(loaded, req.task)
+        if req.control_units:  # the ControlNet pipeline (the engine refuses IP-Adapter units here)
+            cached = controlnet.control_pipeline(loaded, req.task)
+        pipe = call_view(cached, scheduler, req.steps, loaded.execution_device)
         prompts, negatives = batch_prompts(items)
         negative = [_negative(n, req.guidance) for n in negatives]
         kwargs: dict[str, Any] = dict(
@@ -154,6 +158,8 @@ class QwenImageAdapter(_QwenBase):
             kwargs.update(image=batch_init_images(items), strength=req.strength)
         elif req.task == Task.INPAINT:
             kwargs.update(image=batch_init_images(items), mask_image=mask_arg(req), strength=req.strength)
+        if req.control_units:
+            controlnet.attach(pipe, loaded, items, kwargs)
         with lora_scope(loaded, items):
             return split_outputs(to_pil(pipe(**kwargs).images), items)
 

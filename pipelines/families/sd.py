@@ -23,8 +23,9 @@ from diffusers import (
 )
 from PIL import Image
 
-from pipelines import single_file
+from pipelines import controlnet, ip_adapter, single_file
 from pipelines.composable import ComposedUNet, encode_composed, install, merged, placeholder_kwargs
+from pipelines.control_units import controlnet_units, ip_adapter_units
 from pipelines.families import (
     batch_init_images,
     batch_prompts,
@@ -46,6 +47,7 @@ from pipelines.families.base import (
     LoadedModel,
     StepCallback,
     UnsupportedTask,
+    first_pass,
     start_hires,
 )
 from pipelines.hires import LATENT_UPSCALE_MODES, crop_box
@@ -197,7 +199,10 @@ class StableDiffusionAdapter(FamilyAdapter):
         """One pipeline call: PIL images, or the final latents (`output_type="latent"`, for a latent hires pass).
         `init_latents` replaces the init images of an img2img call (diffusers treats 4-channel input as latents)."""
         req = items[0].request
-        pipe = call_view(self.pipeline_for(loaded, req.task), scheduler, req.steps, loaded.execution_device)
+        cached = self.pipeline_for(loaded, req.task)
+        if controlnet_units(req.control_units):  # the task's ControlNet pipeline, sharing the base's weights
+            cached = controlnet.control_pipeline(loaded, req.task)
+        pipe = call_view(cached, scheduler, req.steps, loaded.execution_device)
         prompts, negatives = batch_prompts(items)
         prompts = [extract_loras(p)[0] for p in prompts]
         # A1111 `AND` / a weighted prompt: each image's parts (the batcher keeps such requests apart from plain ones).
@@ -227,8 +232,11 @@ class StableDiffusionAdapter(FamilyAdapter):
                 width=req.width,
                 height=req.height,
             )
+        if controlnet_units(req.control_units):
+            controlnet.attach(pipe, loaded, items, kwargs)
+        ip_scope = ip_adapter.scope(pipe, loaded, ip_adapter_units(req.control_units), kwargs)
         # The text encoders may carry LoRA weights too: encode inside. Tiling is on for this call only.
-        with lora_scope(loaded, items), tiling_scope(pipe, req.tiling):
+        with lora_scope(loaded, items), tiling_scope(pipe, req.tiling), ip_scope:
             # SDXL: all-empty negatives become zeros (force_zeros_for_empty_prompt); the batcher never mixes empty
             # and non-empty negative prompts in one call.
             encode = encode_sdxl if loaded.spec.family == "sdxl" else encode_sd15
@@ -311,7 +319,7 @@ class StableDiffusionAdapter(FamilyAdapter):
         if not req.hires.is_latent:
             return super().run_hires(loaded, req, seeds, make_scheduler, on_step)
         plan, second, progress = start_hires(req, self.size_multiple, on_step)
-        first = dataclasses.replace(req, hires=None)
+        first = first_pass(req)
         latents = self._call(loaded, [BatchItem(first, seeds)], make_scheduler(), progress.first, "latent")
         if progress.stopped:  # an interrupted A1111 job returns the first pass as it is
             return self._decode(loaded, latents)

@@ -227,7 +227,7 @@ def test_send_images_false_and_grid_only_with_save_images(client: TestClient):
         ({"seed": -5}, "seed"),
         ({"prompt": "x" * 20_001}, "prompt"),
         ({"script_name": "x/y/z plot"}, "script_name"),
-        ({"alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts.controlnet"),
+        ({"alwayson_scripts": {"adetailer": {"args": []}}}, "alwayson_scripts.adetailer"),
     ],
 )
 def test_txt2img_invalid_fields_are_422_naming_the_field(client: TestClient, engine: FakeEngine, payload, field):

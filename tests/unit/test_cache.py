@@ -104,6 +104,23 @@ def test_memory_budget_evicts_least_recently_used_cuda_models():
     assert cache.loaded_ids() == ["b"]
 
 
+def test_controlnet_weights_count_in_the_budget():
+    """ControlNets loaded next to a model (pipelines.controlnet) grow it; enforce_budget evicts others for them."""
+
+    def loader(s: ModelSpec) -> LoadedModel:
+        base = type("P", (), {"components": {"unet": torch.nn.Linear(700, 1000)}})()  # ~2.7 MB of fp32
+        return LoadedModel(spec=s, base=base, device=torch.device("cuda"), dtype=torch.float32)
+
+    cache = PipelineCache(loader, max_models=10, memory_budget_bytes=6 * 2**20)
+    cache.get(spec("a"))
+    b = cache.get(spec("b"))
+    assert cache.loaded_ids() == ["a", "b"]
+    before = b.approx_bytes()
+    b.controlnets["demo:sd15"] = torch.nn.Linear(700, 1000)
+    assert b.approx_bytes() == 2 * before
+    assert cache.enforce_budget("b") == ["a"] and cache.loaded_ids() == ["b"]
+
+
 def test_metrics_counters_survive_evictions_and_unloads():
     cache = PipelineCache(CountingLoader(), max_models=1)
     a = cache.get(spec("a"))

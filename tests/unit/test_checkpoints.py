@@ -358,10 +358,14 @@ def test_prefetch_plan_covers_every_variant_from_the_official_repos(tmp_path: Pa
         "flux-schnell": "black-forest-labs/FLUX.1-schnell",
         "flux-fill": "black-forest-labs/FLUX.1-Fill-dev",
         "flux-kontext": "black-forest-labs/FLUX.1-Kontext-dev",
+        # single-file ControlNets' config.json (pipelines.controlnet.SINGLE_FILE_CONFIGS)
+        "controlnet-sd15": "lllyasviel/control_v11p_sd15_canny",
+        "controlnet-sdxl": "diffusers/controlnet-canny-sdxl-1.0",
     }
     for item in plan:
         assert item.local_dir == tmp_path / item.variant
-        assert item.patterns == CONFIG_PATTERNS  # configs, tokenizers, scheduler: no weights
+        # configs, tokenizers, scheduler (a ControlNet: its config.json): no weights
+        assert item.patterns == (("config.json",) if item.variant.startswith("controlnet-") else CONFIG_PATTERNS)
         assert not any(p.endswith((".safetensors", ".bin", ".ckpt")) for p in item.patterns)
     for needed in ("model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*"):
         assert needed in CONFIG_PATTERNS

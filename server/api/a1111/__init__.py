@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.a1111 import controlnet_modules
+from server.api.a1111 import controlnet, controlnet_modules
 from server.api.a1111.routes import build_router
 from server.errors import A1111_PREFIXES, ErrorInfo, renderer_for
 
@@ -98,6 +98,7 @@ def install(app: FastAPI) -> None:
     untyped bodies as JSON."""
     app.include_router(build_router(), prefix=SDAPI_PREFIX)
     app.include_router(build_router(gateway=True), prefix=GATEWAY_PREFIX)
+    controlnet.install(app)  # the ControlNet extension's /controlnet/* routes (and their gateway copy)
     controlnet_modules.install(app)  # /controlnet/module_list, /controlnet/detect (the extension's preprocessors)
     settings = app.state.settings
     app.add_middleware(

@@ -17,6 +17,7 @@ from pipelines.hires import HIRES_UPSCALERS, HiresOptions, plan_hires
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, GenerationResult, InpaintOptions, Task
 from server.api.a1111 import scripts
+from server.api.a1111.controlnet_units import is_controlnet_script
 from server.api.a1111.infotext import create_infotext, format_number
 from server.api.a1111.schemas import (
     GatewayImg2ImgRequest,
@@ -157,7 +158,8 @@ def check_request(body: GenerationBase, settings: Settings, spec: ModelSpec) -> 
         bad("seed", f"must be -1 (random) or between 0 and {MAX_SEED}")
     errors.extend(scripts.select(body)[1])  # an unknown name is A1111's 422 "Script '<name>' not found"
     for script in body.alwayson_scripts:
-        bad(f"alwayson_scripts.{script}", f"always-on script '{script}' not found")
+        if not is_controlnet_script(script):  # the ControlNet extension's units are read by controlnet_units
+            bad(f"alwayson_scripts.{script}", f"always-on script '{script}' not found")
     if isinstance(body, Img2ImgRequest):
         errors.extend(_check_img2img(body))
     if isinstance(body, Txt2ImgRequest) and body.enable_hr:

@@ -23,12 +23,12 @@ from pipelines.prompts import extract_loras, is_composable, merge_loras
 from pipelines.request import GenerationRequest, GenerationResult
 from server import imagework
 from server.access.principal import job_owner
-from server.api.a1111 import adapter, paste, scripts
+from server.api.a1111 import adapter, controlnet, controlnet_units, paste, scripts
 from server.api.a1111 import options as opts
 from server.api.a1111.adapter import InputImages, Prepared
 from server.api.a1111.schemas import GenerationBase, Img2ImgRequest, Txt2ImgRequest
 from server.api.a1111.state import Session
-from server.errors import ApiError
+from server.errors import ApiError, FieldError
 from server.images import b64, decode_image, encode_image
 from server.jobs import JobSpec, StoredImage
 from server.jobs.http import accepted, cancel_on_disconnect, submit
@@ -139,6 +139,33 @@ async def warnings_for(request: Request, body: GenerationBase, generation: Gener
     return notes
 
 
+async def with_controlnet(
+    request: Request, body: GenerationBase, generation: GenerationRequest, settings: Settings
+) -> tuple[GenerationRequest, list[controlnet_units.ParsedUnit]]:
+    """The request with the ControlNet extension's enabled units (`alwayson_scripts.controlnet.args`): parsed and
+    checked (422 naming the unit's field), then their images decoded and preprocessed under the preparation
+    limit. Also the parsed units, for the infotext."""
+    if controlnet_units.script_args(body.alwayson_scripts) is None:
+        return generation, []
+    cat = controlnet.catalog(request.app)
+
+    def parse() -> list[controlnet_units.ParsedUnit]:
+        models = controlnet_units.models_dir(settings)
+        try:
+            return controlnet_units.parse_units(body.alwayson_scripts, cat.entries(), models)
+        except ApiError:  # a model added since the last scan is found after a fresh one
+            return controlnet_units.parse_units(body.alwayson_scripts, cat.scan(), models)
+
+    parsed = await run_in_threadpool(parse)
+    if not parsed:
+        return generation, []
+    if isinstance(body, Img2ImgRequest) and scripts.select(body)[0] is not None:  # tiles / outpainting jobs
+        why = "ControlNet units with an img2img script are not supported yet"
+        raise ApiError.invalid([FieldError("alwayson_scripts.controlnet", why)])
+    units = await imagework.prepare(request, controlnet_units.build_units, parsed, generation, settings)
+    return controlnet_units.with_units(generation, units), parsed
+
+
 async def prepare(request: Request, body: GenerationBase, session: Session) -> tuple[Prepared, str | None]:
     settings: Settings = request.app.state.settings
     body = paste.apply_infotext(body, session.options)
@@ -181,6 +208,8 @@ async def prepare(request: Request, body: GenerationBase, session: Session) -> t
         if isinstance(body, Txt2ImgRequest):
             extra = adapter.txt2img_extra_params(body, choice.spec)
 
+    generation, units = await with_controlnet(request, body, generation, settings)
+    extra.update(controlnet_units.infotext_params(units))
     generation.preview_every = preview_interval(session.options)
     generation.clip_skip = clip_skip_of({**session.options, **body.override_settings})
     generation.subseed = adapter.resolve_subseed(body.subseed)
@@ -400,8 +429,19 @@ def render(prep: Prepared, result: GenerationResult, options: dict[str, Any], ve
         with_info = bool(options.get("enable_pnginfo", True))
         for img, text in zip(images, infotexts, strict=True):
             encoded.append(b64(encode_image(img, fmt, quality, text if with_info else None)))
+        # The ControlNet extension appends each unit's detected map after the images (no infotext of their own).
+        for img in detected_maps(prep, options):
+            encoded.append(b64(encode_image(img, fmt, quality, None)))
     return {
         "images": encoded,
         "parameters": adapter.echo_parameters(prep.body),
         "info": adapter.build_info(prep, result, infotexts, index_of_first_image, version),
     }
+
+
+def detected_maps(prep: Prepared, options: dict[str, Any]) -> list[Image.Image]:
+    """The detected maps the response carries: each unit's, unless the unit's `save_detected_map` is false or the
+    `control_net_no_detectmap` option is set (also as an override_setting, which A1111 applies while it runs)."""
+    if {**options, **prep.body.override_settings}.get("control_net_no_detectmap"):
+        return []
+    return [unit.image for unit in prep.request.control_units if unit.save_detected_map]

@@ -54,6 +54,9 @@ def _b(default: bool) -> Option:
 # Ranges follow A1111's own sliders (modules/shared_options.py); choices are what this server can honour.
 OPTIONS: dict[str, Option] = {
     "samples_format": Option("choice", "png", choices=("png", "jpg", "jpeg", "webp")),
+    # The ControlNet extension's: detected maps left out of the returned images; units its UI shows.
+    "control_net_no_detectmap": _b(False),
+    "control_net_unit_count": Option("int", 3, min=1, max=10),
     "jpeg_quality": Option("int", 80, min=1, max=100),
     "webp_lossless": _b(False),
     "enable_pnginfo": _b(True),
