@@ -24,7 +24,9 @@ def find_chromium() -> str | None:
     return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: while sync_playwright runs, its event loop counts as running in the main thread, and
+# every later test that calls asyncio.run() (or Ray's sync handles) would fail.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
