@@ -126,3 +126,26 @@ def test_the_fast_path_does_not_fuse_a_denoiser_that_got_the_tier_at_load() -> N
     s = ModelSpec(id="m", family="flux", source="demo:flux", performance={"compile": "off"})
     applied = optimize.apply_optimizations(pipe, s, torch.device("cpu"), force=True)
     assert "fuse_qkv" in applied and fused == []
+
+
+def test_the_engine_gives_an_fp8_file_the_tier_its_device_reports(
+    fp8_file, recorded: list[dict], data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a model entry's `denoiser:`: the engine asks the device (here a fake Ada card with torchao), and the
+    model still generates (the recorder left the upcast weights as they were)."""
+    from pipelines import engine as engine_module
+    from pipelines.engine import Engine, EngineConfig
+    from pipelines.families import adapter_for
+    from pipelines.registry import Registry
+    from pipelines.request import GenerationRequest
+
+    monkeypatch.setattr(engine_module, "capability_of", lambda device: ADA)
+    monkeypatch.setattr(engine_module, "installed_packages", lambda: TORCHAO)
+    spec = _spec(fp8_file[0])
+    loaded = Engine(Registry([spec]), EngineConfig(data_dir=data_dir, preload_default=False))._load_model(spec)
+    assert len(recorded) == 1 and recorded[0]["model"] is loaded.base.transformer
+    assert _hooked(loaded.base.transformer) == 0
+    req = GenerationRequest(model=spec.id, prompt="a fox", width=64, height=64, steps=2, seed=1)
+    with torch.inference_mode():
+        (image,) = adapter_for("flux").run(loaded, req, [1], None, lambda step, total: False)
+    assert image.size == (64, 64)
