@@ -316,10 +316,9 @@ def apply_optimizations(
                 model.set_attention_backend(DIFFUSERS_BACKENDS[step.removeprefix("attention_")])
             elif step == "channels_last" and model is not None:
                 model.to(memory_format=torch.channels_last)
-            elif step == "fuse_qkv" and getattr(model, "_easel_fp8", None) == FP8_COMPUTE:
-                pass  # fused while loading, before its FP8 tier (pipelines.quantized.load_denoiser)
             elif step == "fuse_qkv" and model is not None and hasattr(model, "fuse_qkv_projections"):
-                model.fuse_qkv_projections()
+                if getattr(model, "_easel_fp8", None) != FP8_COMPUTE:  # else fused while loading, before FP8
+                    model.fuse_qkv_projections()
             elif step == "fp8" and model is not None:
                 log.info("model %s: %d linear layers in FP8", spec.id, quantize_fp8(model))
             elif step in ("compile_regional", "compile_full") and model is not None:
