@@ -149,3 +149,20 @@ def test_the_engine_gives_an_fp8_file_the_tier_its_device_reports(
     with torch.inference_mode():
         (image,) = adapter_for("flux").run(loaded, req, [1], None, lambda step, total: False)
     assert image.size == (64, 64)
+
+
+def test_the_qkv_projections_are_fused_before_the_fp8_tier(
+    demo_root: Path, tmp_path: Path, recorded: list[dict]
+) -> None:
+    """A UNet file with `quantization: fp8` (auto leaves UNets out): fused first, so the fused projections are the
+    ones quantized, as the fast path orders it for a bf16 denoiser."""
+    from diffusers import UNet2DConditionModel
+
+    folder = demo.ensure_demo_model("sdxl", demo_root)
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    state = {k: (v.to(torch.float8_e4m3fn) if v.dim() >= 2 else v.contiguous()) for k, v in unet.state_dict().items()}
+    save_file(state, str(tmp_path / "unet-fp8.safetensors"))
+    spec = _spec(tmp_path / "unet-fp8.safetensors", "sdxl", quantization="fp8")
+    model = quantized.load_components(spec, folder, torch.bfloat16, optimize.fp8_compute_tier(spec, HOPPER, TORCHAO))
+    assert len(recorded) == 1 and recorded[0]["model"] is model["unet"]
+    assert any(name.endswith("to_qkv") for name, _ in model["unet"].named_modules())
