@@ -60,6 +60,7 @@ from pipelines.optimize import (
     QuantizationUnavailable,
     apply_optimizations,
     capability_of,
+    fp8_compute_tier,
     installed_packages,
     load_quantization,
     prepare_call,
@@ -696,7 +697,8 @@ class Engine:
         try:  # a model entry's denoiser/text encoder files (pipelines.quantized); the rest comes from the source
             load_quantization(spec, self.device, capability_of(self.device), installed_packages())
             base_folder = Path(spec.config) if spec.is_single_file and spec.config else path
-            components = quantized.load_components(spec, base_folder, dtype)
+            fp8_compute = fp8_compute_tier(spec, capability_of(self.device), installed_packages())
+            components = quantized.load_components(spec, base_folder, dtype, fp8_compute)
         except (checkpoints.CheckpointError, QuantizationUnavailable) as e:
             raise ModelLoadError(f"model '{spec.id}': {e}") from None
         try:

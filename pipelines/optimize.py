@@ -37,6 +37,7 @@ ATTENTION_PACKAGES = {
 }
 # Shapes (resolution x batch) a compiled denoiser may specialise on before dynamo gives up and runs eagerly.
 RECOMPILE_LIMIT = 64
+FP8_COMPUTE = "fp8-compute"  # `_easel_fp8` of a denoiser that got the FP8 tier while loading
 
 
 def installed_packages() -> frozenset[str]:
@@ -89,22 +90,35 @@ def compile_mode(perf: PerformanceSpec, family: str) -> str | None:
     return "reduce-overhead" if graphs else None
 
 
+def fp8_compute_tier(
+    spec: ModelSpec, capability: tuple[int, int] | None, installed: frozenset[str]
+) -> tuple[bool, str]:
+    """Whether the FP8 compute tier (torchao FP8 matmuls) applies to this model's denoiser, and why: `quantization`
+    fp8, or auto on a transformer family, on a card with FP8 compute and torchao installed. The one decision for a
+    bf16 denoiser (`quantization_step`) and for an FP8 `denoiser:` file (`pipelines.quantized.load_denoiser`)."""
+    asked = spec.performance.quantization
+    if asked in ("none", "int8", "nf4"):
+        return False, f"quantization is {asked}"
+    if asked == "auto" and spec.family in UNET_FAMILIES:
+        return False, "quantization auto leaves the UNets out of FP8 compute (their small matmuls gain little)"
+    if capability is None or capability < FP8_MIN_CAPABILITY:
+        return False, "no FP8 compute on this device (needs compute capability 8.9+)"
+    if "torchao" not in installed:
+        return False, "FP8 compute needs torchao (the [cuda] extra)"
+    return True, f"FP8 compute on this device (compute capability {capability[0]}.{capability[1]}, torchao)"
+
+
 def quantization_step(
     spec: ModelSpec, capability: tuple[int, int] | None, installed: frozenset[str]
 ) -> tuple[bool, str | None]:
-    """Whether the denoiser goes to FP8, and why not when it was asked for explicitly."""
-    asked = spec.performance.quantization
-    if asked in ("none", "int8", "nf4") or (asked == "auto" and spec.family in UNET_FAMILIES):
+    """Whether the loaded denoiser goes to FP8 with the other fast path steps, and why not when it was asked for
+    explicitly."""
+    if spec.denoiser:  # its own file sets its format; an FP8 file gets the FP8 tier while loading (load_denoiser)
         return False, None
-    if spec.denoiser:  # its own file sets its format (FP8 layer by layer, GGUF): not quantized again
-        return False, None
-    storage = "; storing the weights in FP8 and computing in the model's dtype layer by layer"
-    if capability is None or capability < FP8_MIN_CAPABILITY:
-        why = "no FP8 compute on this device (needs compute capability 8.9+)"
-        return False, f"{why}{storage}" if asked == "fp8" else None
-    if "torchao" not in installed:
-        return False, f"FP8 compute needs torchao (the [cuda] extra){storage}" if asked == "fp8" else None
-    return True, None
+    on, why = fp8_compute_tier(spec, capability, installed)
+    if on or spec.performance.quantization != "fp8":
+        return on, None
+    return False, f"{why}; storing the weights in FP8 and computing in the model's dtype layer by layer"
 
 
 def plan_optimizations(
@@ -303,7 +317,8 @@ def apply_optimizations(
             elif step == "channels_last" and model is not None:
                 model.to(memory_format=torch.channels_last)
             elif step == "fuse_qkv" and model is not None and hasattr(model, "fuse_qkv_projections"):
-                model.fuse_qkv_projections()
+                if getattr(model, "_easel_fp8", None) != FP8_COMPUTE:  # else fused while loading, before FP8
+                    model.fuse_qkv_projections()
             elif step == "fp8" and model is not None:
                 log.info("model %s: %d linear layers in FP8", spec.id, quantize_fp8(model))
             elif step in ("compile_regional", "compile_full") and model is not None:

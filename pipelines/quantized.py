@@ -7,7 +7,8 @@ diffusers' GGUF support dequantizes). Denoiser keys may be the community's (ldm,
 (`pipelines.layouts`).
 
 FP8 weights stay FP8 in memory and each layer is cast to the compute dtype only while it runs (diffusers' layerwise
-casting), so an FP8 file costs half the memory of bf16 on any device. GGUF weights stay quantized and diffusers'
+casting), so an FP8 file costs half the memory of bf16 on any device; on a card with FP8 compute (and torchao) they
+take the fast path's FP8 tier instead (FP8 matmuls). GGUF weights stay quantized and diffusers'
 GGUFLinear dequantizes them per call.
 
 Every problem is a CheckpointError naming the file and what is wrong: another family's file, an unknown GGUF
@@ -174,8 +175,21 @@ def check_tensors(
 # --- denoiser -----------------------------------------------------------------------------------------------------
 
 
-def load_denoiser(family: str, path: str | Path, config_dir: str | Path, dtype: torch.dtype) -> torch.nn.Module:
-    """The denoiser of `family` from one file, its architecture from `<config_dir>/<unet|transformer>/config.json`."""
+def load_denoiser(
+    family: str,
+    path: str | Path,
+    config_dir: str | Path,
+    dtype: torch.dtype,
+    *,
+    fp8_compute: tuple[bool, str] | None = None,
+    fuse_qkv: bool = False,
+) -> torch.nn.Module:
+    """The denoiser of `family` from one file, its architecture from `<config_dir>/<unet|transformer>/config.json`.
+
+    An FP8 file: with `fp8_compute` on (`optimize.fp8_compute_tier`: a card with FP8 compute and torchao), its
+    weights times their scales in `dtype`, then the FP8 compute tier (`optimize.quantize_fp8`, after fusing the QKV
+    projections when `fuse_qkv`); otherwise FP8 storage computed in `dtype` layer by layer. The tier runs here, on
+    the host, so placement counts the FP8 bytes and the card never holds the bf16 weights."""
     import diffusers
     from accelerate import init_empty_weights
 
@@ -211,14 +225,42 @@ def load_denoiser(family: str, path: str | Path, config_dir: str | Path, dtype: 
     if any(hasattr(t, "quant_type") for t in state.values()):
         return _load_gguf_model(cls, model, state, config_dir, subfolder, dtype)
     fp8 = next((t.dtype for t in state.values() if t.dtype in FP8_DTYPES), None)
-    state = {k: t if t.dtype in FP8_DTYPES else t.to(dtype) for k, t in state.items()}
+    compute, why = fp8_compute if fp8_compute is not None else (False, "")
+    if fp8 is not None and compute:  # the FP8 tier re-quantizes from the real weights (scales applied)
+        state = {k: (t.float() * scales[k]).to(dtype) if k in scales else t.to(dtype) for k, t in state.items()}
+    else:
+        state = {k: t if t.dtype in FP8_DTYPES else t.to(dtype) for k, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
-    if fp8 is not None:
-        store_fp8(model, fp8, dtype, scales)
-        log.info("%s: FP8 (%s) weights, computed in %s layer by layer", path.name, str(fp8).removeprefix("torch."),
-                 str(dtype).removeprefix("torch."))  # fmt: skip
+    if fp8 is None:
+        return model
+    stored, computed = str(fp8).removeprefix("torch."), str(dtype).removeprefix("torch.")
+    if compute:
+        try:
+            _fp8_compute_tier(model, fuse_qkv)
+        except Exception as e:  # a tier that does not fit this model must not stop it from serving
+            log.warning("%s: the FP8 compute tier failed (%s: %s); loading it for layerwise casting instead",
+                        path.name, type(e).__name__, e)  # fmt: skip
+            return load_denoiser(family, path, config_dir, dtype, fp8_compute=(False, "the FP8 compute tier failed"))
+        log.info("%s: FP8 (%s) weights, FP8 compute tier from %s weights (torchao): %s", path.name, stored, computed,
+                 why)  # fmt: skip
+        return model
+    store_fp8(model, fp8, dtype, scales)
+    log.info("%s: FP8 (%s) weights, computed in %s layer by layer%s", path.name, stored, computed,
+             f": {why}" if why else "")  # fmt: skip
     return model
+
+
+def _fp8_compute_tier(model: torch.nn.Module, fuse_qkv: bool) -> None:
+    """The FP8 tier of the fast path on a freshly loaded denoiser: fused QKV projections first (fused after it, the
+    projections would be concatenated FP8 tensors), then torchao's FP8 weights and activations."""
+    from pipelines import optimize
+
+    if fuse_qkv and hasattr(model, "fuse_qkv_projections"):
+        model.fuse_qkv_projections()
+    layers = optimize.quantize_fp8(model)
+    model._easel_fp8 = optimize.FP8_COMPUTE  # noqa: SLF001  (from_pipe leaves it alone; the fast path skips fusing)
+    log.debug("%d linear layers in FP8", layers)
 
 
 def _load_gguf_model(cls, meta_model, state, config_dir, subfolder: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -345,15 +387,19 @@ def load_text_encoder(name: str, path: str | Path, config_dir: str | Path, dtype
 # --- the pipeline's components --------------------------------------------------------------------------------------
 
 
-def load_components(spec: ModelSpec, config_dir: str | Path, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+def load_components(
+    spec: ModelSpec, config_dir: str | Path, dtype: torch.dtype, fp8_compute: tuple[bool, str] | None = None
+) -> dict[str, torch.nn.Module]:
     """The components a model entry takes from its own files, and with `quantization: nf4` its denoiser (and text
-    encoders) quantized while loading; ready to pass to `from_pretrained`."""
+    encoders) quantized while loading; ready to pass to `from_pretrained`. `fp8_compute`: whether an FP8 denoiser
+    file takes the FP8 compute tier, and why (`optimize.fp8_compute_tier` for the device)."""
     out: dict[str, torch.nn.Module] = {}
     for component, file in file_fields(spec).items():
         if component in TEXT_ENCODER_FIELDS:
             out[component] = load_text_encoder(component, file, config_dir, dtype)
         else:
-            out[component] = load_denoiser(spec.family, file, config_dir, dtype)
+            out[component] = load_denoiser(spec.family, file, config_dir, dtype, fp8_compute=fp8_compute,
+                                           fuse_qkv=spec.performance.fuse_qkv)  # fmt: skip
     if spec.performance.quantization == "nf4":
         out.update(_nf4_components(spec, Path(config_dir), dtype, exclude=set(out)))
     return out

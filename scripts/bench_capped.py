@@ -86,7 +86,8 @@ def find_row(name: str) -> Row:
 
 def run_row(row: Row, tiny: bool) -> dict[str, Any]:
     """Build, quantize through the real writer and loader, measure quality uncapped, then cap, place and time."""
-    from pipelines import placement, quantize, quantized
+    from pipelines import optimize, placement, quantize, quantized
+    from pipelines.registry import ModelSpec
 
     bg = _bench_gpu()
     device = torch.device("cpu" if tiny else "cuda")
@@ -108,7 +109,12 @@ def run_row(row: Row, tiny: bool) -> dict[str, Any]:
             path = folder / f"denoiser{quantize.suffix_for(row.fmt)}"
             written = quantize.write_denoiser(reference, row.family, row.fmt, path)
             result.update(file_bytes=written.bytes, quantize_s=round(written.seconds, 1))
-            comps[name] = quantized.load_denoiser(row.family, path, folder, dtype)
+            # An FP8 file takes the FP8 compute tier where the server would give it one (FLUX/Qwen-Image on 8.9+
+            # with torchao), as a `denoiser:` entry does; layerwise casting elsewhere.
+            spec = ModelSpec(id=f"bench-{row.family}", family=row.family, source=f"demo:{row.family}")
+            fp8_compute = optimize.fp8_compute_tier(spec, optimize.capability_of(device), optimize.installed_packages())
+            result["fp8_compute"] = fp8_compute[0] if row.fmt == "fp8" else None
+            comps[name] = quantized.load_denoiser(row.family, path, folder, dtype, fp8_compute=fp8_compute)
         result["relative_error"] = denoiser_error(bg, reference, comps[name], device, dtype)
         del reference
     pipe = bg.assemble(row.family, comps)
