@@ -7,8 +7,6 @@ images are those the job stored as result files (URLs signed like every result U
 
 from __future__ import annotations
 
-import base64
-import binascii
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from server.access.principal import can_see, job_owner
 from server.api.gateway.tasks import TaskError
 from server.errors import ApiError, FieldError
-from server.jobs import JobService, get_job_service
+from server.jobs import JobService, cursors, get_job_service
 from server.jobs.db import JobRecord
 from server.jobs.http import base_url
 from server.jobs.store import FINISHED
@@ -69,21 +67,13 @@ class Deleted(BaseModel):
 
 
 def encode_cursor(record: JobRecord) -> str:
-    raw = f"{_CURSOR_PREFIX}{record.created_at.isoformat()}|{record.id}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    return cursors.encode_cursor(record, _CURSOR_PREFIX)
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith(_CURSOR_PREFIX):
-            raise ValueError(cursor)
-        created_at, _, job_id = raw[len(_CURSOR_PREFIX) :].partition("|")
-        when = datetime.fromisoformat(created_at)
-        if not job_id or when.tzinfo is None:
-            raise ValueError(cursor)
-        return when, job_id
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return cursors.decode_cursor(cursor, _CURSOR_PREFIX)
+    except cursors.BadCursor:
         raise ApiError.invalid([FieldError("cursor", "not a cursor from this API; use next_cursor")]) from None
 
 

@@ -11,8 +11,6 @@ failed or completed job answers in the same shape.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,7 +22,7 @@ from server.api.gateway.adapter import require_text_to_image, route_model, seed_
 from server.api.gateway.sizes import check_size
 from server.api.genpicz.schemas import GenerateRequest
 from server.errors import ApiError, FieldError
-from server.jobs import JobSpec, StoredImage
+from server.jobs import JobSpec, StoredImage, cursors
 from server.jobs.db import JobRecord
 from server.settings import Settings
 from server.styles import Style, StyleBook
@@ -195,23 +193,12 @@ _CURSOR_PREFIX = "c2:"  # versioned, so the encoding can change without misreadi
 
 
 def encode_cursor(record: JobRecord) -> str:
-    """Opaque to clients: the last listed job's (created_at, id), for keyset pagination (new jobs cannot shift the
-    next page, and deleting that job does not break the cursor)."""
-    raw = f"{_CURSOR_PREFIX}{record.created_at.isoformat()}|{record.id}"
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    return cursors.encode_cursor(record, _CURSOR_PREFIX)
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith(_CURSOR_PREFIX):
-            raise ValueError(cursor)
-        created_at, _, job_id = raw[len(_CURSOR_PREFIX) :].partition("|")
-        when = datetime.fromisoformat(created_at)
-        if not job_id or when.tzinfo is None:
-            raise ValueError(cursor)
-        return when, job_id
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise ApiError.invalid(
-            [FieldError("cursor", "not a cursor from this API; use next_cursor of a listing")]
-        ) from None
+        return cursors.decode_cursor(cursor, _CURSOR_PREFIX)
+    except cursors.BadCursor:
+        message = "not a cursor from this API; use next_cursor of a listing"
+        raise ApiError.invalid([FieldError("cursor", message)]) from None
