@@ -81,6 +81,16 @@ class Prepared:
 # Model ---------------------------------------------------------------------------------------------------------------
 
 
+def check_image_count(field: str, count: int, settings: Settings) -> None:
+    """A list of input images over max_images_per_request is a 422 naming `field` (extras batch, ControlNet detect)."""
+    if count > settings.max_images_per_request:
+        raise ApiError(
+            422,
+            f"{field}: {count} images, at most max_images_per_request={settings.max_images_per_request}",
+            field=field,
+        )
+
+
 def unknown_model(registry: Registry, name: str, field_name: str, status: int = 404) -> ApiError:
     known = ", ".join(m.title for m in registry)
     return ApiError(

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from pipelines import controlnet_preprocessors as cp
 from server import imagework
+from server.api.a1111.adapter import check_image_count
 from server.api.a1111.schemas import A1111Model
 from server.errors import ApiError
 from server.images import b64, decode_image, encode_image
@@ -113,13 +114,7 @@ def build_router() -> APIRouter:
             raise _module_error(body.controlnet_module, error) from None
         if not body.controlnet_input_images:
             raise ApiError(422, "controlnet_input_images: No image selected", field="controlnet_input_images")
-        if len(body.controlnet_input_images) > settings.max_images_per_request:
-            raise ApiError(
-                422,
-                f"controlnet_input_images: {len(body.controlnet_input_images)} images, at most "
-                f"max_images_per_request={settings.max_images_per_request}",
-                field="controlnet_input_images",
-            )
+        check_image_count("controlnet_input_images", len(body.controlnet_input_images), settings)
         try:
             images = await imagework.prepare(request, detect_maps, body, settings)
         except cp.PreprocessorError as error:  # a model folder removed between the check and the run

@@ -14,7 +14,7 @@ from server import imagework
 from server.access.principal import can_see, is_admin, owner_filter
 from server.api.a1111 import catalog, extras, generation, scripts
 from server.api.a1111 import options as opts
-from server.api.a1111.adapter import unknown_model
+from server.api.a1111.adapter import check_image_count, unknown_model
 from server.api.a1111.infotext import parse_generation_parameters
 from server.api.a1111.schemas import (
     GatewayImg2ImgRequest,
@@ -149,13 +149,7 @@ def _add_generation_routes(router: APIRouter, gateway: bool) -> None:
         """Upscale each of `imageList` ([{data, name}]), at most max_images_per_request of them."""
         extras.check(body)
         settings = request.app.state.settings
-        if len(body.imageList) > settings.max_images_per_request:
-            raise ApiError(
-                422,
-                f"imageList: {len(body.imageList)} images, at most max_images_per_request="
-                f"{settings.max_images_per_request}",
-                field="imageList",
-            )
+        check_image_count("imageList", len(body.imageList), settings)
         sources = [(f"imageList[{i}].data", item.data) for i, item in enumerate(body.imageList)]
         images, html_info = await imagework.prepare(request, extras.run, body, sources, settings, session.options)
         return extras.ExtrasBatchImagesResponse(html_info=html_info, images=images)
