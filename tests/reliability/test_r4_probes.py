@@ -102,7 +102,7 @@ def test_probes_answer_while_generation_work_is_stuck(models: Registry, tmp_path
                 started = time.monotonic()
                 assert probe(client, "/readyz")[0] == 200
                 assert probe(client, "/livez")[0] == 200
-                assert time.monotonic() - started < 1.0
+                assert time.monotonic() - started < 10  # generous: a blocked probe would hang, not run late
         finally:
             engine.release()
             worker.join(30)

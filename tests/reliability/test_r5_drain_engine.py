@@ -89,7 +89,7 @@ def test_a_draining_engine_is_refused_with_503_before_the_body_is_read(
     with TestClient(app) as client:
         engine.drain(timeout_s=5)
         post = RawPost(app, "/sdapi/v1/txt2img")
-        status, headers, body, _ = post.run()
+        status, headers, body = post.run()
         assert status == 503 and not post.body_read and int(headers["retry-after"]) > 0
         assert body.startswith(b'{"error":"EngineNotReady"') and b"shutting down" in body
         r = client.post("/v2/image/flux/generate", json={"prompt": "x"})
