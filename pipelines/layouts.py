@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from pipelines import flux_keys
 from pipelines.single_file import convert_flux_to_diffusers
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -127,54 +128,10 @@ def unet_key_to_ldm(key: str, config: Mapping) -> str:
 
 def flux_to_bfl(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers FluxTransformer2DModel keys -> BFL keys (the inverse of `convert_flux_to_diffusers`)."""
-    src = dict(sd)
-    out: dict[str, torch.Tensor] = {}
-
-    def move(d: str, b: str) -> None:
-        for kind in ("weight", "bias"):
-            if f"{d}.{kind}" in src:
-                out[f"{b}.{kind}"] = src.pop(f"{d}.{kind}")
-
-    def cat(ds: list[str], b: str) -> None:
-        for kind in ("weight", "bias"):
-            out[f"{b}.{kind}"] = torch.cat([src.pop(f"{d}.{kind}") for d in ds], dim=0)
-
-    move("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer")
-    move("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer")
-    move("time_text_embed.text_embedder.linear_1", "vector_in.in_layer")
-    move("time_text_embed.text_embedder.linear_2", "vector_in.out_layer")
-    move("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer")
-    move("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer")
-    move("context_embedder", "txt_in")
-    move("x_embedder", "img_in")
-    doubles = {int(k.split(".")[1]) for k in src if k.startswith("transformer_blocks.")}
-    for i in sorted(doubles):
-        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        move(d + "norm1.linear", b + "img_mod.lin")
-        move(d + "norm1_context.linear", b + "txt_mod.lin")
-        cat([d + f"attn.to_{c}" for c in "qkv"], b + "img_attn.qkv")
-        cat([d + f"attn.add_{c}_proj" for c in "qkv"], b + "txt_attn.qkv")
-        for stream, suffix in (("img", ""), ("txt", "added_")):
-            out[b + f"{stream}_attn.norm.query_norm.scale"] = src.pop(d + f"attn.norm_{suffix}q.weight")
-            out[b + f"{stream}_attn.norm.key_norm.scale"] = src.pop(d + f"attn.norm_{suffix}k.weight")
-        move(d + "ff.net.0.proj", b + "img_mlp.0")
-        move(d + "ff.net.2", b + "img_mlp.2")
-        move(d + "ff_context.net.0.proj", b + "txt_mlp.0")
-        move(d + "ff_context.net.2", b + "txt_mlp.2")
-        move(d + "attn.to_out.0", b + "img_attn.proj")
-        move(d + "attn.to_add_out", b + "txt_attn.proj")
-    singles = {int(k.split(".")[1]) for k in src if k.startswith("single_transformer_blocks.")}
-    for i in sorted(singles):
-        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        move(d + "norm.linear", b + "modulation.lin")
-        cat([d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"], b + "linear1")
-        out[b + "norm.query_norm.scale"] = src.pop(d + "attn.norm_q.weight")
-        out[b + "norm.key_norm.scale"] = src.pop(d + "attn.norm_k.weight")
-        move(d + "proj_out", b + "linear2")
-    move("proj_out", "final_layer.linear")
-    for kind in ("weight", "bias"):
-        scale, shift = src.pop(f"norm_out.linear.{kind}").chunk(2, dim=0)
-        out[f"final_layer.adaLN_modulation.1.{kind}"] = torch.cat([shift, scale], dim=0)
-    if src:
-        raise LayoutError(f"FLUX transformer keys with no BFL name: {', '.join(sorted(src)[:3])}")
+    try:
+        out, unnamed = flux_keys.to_bfl(sd)
+    except KeyError as e:
+        raise LayoutError(f"FLUX transformer without the tensor {e}") from e
+    if unnamed:
+        raise LayoutError(f"FLUX transformer keys with no BFL name: {', '.join(sorted(unnamed)[:3])}")
     return out

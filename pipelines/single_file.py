@@ -15,7 +15,6 @@ everywhere, so a missing file is an error naming it, never a download.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from diffusers.loaders.single_file_utils import SingleFileComponentError, create
 from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection
 
+from pipelines import flux_keys
 from pipelines.checkpoints import UNET, VARIANTS, CheckpointError, check_suffix, detect_checkpoint, read_header
 from pipelines.families import dtype_kwargs
 from pipelines.registry import ModelSpec
@@ -160,79 +160,11 @@ def _read_flux_transformer(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _block_count(state: dict[str, torch.Tensor], root: str) -> int:
-    found = [int(m.group(1)) for k in state if (m := re.match(rf"{root}\.(\d+)\.", k))]
-    return max(found) + 1 if found else 0
-
-
-def _swap_scale_shift(weight: torch.Tensor) -> torch.Tensor:
-    # BFL's final AdaLayerNorm projects to (shift, scale); diffusers' to (scale, shift).
-    shift, scale = weight.chunk(2, dim=0)
-    return torch.cat([scale, shift], dim=0)
-
-
 def convert_flux_to_diffusers(bfl: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """BFL FLUX.1 transformer keys -> diffusers `FluxTransformer2DModel` keys, for any width.
-
-    The same mapping as diffusers' `convert_flux_transformer_checkpoint_to_diffusers`, except that the hidden size is
-    read from the weights (that function assumes 3072, so it cannot load anything but full-size FLUX.1).
-    """
-    sd = dict(bfl)
-    out: dict[str, torch.Tensor] = {}
-
-    def move(src: str, dst: str) -> None:
-        for kind in ("weight", "bias"):
-            out[f"{dst}.{kind}"] = sd.pop(f"{src}.{kind}")
-
-    def split(src: str, dsts: tuple[str, ...], sizes: list[int] | None = None) -> None:
-        for kind in ("weight", "bias"):
-            tensor = sd.pop(f"{src}.{kind}")
-            parts = tensor.split(sizes, dim=0) if sizes else tensor.chunk(len(dsts), dim=0)
-            for dst, part in zip(dsts, parts, strict=True):
-                out[f"{dst}.{kind}"] = part.contiguous()
-
-    inner = sd["img_in.weight"].shape[0]
-    move("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1")
-    move("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2")
-    move("vector_in.in_layer", "time_text_embed.text_embedder.linear_1")
-    move("vector_in.out_layer", "time_text_embed.text_embedder.linear_2")
-    if "guidance_in.in_layer.weight" in sd:  # dev/Fill/Kontext are guidance-distilled; schnell is not
-        move("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1")
-        move("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")
-    move("txt_in", "context_embedder")
-    move("img_in", "x_embedder")
-
-    for i in range(_block_count(sd, "double_blocks")):
-        src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        move(src + "img_mod.lin", dst + "norm1.linear")
-        move(src + "txt_mod.lin", dst + "norm1_context.linear")
-        split(src + "img_attn.qkv", tuple(dst + f"attn.to_{c}" for c in "qkv"))
-        split(src + "txt_attn.qkv", tuple(dst + f"attn.add_{c}_proj" for c in "qkv"))
-        for stream, suffix in (("img", ""), ("txt", "added_")):
-            out[dst + f"attn.norm_{suffix}q.weight"] = sd.pop(src + f"{stream}_attn.norm.query_norm.scale")
-            out[dst + f"attn.norm_{suffix}k.weight"] = sd.pop(src + f"{stream}_attn.norm.key_norm.scale")
-        move(src + "img_mlp.0", dst + "ff.net.0.proj")
-        move(src + "img_mlp.2", dst + "ff.net.2")
-        move(src + "txt_mlp.0", dst + "ff_context.net.0.proj")
-        move(src + "txt_mlp.2", dst + "ff_context.net.2")
-        move(src + "img_attn.proj", dst + "attn.to_out.0")
-        move(src + "txt_attn.proj", dst + "attn.to_add_out")
-
-    for i in range(_block_count(sd, "single_blocks")):
-        src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-        move(src + "modulation.lin", dst + "norm.linear")
-        mlp = sd[src + "linear1.weight"].shape[0] - 3 * inner
-        names = (dst + "attn.to_q", dst + "attn.to_k", dst + "attn.to_v", dst + "proj_mlp")
-        split(src + "linear1", names, [inner, inner, inner, mlp])
-        out[dst + "attn.norm_q.weight"] = sd.pop(src + "norm.query_norm.scale")
-        out[dst + "attn.norm_k.weight"] = sd.pop(src + "norm.key_norm.scale")
-        move(src + "linear2", dst + "proj_out")
-
-    move("final_layer.linear", "proj_out")
-    for kind in ("weight", "bias"):
-        out[f"norm_out.linear.{kind}"] = _swap_scale_shift(sd.pop(f"final_layer.adaLN_modulation.1.{kind}"))
-    if sd:
-        log.warning("FLUX checkpoint: %d unused tensors (e.g. %s)", len(sd), next(iter(sd)))
+    """BFL FLUX.1 transformer keys -> diffusers `FluxTransformer2DModel` keys, for any width (pipelines.flux_keys)."""
+    out, unused = flux_keys.to_diffusers(bfl)
+    if unused:
+        log.warning("FLUX checkpoint: %d unused tensors (e.g. %s)", len(unused), next(iter(unused)))
     return out
 
 

@@ -47,6 +47,7 @@ from pipelines.engine import Engine, EngineConfig
 from pipelines.errors import ModelLoadError
 from pipelines.families import adapter_for
 from pipelines.families.base import LoadedModel, UnsupportedTask
+from pipelines.layouts import flux_to_bfl
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, Task
 from pipelines.single_file import convert_flux_to_diffusers, load_pipeline
@@ -159,54 +160,6 @@ def open_clip_to_ldm(sd: Tensors, prefix: str) -> Tensors:
         for a, b in _OPEN_CLIP:
             key = key.replace(a, b)
         out[prefix + key.replace(".self_attn.", ".attn.")] = value
-    return out
-
-
-def flux_to_bfl(sd: Tensors) -> Tensors:
-    """FluxTransformer2DModel -> BFL keys (fused qkv and linear1, (shift, scale) final modulation)."""
-    sd, out = dict(sd), {}
-
-    def put(dst: str, *srcs: str) -> None:
-        for kind in ("weight", "bias"):
-            out[f"{dst}.{kind}"] = torch.cat([sd.pop(f"{s}.{kind}") for s in srcs])
-
-    put("img_in", "x_embedder")
-    put("txt_in", "context_embedder")
-    for bfl, emb in (("time_in", "timestep"), ("vector_in", "text"), ("guidance_in", "guidance")):
-        if f"time_text_embed.{emb}_embedder.linear_1.weight" in sd:
-            put(f"{bfl}.in_layer", f"time_text_embed.{emb}_embedder.linear_1")
-            put(f"{bfl}.out_layer", f"time_text_embed.{emb}_embedder.linear_2")
-    i = 0
-    while f"transformer_blocks.{i}.norm1.linear.weight" in sd:
-        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-        put(b + "img_mod.lin", d + "norm1.linear")
-        put(b + "txt_mod.lin", d + "norm1_context.linear")
-        put(b + "img_attn.qkv", d + "attn.to_q", d + "attn.to_k", d + "attn.to_v")
-        put(b + "txt_attn.qkv", d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj")
-        for stream, tag in (("img", ""), ("txt", "added_")):
-            out[b + f"{stream}_attn.norm.query_norm.scale"] = sd.pop(d + f"attn.norm_{tag}q.weight")
-            out[b + f"{stream}_attn.norm.key_norm.scale"] = sd.pop(d + f"attn.norm_{tag}k.weight")
-        put(b + "img_mlp.0", d + "ff.net.0.proj")
-        put(b + "img_mlp.2", d + "ff.net.2")
-        put(b + "txt_mlp.0", d + "ff_context.net.0.proj")
-        put(b + "txt_mlp.2", d + "ff_context.net.2")
-        put(b + "img_attn.proj", d + "attn.to_out.0")
-        put(b + "txt_attn.proj", d + "attn.to_add_out")
-        i += 1
-    i = 0
-    while f"single_transformer_blocks.{i}.norm.linear.weight" in sd:
-        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-        put(b + "modulation.lin", d + "norm.linear")
-        put(b + "linear1", d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp")
-        out[b + "norm.query_norm.scale"] = sd.pop(d + "attn.norm_q.weight")
-        out[b + "norm.key_norm.scale"] = sd.pop(d + "attn.norm_k.weight")
-        put(b + "linear2", d + "proj_out")
-        i += 1
-    put("final_layer.linear", "proj_out")
-    for kind in ("weight", "bias"):
-        scale, shift = sd.pop(f"norm_out.linear.{kind}").chunk(2)
-        out[f"final_layer.adaLN_modulation.1.{kind}"] = torch.cat([shift, scale])
-    assert not sd, sorted(sd)
     return out
 
 
@@ -346,6 +299,11 @@ def test_flux_converter_matches_diffusers_at_full_width() -> None:
     theirs = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    # The same table written backwards (`easel quantize`): exactly the BFL file again, with or without guidance.
+    schnell = {k: v for k, v in bfl.items() if not k.startswith("guidance_in.")}
+    for original in (bfl, schnell):
+        back = flux_to_bfl(convert_flux_to_diffusers(original))
+        assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
 
 
 # --- loading and generating ---------------------------------------------------------------------------------------
