@@ -54,6 +54,7 @@ from pipelines.control_units import (
     guidance_stopped,
     soft_injection_scales,
 )
+from pipelines.controlnet_file_check import LABELS, ControlNetFileError, describe_mismatch
 from pipelines.errors import InvalidRequest, ModelLoadError
 from pipelines.families import dtype_kwargs
 from pipelines.families.base import BatchItem, LoadedModel
@@ -162,8 +163,14 @@ def load_controlnet(
             f"ControlNet {path.name} needs the local config folder {SINGLE_FILE_CONFIGS[file_family]} under "
             "configs_dir (run `easel prefetch-configs` where there is internet)",
         )
-    return ControlNetModel.from_single_file(str(path), config=str(config), local_files_only=True,
-                                            **dtype_kwargs(dtype))  # fmt: skip
+    try:
+        return ControlNetModel.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                **dtype_kwargs(dtype))  # fmt: skip
+    except Exception as e:
+        reason = describe_mismatch(path, config, LABELS[file_family])
+        if reason is None:
+            raise
+        raise ControlNetFileError(reason) from e
 
 
 def ensure_loaded(
@@ -184,7 +191,8 @@ def ensure_loaded(
                 raise
             except Exception as e:  # a broken file: say which, as a failed model load, never a traceback
                 log.exception("loading ControlNet %s failed", unit.model)
-                raise ModelLoadError(f"ControlNet '{unit.model}' failed to load: {type(e).__name__}: {e}") from e
+                detail = str(e) if isinstance(e, ControlNetFileError) else f"{type(e).__name__}: {e}"
+                raise ModelLoadError(f"ControlNet '{unit.model}' failed to load: {detail}") from e
             if controlnet_family(model) != family:  # refused before it takes any device memory
                 raise InvalidRequest(
                     unit_field(index, "model"),

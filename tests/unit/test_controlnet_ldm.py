@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 
 from pipelines import controlnet, controlnet_models, demo
+from pipelines.controlnet_file_check import ControlNetFileError
 from tests.controlnet_ldm import to_ldm
 
 CANNY = "control_v11p_sd15_canny"  # `control_model.`-prefixed, as the original files
@@ -82,6 +83,37 @@ def test_loads_through_the_single_file_path_to_the_demos_weights(dirs, demo_root
     assert all(torch.equal(state[k], v) for k, v in demo_weights.items())
 
 
+def test_a_file_that_does_not_fit_says_why(dirs, demo_root: Path, demo_weights, tmp_path: Path) -> None:
+    """diffusers alone fails these deep in the load ("argument 'input' must be Tensor, not NoneType")."""
+    folder = demo.ensure_demo_controlnet("sd15", demo_root)
+    layers = json.loads((folder / "config.json").read_text())["layers_per_block"]
+    ldm = to_ldm(demo_weights, layers)
+    cases = {
+        "truncated": ({k: v for k, v in ldm.items() if ".zero_convs.1." not in k}, dirs[1],
+                      r"truncated\.safetensors lacks 2 of the \d+ tensors of an SD1.5 ControlNet \(e\.g\. "
+                      r"controlnet_down_blocks\.1\.bias"),
+        "not_controlnet": ({"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}, dirs[1],
+                           r"not_controlnet\.safetensors is not an SD1.5 ControlNet in the ldm or diffusers layout "
+                           r"\(keys like first_stage_model\.decoder\.conv_in\.weight\)"),
+    }  # fmt: skip
+    wider = tmp_path / "configs" / controlnet.SINGLE_FILE_CONFIGS["sd15"]
+    wider.mkdir(parents=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["block_out_channels"] = [2 * width for width in config["block_out_channels"]]
+    (wider / "config.json").write_text(json.dumps(config))
+    cases["other_width"] = (
+        ldm,
+        tmp_path / "configs",
+        r"other_width\.safetensors does not fit the config in .+: \d+ "
+        r"tensors of an SD1.5 ControlNet have another shape \(e\.g\. conv_in\.weight",
+    )
+    for name, (tensors, configs_dir, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, path)
+        with pytest.raises(ControlNetFileError, match=message):
+            controlnet.load_controlnet(str(path), "sd15", torch.float32, demo_root, configs_dir)
+
+
 def b64_square() -> str:
     image = Image.new("RGB", (64, 64), "black")
     ImageDraw.Draw(image).rectangle((16, 16, 48, 48), fill="white")
@@ -104,6 +136,7 @@ def test_a1111_lists_and_generates_with_it_as_with_the_demo(dirs, data_dir: Path
     settings = Settings(data_dir=data_dir, checkpoints_dir=dirs[0], configs_dir=dirs[1])
     canny_title = f"{CANNY} [{short_hash(dirs[0] / 'ControlNet' / f'{CANNY}.safetensors')}]"
     demo_title = controlnet_models.demo_entry("sd15").title
+    truncated = dirs[0] / "ControlNet" / "control_truncated.safetensors"
     try:
         with TestClient(create_app(settings, engine=engine, registry=registry)) as client:
             assert canny_title in client.get("/controlnet/model_list").json()["model_list"]
@@ -116,8 +149,17 @@ def test_a1111_lists_and_generates_with_it_as_with_the_demo(dirs, data_dir: Path
                 assert response.status_code == 200, response.text
                 image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
                 pictures.append(np.asarray(image.convert("RGB")))
+            # A truncated file fails as a model load that says what is wrong with the file, not a diffusers TypeError.
+            full = load_file(dirs[0] / "ControlNet" / f"{CANNY}.safetensors")
+            save_file({k: v for k, v in full.items() if ".zero_convs.1." not in k}, truncated)
+            unit = {"enabled": True, "model": "control_truncated", "image": b64_square()}
+            body = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64,
+                    "alwayson_scripts": {"controlnet": {"args": [unit]}}}  # fmt: skip
+            response = client.post("/sdapi/v1/txt2img", json=body)
+            assert response.status_code == 500 and "control_truncated.safetensors lacks 2 of the" in response.text
         loaded = engine.cache.get(registry.get("demo-sd15"))
         assert str(dirs[0] / "ControlNet" / f"{CANNY}.safetensors") in loaded.controlnets  # the file ran, not the demo
     finally:
         engine.stop()
+        truncated.unlink(missing_ok=True)  # the listing test expects the module's two files only
     assert np.array_equal(pictures[0], pictures[1])
