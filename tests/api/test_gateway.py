@@ -512,7 +512,7 @@ def test_sync_timeout_answers_with_the_task_address(make_gateway: Callable[..., 
     gw.engine.block()
     started = time.monotonic()
     r = gw.post("qwen", SMALL["qwen"])
-    assert 0.2 <= time.monotonic() - started < 3
+    assert 0.2 <= time.monotonic() - started < 15  # generous: a loaded CI machine runs late; no timeout would hang
     assert r.status_code == 504
     error = r.json()["error"]
     assert error["code"] == "timeout" and '"async": true' in error["message"]

@@ -279,7 +279,7 @@ def test_timeout(server: str) -> None:
     started = time.monotonic()
     with pytest.raises(FetchFailed, match="longer than|timed out"):
         fetch(f"{server}/slow", policy(timeout_s=0.5), resolver=no_dns)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10  # generous: a loaded CI machine runs late; no timeout would hang
 
 
 def test_http_error_status(server: str) -> None:
