@@ -167,7 +167,10 @@ def load_controlnet(
         return ControlNetModel.from_single_file(str(path), config=str(config), local_files_only=True,
                                                 **dtype_kwargs(dtype))  # fmt: skip
     except Exception as e:
-        reason = describe_mismatch(path, config, LABELS[file_family])
+        try:
+            reason = describe_mismatch(path, config, LABELS[file_family])
+        except Exception:  # the diagnosis failed too (an unreadable file): the load's own error says more
+            reason = None
         if reason is None:
             raise
         raise ControlNetFileError(reason) from e
