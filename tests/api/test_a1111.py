@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pipelines.errors import EngineNotReady, GenerationFailed, InvalidRequest, ModelLoadError, QueueFull
-from pipelines.registry import Registry, load_registry
+from pipelines.registry import Registry
 from pipelines.request import Task
 from server.api.a1111.infotext import create_infotext, parse_generation_parameters, quote
 from server.app import create_app
@@ -61,29 +60,9 @@ A1111_ERROR_KEYS = {"error", "detail", "body", "errors"}
 # Fixtures and helpers ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def a1111_registry(tmp_path: Path) -> Registry:
-    path = tmp_path / "models.yaml"
-    path.write_text(MODELS_YAML)
-    return load_registry(path)
-
-
-@pytest.fixture
-def engine(a1111_registry: Registry) -> Iterator[FakeEngine]:
-    eng = FakeEngine(a1111_registry)
-    yield eng
-    eng.release()
-
-
 def make_settings(**overrides) -> Settings:
     limits = {"max_width": 2048, "max_height": 2048, "max_steps": 150, "max_images_per_request": 16}
     return Settings(**{**limits, **overrides})
-
-
-@pytest.fixture
-def client(engine: FakeEngine, a1111_registry: Registry) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(), engine=engine, registry=a1111_registry)) as c:
-        yield c
 
 
 def client_with(engine, registry, **settings) -> TestClient:

@@ -6,37 +6,15 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 
 from pipelines.errors import InvalidRequest
-from pipelines.registry import Registry, load_registry
+from pipelines.registry import Registry
 from server.app import create_app
 from tests.api.fake_engine import FakeEngine
-from tests.api.test_a1111 import MODELS_YAML, SD, assert_422_names, info_of, make_settings
-
-
-@pytest.fixture
-def a1111_registry(tmp_path: Path) -> Registry:
-    path = tmp_path / "models.yaml"
-    path.write_text(MODELS_YAML)
-    return load_registry(path)
-
-
-@pytest.fixture
-def engine(a1111_registry: Registry) -> Iterator[FakeEngine]:
-    eng = FakeEngine(a1111_registry)
-    yield eng
-    eng.release()
-
-
-@pytest.fixture
-def client(engine: FakeEngine, a1111_registry: Registry) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(), engine=engine, registry=a1111_registry)) as c:
-        yield c
+from tests.api.test_a1111 import SD, assert_422_names, info_of, make_settings
 
 
 def _safetensors(path: Path, tensors: dict[str, list[int]]) -> None:

@@ -6,38 +6,16 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pipelines.registry import Registry, load_registry
+from pipelines.registry import Registry
 from server.api.a1111.extras import plaintext_to_html
 from tests.api.fake_engine import FakeEngine
-from tests.api.test_a1111 import A1111_ERROR_KEYS, GW, MODELS_YAML, SD, client_with, info_of
-
-
-@pytest.fixture
-def a1111_registry(tmp_path: Path) -> Registry:
-    path = tmp_path / "models.yaml"
-    path.write_text(MODELS_YAML)
-    return load_registry(path)
-
-
-@pytest.fixture
-def engine(a1111_registry: Registry) -> Iterator[FakeEngine]:
-    eng = FakeEngine(a1111_registry)
-    yield eng
-    eng.release()
-
-
-@pytest.fixture
-def client(engine: FakeEngine, a1111_registry: Registry) -> Iterator[TestClient]:
-    with client_with(engine, a1111_registry) as c:
-        yield c
-
+from tests.api.test_a1111 import A1111_ERROR_KEYS, GW, SD, client_with, info_of
 
 SMALL = {"prompt": "a lighthouse", "steps": 1, "width": 64, "height": 64}
 

@@ -6,39 +6,16 @@ the listings and the 422s naming `script_args[i]`. The real pipelines run them i
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from pipelines.registry import Registry, load_registry
 from pipelines.request import Task
 from pipelines.script_geometry import combine_grid, matched_noise, split_grid
 from tests.api.fake_engine import FakeEngine, seed_color
-from tests.api.test_a1111 import GW, MODELS_YAML, SD, assert_422_names, client_with, decode_png, info_of, png_b64
-
-
-@pytest.fixture
-def a1111_registry(tmp_path: Path) -> Registry:
-    path = tmp_path / "models.yaml"
-    path.write_text(MODELS_YAML)
-    return load_registry(path)
-
-
-@pytest.fixture
-def engine(a1111_registry: Registry) -> Iterator[FakeEngine]:
-    eng = FakeEngine(a1111_registry)
-    yield eng
-    eng.release()
-
-
-@pytest.fixture
-def client(engine: FakeEngine, a1111_registry: Registry) -> Iterator[TestClient]:
-    with client_with(engine, a1111_registry) as c:
-        yield c
+from tests.api.test_a1111 import GW, SD, assert_422_names, decode_png, info_of, png_b64
 
 
 def body(script: str, args: list, size=(64, 64), color=(200, 10, 10), **extra) -> dict:

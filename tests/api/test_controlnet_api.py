@@ -22,7 +22,7 @@ from pipelines.controlnet_preprocessors import PreprocessorParams, resolve_param
 from pipelines.registry import Registry, load_registry
 from server.app import create_app
 from tests.api.fake_engine import FakeEngine
-from tests.api.test_a1111 import A1111_ERROR_KEYS, GW, MODELS_YAML, SD, info_of, make_settings
+from tests.api.test_a1111 import A1111_ERROR_KEYS, GW, SD, info_of, make_settings
 
 DEMO = controlnet_models.demo_entry("sd15").title
 IP_DEMO = controlnet_models.demo_ip_adapter_entry("sd15").title
@@ -46,25 +46,11 @@ def decode(data: str) -> Image.Image:
 
 
 @pytest.fixture
-def a1111_registry(tmp_path: Path) -> Registry:
-    path = tmp_path / "models.yaml"
-    path.write_text(MODELS_YAML)
-    return load_registry(path)
-
-
-@pytest.fixture
 def models_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "models" / "ControlNet"
     folder.mkdir(parents=True)
     (folder / "control_v11p_sd15_canny.safetensors").write_bytes(bytes(range(256)) * 4608)
     return folder.parent
-
-
-@pytest.fixture
-def engine(a1111_registry: Registry) -> Iterator[FakeEngine]:
-    eng = FakeEngine(a1111_registry)
-    yield eng
-    eng.release()
 
 
 @pytest.fixture
