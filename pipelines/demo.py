@@ -19,6 +19,7 @@ import string
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -477,24 +478,29 @@ def _marker_ok(out_dir: Path, kind: str) -> bool:
 
 
 def build_demo_model(kind: str, out_dir: Path, make: Callable[[], Any] | None = None) -> Path:
-    """Build the demo pipeline `kind` into `out_dir` (replacing it) and return `out_dir`.
-
-    Written to a temp folder beside `out_dir`, renamed into place, then marked complete: a crash leaves either
-    nothing or an unmarked folder, never a marked half-written one. Not safe against a concurrent build of the
-    same folder: use `ensure_demo_model` for that.
+    """Build the demo pipeline `kind` into `out_dir` (replacing it) and return `out_dir`, atomically
+    (`_write_atomically`). Not safe against a concurrent build of the same folder: use `ensure_demo_model` for that.
     """
     if make is None and kind not in _BUILDERS:
         raise ValueError(f"unknown demo model kind '{kind}' (known: {', '.join(DEMO_KINDS)})")
-    out_dir = Path(out_dir)
+
+    def write(folder: Path) -> None:
+        (make or _BUILDERS[kind])().save_pretrained(folder, safe_serialization=True)
+        if kind == "qwen-image-edit":
+            _finish_edit_processor(folder)
+
+    return _write_atomically(kind, Path(out_dir), write)
+
+
+def _write_atomically(kind: str, out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """`write` the demo folder `kind` into a temp folder beside `out_dir`, rename it into place, then mark it complete:
+    a crash leaves either nothing or an unmarked folder, never a marked half-written one."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
     try:
         with torch.random.fork_rng(devices=[]), _quiet_progress():  # fixed seeds, caller's RNG left alone
-            pipe = (make or _BUILDERS[kind])()
-            pipe.save_pretrained(tmp, safe_serialization=True)
-        if kind == "qwen-image-edit":
-            _finish_edit_processor(tmp)
+            write(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         if out_dir.exists():  # stale (unmarked or older version): move it aside in one step, then swap in
             os.replace(out_dir, old)
@@ -533,19 +539,28 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_demo_model(kind: str, root: Path) -> Path:
-    """`root/kind`, built on first use. Safe when several threads or processes ask at once."""
-    root = Path(root)
+def _ensure_built(root: Path, kind: str, build: Callable[[Path], object]) -> Path:
+    """`root/kind`, made by `build(out_dir)` unless it is there and marked. Safe when several threads or processes
+    ask at once: checked again under the lock, as someone else may have built it while we waited."""
     out_dir = root / kind
     if _marker_ok(out_dir, kind):
         return out_dir
     with _locked(root):
-        if not _marker_ok(out_dir, kind):  # someone else may have built it while we waited
-            started = time.perf_counter()
-            log.info("building the demo model %s (tiny, random weights) into %s", kind, out_dir)
-            build_demo_model(kind, out_dir)
-            log.info("built the demo model %s in %.1f s", kind, time.perf_counter() - started)
+        if not _marker_ok(out_dir, kind):
+            build(out_dir)
     return out_dir
+
+
+def ensure_demo_model(kind: str, root: Path) -> Path:
+    """`root/kind`, built on first use. Safe when several threads or processes ask at once."""
+
+    def build(out_dir: Path) -> None:
+        started = time.perf_counter()
+        log.info("building the demo model %s (tiny, random weights) into %s", kind, out_dir)
+        build_demo_model(kind, out_dir)
+        log.info("built the demo model %s in %.1f s", kind, time.perf_counter() - started)
+
+    return _ensure_built(Path(root), kind, build)
 
 
 # --- ControlNet ------------------------------------------------------------------------------------------------------
@@ -608,18 +623,15 @@ def ensure_demo_controlnet(family: str, root: Path) -> Path:
     first use. Safe when several threads or processes ask at once."""
     if family not in DEMO_CONTROLNET_FAMILIES:
         raise ValueError(f"no demo ControlNet for family '{family}'")
-    root = Path(root)
-    kind = f"controlnet-{family}"
-    out_dir = root / kind
-    if _marker_ok(out_dir, kind):
-        return out_dir
+    root, kind = Path(root), f"controlnet-{family}"
     base = ensure_demo_model(family, root)  # takes the lock itself: not while we hold it
-    with _locked(root):
-        if not _marker_ok(out_dir, kind):
-            log.info("building the demo ControlNet for %s into %s", family, out_dir)
-            make = {"flux": _demo_flux_controlnet, "qwen-image": _demo_qwen_controlnet}.get(family, _demo_controlnet)
-            build_demo_model(kind, out_dir, make=lambda: make(base))
-    return out_dir
+    make = {"flux": _demo_flux_controlnet, "qwen-image": _demo_qwen_controlnet}.get(family, _demo_controlnet)
+
+    def build(out_dir: Path) -> None:
+        log.info("building the demo ControlNet for %s into %s", family, out_dir)
+        build_demo_model(kind, out_dir, make=lambda: make(base))
+
+    return _ensure_built(root, kind, build)
 
 
 # --- IP-Adapter -----------------------------------------------------------------------------------------------------
@@ -670,25 +682,11 @@ def ensure_demo_ip_adapter(family: str, root: Path) -> Path:
     """`root/ip-adapter-<family>`: the demo model's tiny IP-Adapter and image encoder, built on first use."""
     if family not in ("sd15", "sdxl"):
         raise ValueError(f"no demo IP-Adapter for family '{family}'")
-    root = Path(root)
-    kind = f"ip-adapter-{family}"
-    out_dir = root / kind
-    if _marker_ok(out_dir, kind):
-        return out_dir
-    base = ensure_demo_model(family, root)
-    with _locked(root):
-        if not _marker_ok(out_dir, kind):
-            tmp = Path(tempfile.mkdtemp(prefix=f".{kind}.tmp-", dir=root))
-            try:
-                with torch.random.fork_rng(devices=[]), _quiet_progress():
-                    _build_demo_ip_adapter(base, tmp)
-                os.chmod(tmp, 0o755)
-                shutil.rmtree(out_dir, ignore_errors=True)
-                os.replace(tmp, out_dir)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            (out_dir / MARKER).write_text(json.dumps({"kind": kind, "version": DEMO_VERSION}))
-    return out_dir
+    root, kind = Path(root), f"ip-adapter-{family}"
+    base = ensure_demo_model(family, root)  # takes the lock itself: not while we hold it
+    return _ensure_built(
+        root, kind, lambda out_dir: _write_atomically(kind, out_dir, partial(_build_demo_ip_adapter, base))
+    )
 
 
 # --- background removal ---------------------------------------------------------------------------------------------
