@@ -8,7 +8,6 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,31 +16,15 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from pipelines import demo
 from pipelines.embedding_files import listing
 from pipelines.embeddings import TextualInversions
 from pipelines.families import adapter_for
-from pipelines.families.base import BatchItem, LoadedModel
+from pipelines.families.base import BatchItem
 from pipelines.prompt_embeds import CacheScope, encode_sd15, encode_sdxl
 from pipelines.prompt_schedules import prompt_schedule, text_at_step
-from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, Task
 from pipelines.text_cache import TextEmbeddingCache
 from pipelines.tiling import tiling_convs
-
-
-@pytest.fixture(scope="module")
-def load(demo_root: Path) -> Callable[[str], LoadedModel]:
-    cache: dict[str, LoadedModel] = {}
-
-    def _load(family: str) -> LoadedModel:
-        if family not in cache:
-            spec = ModelSpec(id=f"demo-{family}", family=family, source=f"demo:{family}")
-            path = demo.ensure_demo_model(family, demo_root)
-            cache[family] = adapter_for(family).load(spec, str(path), torch.device("cpu"), torch.float32)
-        return cache[family]
-
-    return _load
 
 
 def _req(family: str = "sd15", **kw) -> GenerationRequest:

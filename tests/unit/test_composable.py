@@ -4,7 +4,6 @@ models the conditioning and noise predictions a call really uses; batching of co
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from pipelines import demo
 from pipelines.batching import batch_key
 from pipelines.composable import ComposedUNet, StepConditioning, merged
 from pipelines.engine import Engine, EngineConfig
@@ -20,23 +18,9 @@ from pipelines.families import adapter_for
 from pipelines.families.base import LoadedModel
 from pipelines.prompt_embeds import encode_sd15, encode_sdxl
 from pipelines.prompts import SubPrompt, is_composable, split_and
-from pipelines.registry import ModelSpec, load_registry
+from pipelines.registry import load_registry
 from pipelines.request import GenerationRequest
 from pipelines.sampler_names import resolve_sampler
-
-
-@pytest.fixture(scope="module")
-def load(demo_root: Path) -> Callable[[str], LoadedModel]:
-    cache: dict[str, LoadedModel] = {}
-
-    def _load(family: str) -> LoadedModel:
-        if family not in cache:
-            spec = ModelSpec(id=f"demo-{family}", family=family, source=f"demo:{family}")
-            path = demo.ensure_demo_model(family, demo_root)
-            cache[family] = adapter_for(family).load(spec, str(path), torch.device("cpu"), torch.float32)
-        return cache[family]
-
-    return _load
 
 
 def _req(family: str = "sd15", **kw) -> GenerationRequest:
