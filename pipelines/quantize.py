@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -27,6 +30,7 @@ FORMATS = ("fp8", "gguf-q8_0", "gguf-q5_0", "gguf-q4_0")
 GGUF_ARCH = {"sd15": "sd1", "sdxl": "sdxl", "flux": "flux", "qwen-image": "qwen_image", "qwen-image-edit": "qwen_image"}
 QUANTIZATION_THRESHOLD = 1024  # values; smaller tensors are not worth a quantisation block's overhead
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+T = TypeVar("T")
 
 
 class QuantizeError(ValueError):
@@ -60,8 +64,9 @@ def write_denoiser(
     if not out.parent.is_dir():
         raise QuantizeError(f"{out.parent}: no such directory")
     started = time.perf_counter()
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    state = layouts.to_community(state, family, model.config)
+    # In the model's own dtype: each tensor is widened to float32 only while it is converted, so a 20 B bf16
+    # transformer never needs a second 80 GB float32 copy on the host.
+    state = layouts.to_community({k: v.detach() for k, v in model.state_dict().items()}, family, model.config)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         if fmt == "fp8":
@@ -84,17 +89,28 @@ def _fp8_eligible(tensor: torch.Tensor) -> bool:
     return tensor.dim() >= 2 and tensor.numel() > QUANTIZATION_THRESHOLD
 
 
+def _converted(state: dict[str, torch.Tensor], convert: Callable[[torch.Tensor], T]) -> Iterator[tuple[str, T]]:
+    """(key, convert(tensor as float32 on the host)) in `state`'s order, converted on several threads: numpy's and
+    torch's kernels release the GIL, and the GGUF block quantisers are single-threaded numpy (about 100 M values/s
+    each), so a 12 B transformer takes minutes on one core."""
+
+    def one(tensor: torch.Tensor) -> T:
+        return convert(tensor.to("cpu", torch.float32))
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        yield from zip(state, pool.map(one, state.values()))
+
+
 def _write_fp8(state: dict[str, torch.Tensor], path: Path) -> tuple[int, int]:
     from safetensors.torch import save_file
 
-    out: dict[str, torch.Tensor] = {}
-    quantized = 0
-    for key, tensor in state.items():
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
         if _fp8_eligible(tensor):
-            out[key] = tensor.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
-            quantized += 1
-        else:
-            out[key] = tensor.to(torch.bfloat16).contiguous()
+            return tensor.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
+        return tensor.to(torch.bfloat16).contiguous()
+
+    out = dict(_converted(state, convert))
+    quantized = sum(t.dtype == torch.float8_e4m3fn for t in out.values())
     save_file(out, str(path), metadata={"format": "pt", "easel.format": "fp8"})
     return quantized, len(out) - quantized
 
@@ -110,16 +126,19 @@ def _write_gguf(state: dict[str, torch.Tensor], family: str, qname: str, path: P
     writer = gguf.GGUFWriter(str(path), GGUF_ARCH[family])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qname}"))
-    quantized = 0
-    for key, tensor in state.items():
+
+    def convert(tensor: torch.Tensor) -> tuple[Any, Any]:  # (array, raw_dtype or None)
         data = tensor.numpy()
         if tensor.dim() == 1 or tensor.numel() <= QUANTIZATION_THRESHOLD:
-            writer.add_tensor(key, data.astype("float32"))
-        elif tensor.dim() != 2 or tensor.shape[-1] % block:
-            writer.add_tensor(key, data.astype("float16"))
-        else:
-            writer.add_tensor(key, quantize(data, qtype), raw_dtype=qtype)
-            quantized += 1
+            return data, None
+        if tensor.dim() != 2 or tensor.shape[-1] % block:
+            return data.astype("float16"), None
+        return quantize(data, qtype), qtype
+
+    quantized = 0
+    for key, (data, raw_dtype) in _converted(state, convert):
+        writer.add_tensor(key, data, raw_dtype=raw_dtype)
+        quantized += raw_dtype is not None
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -128,23 +147,48 @@ def _write_gguf(state: dict[str, torch.Tensor], family: str, qname: str, path: P
 
 
 def source_denoiser(spec, demo_root: Path, configs_dir: Path | None) -> torch.nn.Module:
-    """The denoiser of a registered model in float32 on the CPU, loaded from wherever the model entry points."""
+    """The denoiser of a registered model on the CPU, in the dtype its checkpoint stores (every value kept, and a bf16
+    20 B transformer takes 40 GB of host memory, not 80), loaded from wherever the model entry points. An FP8
+    `denoiser:` file comes back dequantized, its per-tensor scales applied."""
     import diffusers
 
     from pipelines import checkpoints, demo, quantized, single_file
 
     class_name, subfolder = quantized.DENOISER_CLASSES[spec.family]
     if spec.denoiser:
-        if Path(spec.denoiser).suffix.lower() == ".gguf":
+        path = Path(spec.denoiser)
+        if path.suffix.lower() == ".gguf":
             raise QuantizeError(f"{spec.denoiser}: already GGUF-quantized; quantize from the unquantized model")
-        return quantized.load_denoiser(spec.family, spec.denoiser, _base_folder(spec, demo_root, configs_dir),
-                                       torch.float32).to(torch.float32)  # fmt: skip
+        base = _base_folder(spec, demo_root, configs_dir)
+        return quantized.load_denoiser(spec.family, path, base, stored_dtype([path]), dequantize=True)
     if spec.is_single_file:
         spec = checkpoints.resolve_single_file(spec, configs_dir)
-        pipe = single_file.load_pipeline(spec, spec.source, torch.float32)
+        pipe = single_file.load_pipeline(spec, spec.source, stored_dtype([Path(spec.source)]))
         return getattr(pipe, subfolder)
     folder = demo.ensure_demo_model(spec.demo_kind, demo_root) if spec.is_demo else Path(spec.source)
-    return getattr(diffusers, class_name).from_pretrained(str(folder), subfolder=subfolder, local_files_only=True)
+    dtype = stored_dtype(sorted((folder / subfolder).glob("*.safetensors")))
+    return getattr(diffusers, class_name).from_pretrained(
+        str(folder), subfolder=subfolder, local_files_only=True, torch_dtype=dtype
+    )
+
+
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def stored_dtype(files: list[Path]) -> torch.dtype:
+    """The float dtype of the first non-FP8 floating tensor in these safetensors files (float32 when there is none,
+    or the files are not safetensors)."""
+    from safetensors import safe_open
+
+    for path in files:
+        if path.suffix.lower() != ".safetensors" or not path.is_file():
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                dtype = _FLOAT_DTYPES.get(f.get_slice(key).get_dtype())
+                if dtype is not None:
+                    return dtype
+    return torch.float32
 
 
 def _base_folder(spec, demo_root: Path, configs_dir: Path | None) -> Path:

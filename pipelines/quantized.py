@@ -183,13 +183,15 @@ def load_denoiser(
     *,
     fp8_compute: tuple[bool, str] | None = None,
     fuse_qkv: bool = False,
+    dequantize: bool = False,
 ) -> torch.nn.Module:
     """The denoiser of `family` from one file, its architecture from `<config_dir>/<unet|transformer>/config.json`.
 
     An FP8 file: with `fp8_compute` on (`optimize.fp8_compute_tier`: a card with FP8 compute and torchao), its
     weights times their scales in `dtype`, then the FP8 compute tier (`optimize.quantize_fp8`, after fusing the QKV
     projections when `fuse_qkv`); otherwise FP8 storage computed in `dtype` layer by layer. The tier runs here, on
-    the host, so placement counts the FP8 bytes and the card never holds the bf16 weights."""
+    the host, so placement counts the FP8 bytes and the card never holds the bf16 weights. `dequantize`: an FP8 file's
+    weights times their scales as a plain `dtype` model (what `easel quantize` re-quantizes from)."""
     import diffusers
     from accelerate import init_empty_weights
 
@@ -226,13 +228,13 @@ def load_denoiser(
         return _load_gguf_model(cls, model, state, config_dir, subfolder, dtype)
     fp8 = next((t.dtype for t in state.values() if t.dtype in FP8_DTYPES), None)
     compute, why = fp8_compute if fp8_compute is not None else (False, "")
-    if fp8 is not None and compute:  # the FP8 tier re-quantizes from the real weights (scales applied)
+    if fp8 is not None and (compute or dequantize):  # the real weights, scales applied
         state = {k: (t.float() * scales[k]).to(dtype) if k in scales else t.to(dtype) for k, t in state.items()}
     else:
         state = {k: t if t.dtype in FP8_DTYPES else t.to(dtype) for k, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
-    if fp8 is None:
+    if fp8 is None or dequantize:
         return model
     stored, computed = str(fp8).removeprefix("torch."), str(dtype).removeprefix("torch.")
     if compute:

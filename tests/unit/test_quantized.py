@@ -148,6 +148,33 @@ def test_gguf_files_keep_quantized_weights(served: Served, demo_root: Path) -> N
     assert "double_blocks.0.img_attn.qkv.weight" in names and "transformer_blocks.0.attn.to_q.weight" not in names
 
 
+@pytest.mark.parametrize("fmt", ["gguf-q8_0", "fp8"])
+def test_a_bf16_denoiser_writes_the_same_file_as_its_float32_copy(demo_root: Path, tmp_path: Path, fmt: str) -> None:
+    """The writer widens one tensor at a time (no float32 copy of a 20 B model): a bf16 model, whose values are
+    exact in float32, must give the very tensors its float32 copy gives."""
+    from pipelines import quantize as writer
+
+    from diffusers import FluxTransformer2DModel
+
+    folder = demo.ensure_demo_model("flux", demo_root)
+    model = FluxTransformer2DModel.from_pretrained(str(folder), subfolder="transformer", torch_dtype=torch.bfloat16)
+    written = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        path = tmp_path / f"{dtype}{writer.suffix_for(fmt)}"
+        writer.write_denoiser(model.to(dtype), "flux", fmt, path)
+        if fmt == "fp8":
+            with safe_open(str(path), framework="pt") as f:
+                written[dtype] = {k: f.get_tensor(k).view(torch.uint8) for k in f.keys()}
+        else:
+            import gguf
+
+            written[dtype] = {t.name: bytes(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+    assert written[torch.bfloat16].keys() == written[torch.float32].keys()
+    for key, value in written[torch.bfloat16].items():
+        other = written[torch.float32][key]
+        assert (value == other) if isinstance(value, bytes) else torch.equal(value, other), key
+
+
 def _denoiser_inputs(family: str) -> dict:
     torch.manual_seed(0)
     if family == "flux":
@@ -178,7 +205,19 @@ def test_scaled_fp8_with_prefixed_keys_loads(served: Served, demo_root: Path, tm
     model = quantized.load_denoiser(family, tmp_path / "scaled.safetensors", folder, torch.float32)
     inputs = _denoiser_inputs(family)
     with torch.inference_mode():
-        assert torch.equal(plain(**inputs).sample, model(**inputs).sample)
+        expected = plain(**inputs).sample
+        assert torch.equal(expected, model(**inputs).sample)
+    # `easel quantize` re-quantizes from such a file with its scales applied, not from the stored x4 values.
+    from pipelines import quantize
+
+    spec = ModelSpec(id="s", family=family, source=f"demo:{family}", denoiser=str(tmp_path / "scaled.safetensors"))
+    source = quantize.source_denoiser(spec, demo_root, None)
+    assert {p.dtype for p in source.parameters()} == {torch.bfloat16}  # the file's own non-FP8 dtype
+    quantize.write_denoiser(source, family, "gguf-q8_0", tmp_path / "requantized.gguf")
+    requantized = quantized.load_denoiser(family, tmp_path / "requantized.gguf", folder, torch.float32)
+    with torch.inference_mode():
+        got = requantized(**inputs).sample
+    assert (got - expected).norm() / expected.norm() < 0.05  # without the scales applied: > 1
 
 
 def test_text_encoder_from_an_fp8_file(data_dir: Path, demo_root: Path, tmp_path: Path) -> None:
