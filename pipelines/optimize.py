@@ -159,7 +159,9 @@ def place(pipe: DiffusionPipeline, spec: ModelSpec, device: torch.device) -> Non
 
     # Quantization at load first, on the host: the placement then counts the bytes the model really has, and the
     # device never holds the unquantized weights.
-    pipe._easel_load_steps = quantize_at_load(pipe, spec, device, pipe.dtype)  # noqa: SLF001  (the engine reports them)
+    steps = quantize_at_load(pipe, spec, device, pipe.dtype)
+    steps += dequantize_gguf_if_it_fits(pipe, spec.performance.gguf, spec.id, device)
+    pipe._easel_load_steps = steps  # noqa: SLF001  (the engine reports them)
     offload = spec.performance.offload
     if offload == "auto":
         if device.type == "cuda":
@@ -260,6 +262,33 @@ def quantize_at_load(pipe: DiffusionPipeline, spec: ModelSpec, device: torch.dev
     if done:
         log.info("model %s: %s", spec.id, ", ".join(done))
     return done
+
+
+def dequantize_gguf_if_it_fits(pipe: DiffusionPipeline, policy: str, model_id: str, device: torch.device) -> list[str]:
+    """`performance.gguf` on a loaded pipeline (before placement): a GGUF denoiser dequantized once to the pipeline's
+    dtype under `dequantize`, or under `auto` on CUDA when the dequantized pipeline still fits resident in the free
+    memory. Returns the step taken (or nothing)."""
+    from pipelines import placement, quantized
+
+    model = denoiser(pipe)
+    if model is None or policy == "keep" or not quantized.is_gguf(model):
+        return []
+    dtype = pipe.dtype
+    if policy == "auto":
+        if device.type != "cuda":
+            return []
+        fits, needed, free = placement.resident_with(pipe, quantized.dequantized_bytes(model, dtype), device, dtype)
+        if not fits:
+            log.info("model %s: GGUF denoiser kept quantized (dequantized per call): dequantized, the pipeline would "
+                     "need %d bytes on the device, %d free", model_id, needed, free)  # fmt: skip
+            return []
+    started = time.perf_counter()
+    plain = quantized.dequantize_gguf(model, dtype)
+    pipe.register_modules(**{"unet" if getattr(pipe, "unet", None) is not None else "transformer": plain})
+    log.info("model %s: GGUF denoiser dequantized once to %s in %.1f s (%s)", model_id,
+             str(dtype).removeprefix("torch."), time.perf_counter() - started,
+             "gguf: dequantize" if policy == "dequantize" else "it fits resident")  # fmt: skip
+    return ["gguf-dequantized"]
 
 
 def compile_denoiser(model: torch.nn.Module, spec: ModelSpec, regional: bool) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -187,6 +188,15 @@ def plan(pipe, model_id: str, device: torch.device, dtype: torch.dtype) -> Place
         break
     log.info(placement.describe(model_id, footprint))
     return placement
+
+
+def resident_with(pipe, denoiser_bytes: int, device: torch.device, dtype: torch.dtype) -> tuple[bool, int, int]:
+    """Whether the pipeline would still be placed all resident, in the memory free now (nothing evicted), with its
+    denoiser holding `denoiser_bytes`: (fits, bytes needed, bytes free)."""
+    footprint = dataclasses.replace(footprint_of(pipe, dtype), denoiser=denoiser_bytes)
+    free, _total = probe(device)
+    needed = footprint.total + footprint.working
+    return needed <= free, needed, free
 
 
 def apply(pipe, placement: Placement, device: torch.device) -> None:

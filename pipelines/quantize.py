@@ -98,7 +98,7 @@ def _converted(state: dict[str, torch.Tensor], convert: Callable[[torch.Tensor],
         return convert(tensor.to("cpu", torch.float32))
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        yield from zip(state, pool.map(one, state.values()))
+        yield from zip(state, pool.map(one, state.values()), strict=True)
 
 
 def _write_fp8(state: dict[str, torch.Tensor], path: Path) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import types
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -286,6 +287,37 @@ def _load_gguf_model(cls, meta_model, state, config_dir, subfolder: str, dtype: 
         local_files_only=True,
         **dtype_kwargs(dtype),
     )
+
+
+def is_gguf(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "quant_type") for p in model.parameters())
+
+
+def dequantized_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Bytes the GGUF model's weights would hold dequantized to `dtype` (the others as they are)."""
+    size = torch.finfo(dtype).bits // 8
+    return sum(
+        math.prod(t.quant_shape) * size if hasattr(t, "quant_type") else t.numel() * t.element_size()
+        for t in (*model.parameters(), *model.buffers())
+    )
+
+
+def dequantize_gguf(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The same denoiser with every GGUF weight dequantized once to `dtype`: a plain model of its class (plain
+    Linear layers), which fuses, compiles and places like a bf16 checkpoint."""
+    from accelerate import init_empty_weights
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    config = {k: v for k, v in model.config.items() if k != "quantization_config"}
+    with init_empty_weights():
+        plain = type(model).from_config(config)
+    state = {
+        k: dequantize_gguf_tensor(v).to(dtype) if hasattr(v, "quant_type") else v.to(dtype) if v.is_floating_point()
+        else v
+        for k, v in model.state_dict().items()
+    }  # fmt: skip
+    plain.load_state_dict(state, strict=True, assign=True)
+    return plain.eval().requires_grad_(False)
 
 
 def store_fp8(model: torch.nn.Module, storage: torch.dtype, compute: torch.dtype, scales: Mapping[str, float]) -> None:

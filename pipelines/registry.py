@@ -91,6 +91,11 @@ class PerformanceSpec(BaseModel):
     # CPU offload for cards too small for the model. auto: chosen at load from the bytes the model holds and the
     # card's free memory (pipelines.placement): all resident, text encoders on the CPU, model, sequential.
     offload: Literal["auto", "none", "model", "sequential"] = "auto"
+    # A GGUF denoiser (`denoiser: *.gguf`) is dequantized per layer on every call, which costs time. auto: dequantized
+    # once at load to the model's dtype when the whole pipeline, so dequantized, still fits resident on the card's
+    # free memory (no other model is evicted for it; CUDA only); then the fast path (QKV fusion, compile) applies as
+    # to any model. dequantize: always (placement then offloads if it must); keep: never.
+    gguf: Literal["auto", "dequantize", "keep"] = "auto"
 
     @field_validator("warmup_sizes")
     @classmethod

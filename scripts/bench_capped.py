@@ -10,6 +10,7 @@ the capped run). One row per process, so each cap starts from an empty device.
     python scripts/bench_capped.py --list                      # the rows
     python scripts/bench_capped.py --row flux-fp8@24           # one row (CUDA); JSON to --json-out or $OUT
     python scripts/bench_capped.py --all --budget-s 540        # every row, each in its own process, until the budget
+    python scripts/bench_capped.py --all --only flux,sd        # the rows whose names contain flux or sd
     python scripts/bench_capped.py --tiny --row flux-gguf-q8_0@24   # the plumbing on CPU with tiny configs
 
 GGUF Q4_K rows run Q4_0: the gguf package's writer cannot make Q4_K (it only reads it). See docs/benchmarks.md.
@@ -42,10 +43,12 @@ class Row:
     fmt: str  # bf16 (fp16 for SD) | fp8 | gguf-q8_0 | gguf-q4_0
     cap_gb: int | None  # None: uncapped (the reference row)
     goal: str
+    gguf: str = "auto"  # performance.gguf for GGUF rows: auto (dequantized once when it fits resident) | keep
 
     @property
     def name(self) -> str:
-        return f"{self.family}-{self.fmt}@{self.cap_gb or 'uncapped'}"
+        keep = "-keep" if self.gguf == "keep" else ""
+        return f"{self.family}-{self.fmt}{keep}@{self.cap_gb or 'uncapped'}"
 
 
 ROWS = [
@@ -56,6 +59,9 @@ ROWS = [
     Row("flux", "bf16", 48, "<= 1.3x uncapped bf16"),
     Row("flux", "fp8", 24, "<= 1.5x uncapped bf16"),
     Row("flux", "gguf-q8_0", 24, "<= 1.5x uncapped bf16"),
+    # GGUF's per-call dequantisation against dequantizing once (performance.gguf), where bf16 fits: vs the reference.
+    Row("flux", "gguf-q8_0", None, "per-call dequantisation cost", gguf="keep"),
+    Row("flux", "gguf-q8_0", None, "dequantized once at load (gguf: auto)"),
     Row("qwen-image", "gguf-q4_0", 24, "completes (Q4_K in the issue; text encoder offloaded)"),
     Row("sdxl", "bf16", 24, "completes"),
     Row("flux", "gguf-q4_0", 12, "completes (Q4_K in the issue)"),
@@ -79,9 +85,11 @@ def find_row(name: str) -> Row:
         if row.name == name or row.name == name.replace("@uncapped", "@None"):
             return row
     family_fmt, _, cap = name.rpartition("@")
+    gguf = "keep" if family_fmt.endswith("-keep") else "auto"
+    family_fmt = family_fmt.removesuffix("-keep")
     family, _, fmt = family_fmt.partition("-") if not family_fmt.startswith("qwen-image") else (
         "qwen-image", "", family_fmt.removeprefix("qwen-image-"))  # fmt: skip
-    return Row(family, fmt, None if cap in ("", "uncapped") else int(cap), "ad hoc")
+    return Row(family, fmt, None if cap in ("", "uncapped") else int(cap), "ad hoc", gguf)
 
 
 def run_row(row: Row, tiny: bool) -> dict[str, Any]:
@@ -97,7 +105,14 @@ def run_row(row: Row, tiny: bool) -> dict[str, Any]:
     cfg = bg.TINY[row.family] if tiny else bg.FULL[row.family]
     work = bg.WORKLOADS[row.family]
     size, steps = (64, 2) if tiny else (work.size, work.steps)
-    comps = bg.build_components(row.family, cfg, "cpu", dtype)  # on the host: placement decides what moves
+    # Random init on the GPU (minutes faster than on the host for 20 B values), then everything to the host:
+    # placement decides what moves back.
+    comps = bg.build_components(row.family, cfg, device, dtype)
+    for module in comps.values():
+        if isinstance(module, torch.nn.Module):
+            module.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     name = bg.DENOISER[row.family]
     result: dict[str, Any] = {"row": asdict(row), "name": row.name, "size": size, "steps": steps}
     result["dtype"] = str(dtype).removeprefix("torch.")
@@ -124,6 +139,10 @@ def run_row(row: Row, tiny: bool) -> dict[str, Any]:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, row.cap_gb * GIB / total), device)
         torch.cuda.reset_peak_memory_stats(device)
+        result["allocated_before"] = torch.cuda.memory_allocated(device)  # what the cap's row starts with
+    if row.fmt.startswith("gguf"):  # what the server does with a GGUF denoiser under this cap (auto: CUDA only)
+        result["gguf"] = optimize.dequantize_gguf_if_it_fits(pipe, row.gguf, row.name, device) or ["kept"]
+    if device.type == "cuda":
         chosen = placement.plan(pipe, row.name, device, dtype)
         placement.apply(pipe, chosen, device)
         result["placement"] = {"mode": chosen.mode, "needed": chosen.needed, "free": chosen.free,
@@ -190,10 +209,37 @@ def denoiser_inputs(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Any
                 timestep=torch.tensor([0.5], dtype=dtype), img_shapes=[(1, 32, 32)])  # fmt: skip
 
 
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """docs/benchmarks.md section 5's table from the rows' JSON: s/img against the same family's uncapped bf16 row of
+    this run."""
+    reference = {
+        r["row"]["family"]: r["seconds"]
+        for r in results
+        if "row" in r and r["row"]["cap_gb"] is None and r["row"]["fmt"] == "bf16" and "seconds" in r
+    }
+    lines = ["| cap | row | goal | s/img | vs uncapped bf16 | peak memory | placement | GGUF | rel. error vs bf16 |",
+             "|---|---|---|---:|---:|---:|---|---|---:|"]  # fmt: skip
+    for r in results:
+        row = r.get("row")
+        if row is None or "seconds" not in r:
+            lines.append(f"| | {r.get('name')} | | {r.get('error', 'no result')} | | | | | |")
+            continue
+        ref = reference.get(row["family"])
+        ratio = f"{r['seconds'] / ref:.2f}x" if ref else "no reference"
+        peak = f"{r['peak_bytes'] / GIB:.1f} GiB" if "peak_bytes" in r else ""
+        error = f"{r['relative_error']:.4f}" if r.get("relative_error") is not None else "—"
+        cap = f"{row['cap_gb']} GB" if row["cap_gb"] else "none"
+        mode, gguf = r.get("placement", {}).get("mode", ""), ", ".join(r.get("gguf", []))
+        lines.append(f"| {cap} | {r['name']} | {row['goal']} | {r['seconds']:.2f} | {ratio} | {peak} | {mode} | "
+                     f"{gguf} | {error} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--row", action="append", default=[], help="row name (see --list); repeatable")
     p.add_argument("--all", action="store_true", help="every row, each in its own process")
+    p.add_argument("--only", default="", help="with --all: the rows whose names contain one of these (comma-separated)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny configs on CPU (no caps, no figures)")
     p.add_argument("--budget-s", type=float, default=540)
@@ -206,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.json_out or (Path(os.environ["OUT"]) / "bench_capped.json" if os.environ.get("OUT") else None)
     if args.all:  # one process per row: each cap starts from an empty device
         deadline, results = time.monotonic() + args.budget_s, []
+        wanted = [w for w in args.only.split(",") if w]
         for row in ROWS:
+            if wanted and not any(w in row.name for w in wanted):
+                continue
             left = deadline - time.monotonic()
             if left < 30:
                 results.append({"name": row.name, "error": "not run: the time budget ran out"})
@@ -227,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         out.write_text(text)
     print(text)
+    print(markdown_table(results))
     return 0
 
 

@@ -10,6 +10,7 @@
 #   BENCH_TINY=1 bash scripts/bench_gpu.sh sd15 http   # this script's plumbing on CPU, tiny models (no figures)
 #   BENCH_TOTAL_S=600 bash scripts/bench_gpu.sh capped  # issue #22's capped-memory rows (scripts/bench_capped.py;
 #                                               # not in the default steps: FP8/GGUF at 8-48 GB caps, one process each)
+#   BENCH_CAPPED_ONLY=flux bash scripts/bench_gpu.sh capped  # the capped rows whose names contain flux (comma list)
 #
 # Each step has a budget (seconds, below; the model steps spend theirs on more interleaved rounds and stop taking
 # them when it runs out) and is interrupted at it (SIGINT: servers are stopped, partial JSON kept), so the whole run ends within BENCH_TOTAL_S. Every step prints how long
@@ -118,7 +119,7 @@ for step in "${steps[@]}"; do
         ;;
     capped)
         # Issue #22: each row in its own process, under torch.cuda.set_per_process_memory_fraction.
-        CAPPED_ARGS=(--all --budget-s $((limit - 15)) --json-out "$RES/bench_capped.json")
+        CAPPED_ARGS=(--all --only "${BENCH_CAPPED_ONLY:-}" --budget-s $((limit - 15)) --json-out "$RES/bench_capped.json")
         if [ -n "${BENCH_TINY:-}" ]; then CAPPED_ARGS+=(--tiny); fi
         timeout -s INT -k 20 "$limit" "$PY" scripts/bench_capped.py "${CAPPED_ARGS[@]}" 2>&1 | tee "$RES/bench_capped.txt"
         rc=${PIPESTATUS[0]}

@@ -203,9 +203,11 @@ def test_trace_summary_finds_the_gpu_idle_gaps() -> None:
 def test_bench_capped_tiny_runs_a_quantized_row_on_cpu(tmp_path: Path) -> None:
     """Issue #22's capped-memory harness end to end on CPU (tiny configs, no cap): the writer, the loader, a call."""
     out = tmp_path / "capped.json"
-    r = run_script(str(SCRIPTS / "bench_capped.py"), "--tiny", "--row", "flux-gguf-q8_0@24", "--json-out", str(out),
-                   timeout=300)  # fmt: skip
+    r = run_script(str(SCRIPTS / "bench_capped.py"), "--tiny", "--all", "--only", "flux-gguf-q8_0@24", "--json-out",
+                   str(out), timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    (row,) = json.loads(out.read_text())
+    (row,) = json.loads(out.read_text())  # --only: that row alone, in its own process
     assert row["name"] == "flux-gguf-q8_0@24" and row["seconds"] > 0 and row["file_bytes"] > 0
     assert 0 < row["relative_error"] < 0.1  # Q8_0 of the tiny transformer against its float weights
+    assert row["gguf"] == ["kept"]  # gguf: auto dequantizes on CUDA only
+    assert "| 24 GB | flux-gguf-q8_0@24 | <= 1.5x uncapped bf16 |" in r.stdout  # the docs' table row

@@ -74,6 +74,7 @@ def served(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             outputs[model_id] = capture.getvalue()
             files[model_id] = out
             models[model_id] = {"family": family, "source": f"demo:{family}", "denoiser": out.name}
+    models["flux-gguf-q8_0-once"] = {**models["flux-gguf-q8_0"], "performance": "{gguf: dequantize}"}
     # Bad files, each on its own model: the others must keep serving.
     flux_file = files["flux-gguf-q8_0"]
     models["bad-family"] = {"family": "sd15", "source": "demo:sd15", "denoiser": flux_file.name}
@@ -152,9 +153,9 @@ def test_gguf_files_keep_quantized_weights(served: Served, demo_root: Path) -> N
 def test_a_bf16_denoiser_writes_the_same_file_as_its_float32_copy(demo_root: Path, tmp_path: Path, fmt: str) -> None:
     """The writer widens one tensor at a time (no float32 copy of a 20 B model): a bf16 model, whose values are
     exact in float32, must give the very tensors its float32 copy gives."""
-    from pipelines import quantize as writer
-
     from diffusers import FluxTransformer2DModel
+
+    from pipelines import quantize as writer
 
     folder = demo.ensure_demo_model("flux", demo_root)
     model = FluxTransformer2DModel.from_pretrained(str(folder), subfolder="transformer", torch_dtype=torch.bfloat16)
@@ -413,6 +414,56 @@ def test_the_cache_evicts_lru_pipelines_before_a_load_would_not_fit() -> None:
     cache.get(ModelSpec(id="a", family="sd15", source="demo:sd15"))  # a is now the most recently used
     cache.get(ModelSpec(id="c", family="sd15", source="demo:sd15"))
     assert cache.loaded_ids() == ["a", "c"] and cache.evictions == {"b": 1}
+
+
+# --- GGUF dequantized once ------------------------------------------------------------------------------------------
+
+
+def test_gguf_dequantized_once_makes_the_same_image(served: Served) -> None:
+    """`performance.gguf: dequantize`: the same weights, dequantized at load instead of on every call."""
+    once = _generate(served.client, "flux-gguf-q8_0-once", SEEDS[0])
+    assert np.array_equal(once, _generate(served.client, "flux-gguf-q8_0", SEEDS[0]))
+    loaded = served.engine.cache.get(served.engine.registry.get("flux-gguf-q8_0-once"))
+    assert "gguf-dequantized" in loaded.optimizations and not quantized.is_gguf(loaded.base.transformer)
+
+
+def test_gguf_auto_dequantizes_only_when_the_pipeline_still_fits_resident(served: Served, demo_root: Path) -> None:
+    from diffusers import FluxPipeline
+
+    from pipelines.optimize import dequantize_gguf_if_it_fits
+
+    folder = demo.ensure_demo_model("flux", demo_root)
+    gguf_model = quantized.load_denoiser("flux", served.files["flux-gguf-q8_0"], folder, torch.float32)
+    inputs = _denoiser_inputs("flux")
+    with torch.inference_mode():
+        expected = gguf_model(**inputs).sample
+
+    def pipe() -> FluxPipeline:
+        return FluxPipeline.from_pretrained(str(folder), transformer=gguf_model)
+
+    cuda = torch.device("cuda")  # only the probe and the policy look at the device: nothing touches CUDA here
+    dequantized = quantized.dequantized_bytes(gguf_model, torch.float32)
+    assert dequantized > placement.module_bytes(gguf_model)  # Q8_0 is smaller than float32
+    try:
+        placement.set_probe(lambda d: (100 * GIB, 100 * GIB))
+        fits, needed, _ = placement.resident_with(pipe(), dequantized, cuda, torch.float32)
+        assert fits
+        assert dequantize_gguf_if_it_fits(pipe(), "keep", "m", cuda) == []
+        assert dequantize_gguf_if_it_fits(pipe(), "auto", "m", torch.device("cpu")) == []  # auto: CUDA only
+        placement.set_probe(lambda d: (needed - 1, needed - 1))  # the quantized pipeline would still fit
+        small = pipe()
+        assert dequantize_gguf_if_it_fits(small, "auto", "m", cuda) == []
+        assert quantized.is_gguf(small.transformer)
+        placement.set_probe(lambda d: (needed, needed))
+        roomy = pipe()
+        assert dequantize_gguf_if_it_fits(roomy, "auto", "m", cuda) == ["gguf-dequantized"]
+    finally:
+        placement.set_probe(None)
+    plain = roomy.transformer
+    assert not quantized.is_gguf(plain) and not any(type(m).__name__ == "GGUFLinear" for m in plain.modules())
+    assert placement.module_bytes(plain) == dequantized
+    with torch.inference_mode():
+        assert torch.equal(plain(**inputs).sample, expected)
 
 
 def test_memory_and_metrics_report_each_loaded_models_bytes(served: Served) -> None:
