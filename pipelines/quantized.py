@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -405,17 +405,51 @@ def load_text_encoder(name: str, path: str | Path, config_dir: str | Path, dtype
     with init_empty_weights():
         model = cls(config)
     expected = model.state_dict()
+    rename = _checkpoint_key_renamer(model)
+    weights = {rename(k): t for k, t in weights.items()}
+    scales = {rename(k): v for k, v in scales.items()}
     tied = {k for k in expected if k not in weights and k.endswith("embed_tokens.weight")}  # T5 ties to `shared`
-    check_tensors(path, weights, {k: v for k, v in expected.items() if k not in tied}, name)
+    # An encoder's LM head only makes logits the pipeline never reads (it takes hidden states): files made for
+    # text encoding (ComfyUI's Qwen2.5-VL) leave it out, and it shares the token embeddings' storage instead.
+    headless = "lm_head.weight" in expected and "lm_head.weight" not in weights
+    absent = tied | ({"lm_head.weight"} if headless else set())
+    check_tensors(path, weights, {k: v for k, v in expected.items() if k not in absent}, name)
     fp8 = next((t.dtype for t in weights.values() if t.dtype in FP8_DTYPES), None)
     state = {k: t if t.dtype in FP8_DTYPES else t.to(dtype) for k, t in weights.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
+    if headless:
+        model.lm_head.weight = model.get_input_embeddings().weight
     model.eval().requires_grad_(False)
     if fp8 is not None:
         store_fp8(model, fp8, dtype, scales)
     return model
+
+
+def _checkpoint_key_renamer(model: torch.nn.Module) -> Callable[[str], str]:
+    """Key names as saved -> the loaded model's. transformers renames some models' keys while loading (its
+    checkpoint conversion mapping: Qwen2.5-VL's files, which transformers itself still writes and ComfyUI's use, say
+    `model.layers.*` and `visual.*` for `model.language_model.layers.*` and `model.visual.*`); the same renames."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # a transformers without conversion mappings loads such files with their own names
+        return lambda key: key
+    rules = get_checkpoint_conversion_mapping(type(model).__name__)
+    if rules is None:
+        rules = get_checkpoint_conversion_mapping(model.config.model_type) or []
+    renames = [(re.compile(source), target) for rule in rules if type(rule) is WeightRenaming
+               for source, target in zip(rule.source_patterns, rule.target_patterns, strict=True)]  # fmt: skip
+
+    def rename(key: str) -> str:
+        for pattern, target in renames:
+            key = pattern.sub(target, key, count=1)
+        return key
+
+    return rename
 
 
 # --- the pipeline's components --------------------------------------------------------------------------------------

@@ -249,6 +249,40 @@ def test_text_encoder_from_an_fp8_file(data_dir: Path, demo_root: Path, tmp_path
     assert image.size == (64, 64)
 
 
+def test_qwen_text_encoder_from_a_comfyui_style_fp8_file(data_dir: Path, demo_root: Path, tmp_path: Path) -> None:
+    """Qwen2.5-VL files keep the keys transformers writes (`model.layers.*`, `visual.*`: ComfyUI's
+    qwen_2.5_vl_7b_fp8_scaled too), which the loaded model names `model.language_model.*` / `model.visual.*`; text
+    encoder files may also leave out the LM head. Both load, FP8 stays FP8, and the pipeline generates."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    folder = demo.ensure_demo_model("qwen-image", demo_root)
+    (saved,) = (folder / "text_encoder").glob("*.safetensors")
+    with safe_open(str(saved), framework="pt") as f:
+        keys = list(f.keys())
+        state = {k: f.get_tensor(k) for k in keys if k != "lm_head.weight"}
+    assert any(k.startswith("model.layers.") for k in keys) and any(k.startswith("visual.") for k in keys)
+    state = {k: (v.to(torch.float8_e4m3fn) if v.dim() == 2 and "embed" not in k else v) for k, v in state.items()}
+    save_file(state, str(tmp_path / "qwen_te_fp8.safetensors"))
+    encoder = quantized.load_text_encoder("text_encoder", tmp_path / "qwen_te_fp8.safetensors", folder, torch.float32)
+    assert any(p.dtype == torch.float8_e4m3fn for p in encoder.parameters())
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder / "text_encoder"))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.inference_mode():
+        want = reference(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        got = encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert float((got - want).norm() / want.norm()) < 0.15  # FP8's 3 mantissa bits, through the layers
+    spec = ModelSpec(id="qwen-te-fp8", family="qwen-image", source="demo:qwen-image",
+                     text_encoder=str(tmp_path / "qwen_te_fp8.safetensors"))  # fmt: skip
+    engine = Engine(Registry([spec]), EngineConfig(data_dir=data_dir, preload_default=False))
+    loaded = engine._load_model(spec)
+    req = GenerationRequest(model="qwen-te-fp8", prompt="a fox", width=64, height=64, steps=2, seed=1)
+    from pipelines.families import adapter_for
+
+    with torch.inference_mode():
+        (image,) = adapter_for("qwen-image").run(loaded, req, [1], None, lambda step, total: False)
+    assert image.size == (64, 64)
+
+
 @pytest.mark.parametrize(
     ("model_id", "says"),
     [
