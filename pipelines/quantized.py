@@ -405,7 +405,7 @@ def load_text_encoder(name: str, path: str | Path, config_dir: str | Path, dtype
     with init_empty_weights():
         model = cls(config)
     expected = model.state_dict()
-    rename = _checkpoint_key_renamer(model)
+    rename = _checkpoint_key_renamer(model, expected)
     weights = {rename(k): t for k, t in weights.items()}
     scales = {rename(k): v for k, v in scales.items()}
     tied = {k for k in expected if k not in weights and k.endswith("embed_tokens.weight")}  # T5 ties to `shared`
@@ -413,6 +413,13 @@ def load_text_encoder(name: str, path: str | Path, config_dir: str | Path, dtype
     # text encoding (ComfyUI's Qwen2.5-VL) leave it out, and it shares the token embeddings' storage instead.
     headless = "lm_head.weight" in expected and "lm_head.weight" not in weights
     absent = tied | ({"lm_head.weight"} if headless else set())
+    # Extra tensors are common in text encoder files and harmless (CLIP-L files with CLIPModel's text_projection and
+    # logit_scale, old position_ids buffers): ignored, named in the log. Missing ones and other shapes are errors.
+    unused = sorted(k for k in weights if k not in expected)
+    if unused:
+        log.info("%s: %d tensors the %s does not use, ignored (e.g. %s)", path.name, len(unused), name,
+                 ", ".join(unused[:3]))  # fmt: skip
+        weights = {k: t for k, t in weights.items() if k in expected}
     check_tensors(path, weights, {k: v for k, v in expected.items() if k not in absent}, name)
     fp8 = next((t.dtype for t in weights.values() if t.dtype in FP8_DTYPES), None)
     state = {k: t if t.dtype in FP8_DTYPES else t.to(dtype) for k, t in weights.items()}
@@ -427,27 +434,22 @@ def load_text_encoder(name: str, path: str | Path, config_dir: str | Path, dtype
     return model
 
 
-def _checkpoint_key_renamer(model: torch.nn.Module) -> Callable[[str], str]:
-    """Key names as saved -> the loaded model's. transformers renames some models' keys while loading (its
-    checkpoint conversion mapping: Qwen2.5-VL's files, which transformers itself still writes and ComfyUI's use, say
-    `model.layers.*` and `visual.*` for `model.language_model.layers.*` and `model.visual.*`); the same renames."""
-    import re
-
+def _checkpoint_key_renamer(model: torch.nn.Module, expected: Mapping[str, torch.Tensor]) -> Callable[[str], str]:
+    """Key names as saved -> the loaded model's, renamed as transformers' from_pretrained renames them (its checkpoint
+    conversion mapping and base-model prefix): CLIP text encoder files say `text_model.*` for what transformers 5
+    names without the prefix; Qwen2.5-VL's say `model.layers.*` and `visual.*` (ComfyUI's files too) for
+    `model.language_model.layers.*` and `model.visual.*`. Renames only: a model whose files need tensors split or
+    fused is not covered (its keys then fail the check, naming them)."""
     try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-    except ImportError:  # a transformers without conversion mappings loads such files with their own names
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion mappings loads files with their own names
         return lambda key: key
-    rules = get_checkpoint_conversion_mapping(type(model).__name__)
-    if rules is None:
-        rules = get_checkpoint_conversion_mapping(model.config.model_type) or []
-    renames = [(re.compile(source), target) for rule in rules if type(rule) is WeightRenaming
-               for source, target in zip(rule.source_patterns, rule.target_patterns, strict=True)]  # fmt: skip
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    prefix, meta = getattr(model, "base_model_prefix", None) or None, dict(expected)
 
     def rename(key: str) -> str:
-        for pattern, target in renames:
-            key = pattern.sub(target, key, count=1)
-        return key
+        return rename_source_key(key, renamings, [], prefix, meta)[0]
 
     return rename
 

@@ -249,6 +249,30 @@ def test_text_encoder_from_an_fp8_file(data_dir: Path, demo_root: Path, tmp_path
     assert image.size == (64, 64)
 
 
+def test_text_encoder_files_with_extra_tensors_load(demo_root: Path, tmp_path: Path, caplog) -> None:
+    """A CLIP-L file as the community has them: `text_model.*` keys (transformers 5 names them without the prefix
+    and renames while loading), and, exported from a full CLIPModel, text_projection and logit_scale, which FLUX's
+    CLIPTextModel has no place for: ignored and logged. A missing tensor is still an error naming it."""
+    from transformers import CLIPTextModel
+
+    folder = demo.ensure_demo_model("flux", demo_root)
+    clip = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+    state = {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in clip.state_dict().items()}
+    hidden = clip.config.hidden_size
+    extra = {"text_projection.weight": torch.randn(hidden, hidden), "logit_scale": torch.tensor(4.6)}
+    save_file({**state, **extra}, str(tmp_path / "clip_l.safetensors"))
+    with caplog.at_level("INFO", logger="easel.quantized"):
+        encoder = quantized.load_text_encoder("text_encoder", tmp_path / "clip_l.safetensors", folder, torch.float32)
+    assert "2 tensors the text_encoder does not use, ignored" in caplog.text and "logit_scale" in caplog.text
+    ids = torch.tensor([[1, 5, 6, 2]])
+    with torch.inference_mode():
+        assert torch.equal(encoder(ids).last_hidden_state, clip(ids).last_hidden_state)
+    del state["text_model.final_layer_norm.weight"]
+    save_file(state, str(tmp_path / "clip_missing.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 missing, e.g. (text_model.)?final_layer_norm.weight"):
+        quantized.load_text_encoder("text_encoder", tmp_path / "clip_missing.safetensors", folder, torch.float32)
+
+
 def test_qwen_text_encoder_from_a_comfyui_style_fp8_file(data_dir: Path, demo_root: Path, tmp_path: Path) -> None:
     """Qwen2.5-VL files keep the keys transformers writes (`model.layers.*`, `visual.*`: ComfyUI's
     qwen_2.5_vl_7b_fp8_scaled too), which the loaded model names `model.language_model.*` / `model.visual.*`; text
