@@ -31,6 +31,18 @@ def common_prefix(keys: Iterable[str]) -> str:
     return next((p for p in PREFIXES if keys and all(k.startswith(p) for k in keys)), "")
 
 
+def denoiser_keys(keys: Iterable[str]) -> list[str]:
+    """The denoiser's keys of a file: all of them when it holds only the denoiser (with or without a
+    `model.diffusion_model.`-style prefix); those under the prefix in an all-in-one checkpoint, where the text
+    encoders and VAE sit beside it (ComfyUI's flux1-dev-fp8, A1111's SD checkpoints)."""
+    keys = list(keys)
+    for prefix in PREFIXES:
+        inside = [k for k in keys if k.startswith(prefix)]
+        if inside:
+            return inside
+    return keys
+
+
 def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     prefix = common_prefix(state)
     return {k.removeprefix(prefix): v for k, v in state.items()}

@@ -61,21 +61,26 @@ def file_fields(spec: ModelSpec) -> dict[str, str]:
 # --- reading -------------------------------------------------------------------------------------------------------
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a .safetensors or .gguf file (GGUF quantized ones as diffusers' GGUFParameter)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise CheckpointError(f"{path}: unsupported file type '{path.suffix}' (use .safetensors or .gguf)")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    if suffix == ".gguf":
+def read_tensors(path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors (`keys`, default all) or .gguf file (all; GGUF quantized ones as diffusers'
+    GGUFParameter)."""
+    path = _existing_file(path)
+    if path.suffix.lower() == ".gguf":
         return _read_gguf(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in (f.keys() if keys is None else keys)}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise CheckpointError(f"{path}: unsupported file type '{path.suffix}' (use .safetensors or .gguf)")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    return path
 
 
 def _gguf_reader(path: Path):
@@ -203,7 +208,12 @@ def load_denoiser(
         config = cls.load_config(str(config_dir), subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: no {subfolder} config in the base {config_dir}: {e}") from e
-    raw = read_tensors(path)
+    keys = _keys(path)
+    wanted = layouts.denoiser_keys(k for k in keys if k not in _DROPPED_KEYS)
+    if len(wanted) < len(keys) - sum(k in _DROPPED_KEYS for k in keys):
+        log.info("%s: an all-in-one checkpoint: its denoiser's %d tensors are read, the text encoders and VAE come "
+                 "from the model's source", path.name, len(wanted))  # fmt: skip
+    raw = read_tensors(path, wanted)
     try:
         weights, scales = split_scales(raw)
         prefix = layouts.common_prefix(weights)
@@ -507,14 +517,11 @@ def check_file(spec: ModelSpec) -> None:
     raises CheckpointError naming the file."""
     for component, file in file_fields(spec).items():
         path = Path(file)
-        if path.suffix.lower() not in SUFFIXES:
-            raise CheckpointError(f"{path}: unsupported file type '{path.suffix}' (use .safetensors or .gguf)")
-        if not path.is_file():
-            raise CheckpointError(f"{path}: file not found")
         keys = _keys(path)
         if component in TEXT_ENCODER_FIELDS:
             continue
         weights = [k for k in keys if not k.endswith(_SCALE_SUFFIXES + _DROPPED_SUFFIXES) and k not in _DROPPED_KEYS]
+        weights = layouts.denoiser_keys(weights)
         prefix = layouts.common_prefix(weights)
         try:
             kind, _ = layouts.detect_layout({k.removeprefix(prefix) for k in weights})
@@ -527,6 +534,7 @@ def check_file(spec: ModelSpec) -> None:
 
 
 def _keys(path: Path) -> list[str]:
+    path = _existing_file(path)
     if path.suffix.lower() == ".gguf":
         return [t.name for t in _gguf_reader(path).tensors]
     try:

@@ -221,6 +221,28 @@ def test_scaled_fp8_with_prefixed_keys_loads(served: Served, demo_root: Path, tm
     assert (got - expected).norm() / expected.norm() < 0.05  # without the scales applied: > 1
 
 
+@pytest.mark.parametrize("family", ["flux", "sdxl"])
+def test_an_all_in_one_checkpoint_gives_its_denoiser(served: Served, demo_root: Path, tmp_path: Path, family) -> None:
+    """ComfyUI's flux1-dev-fp8 and A1111's SD files hold the denoiser under `model.diffusion_model.` beside the text
+    encoders and VAE: as a `denoiser:` file, the denoiser's tensors are read and the rest is left alone."""
+    folder = demo.ensure_demo_model(family, demo_root)
+    plain = quantized.load_denoiser(family, served.files[f"{family}-fp8"], folder, torch.float32)
+    with safe_open(str(served.files[f"{family}-fp8"]), framework="pt") as f:
+        tensors = {"model.diffusion_model." + k: f.get_tensor(k) for k in f.keys()}
+    others = ("text_encoders.clip_l.transformer.text_model.final_layer_norm.weight", "vae.decoder.conv_in.weight")
+    if family == "sdxl":
+        others = ("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                  "first_stage_model.decoder.conv_in.weight")  # fmt: skip
+    tensors.update({key: torch.ones(3, 3) for key in others})
+    save_file(tensors, str(tmp_path / "all_in_one.safetensors"))
+    spec = ModelSpec(id="a", family=family, source=f"demo:{family}", denoiser=str(tmp_path / "all_in_one.safetensors"))
+    quantized.check_file(spec)  # the start-up check finds the denoiser too
+    model = quantized.load_denoiser(family, tmp_path / "all_in_one.safetensors", folder, torch.float32)
+    inputs = _denoiser_inputs(family)
+    with torch.inference_mode():
+        assert torch.equal(plain(**inputs).sample, model(**inputs).sample)
+
+
 def test_text_encoder_from_an_fp8_file(data_dir: Path, demo_root: Path, tmp_path: Path) -> None:
     folder = demo.ensure_demo_model("flux", demo_root)
     from transformers import T5EncoderModel
