@@ -39,6 +39,11 @@ SUFFIXES = (".safetensors", ".gguf")
 _SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # per-tensor weight scales, by the tools that write them
 _DROPPED_SUFFIXES = (".scale_input", ".input_scale")  # activation scales for FP8 compute: not used here
 _DROPPED_KEYS = ("scaled_fp8",)  # ComfyUI's marker tensor of scaled FP8 files
+# ComfyUI's mixed-precision files mark each quantized layer with `<layer>.comfy_quant`, UTF-8 JSON as uint8 naming
+# its format; the FP8 ones are the FP8-with-a-per-tensor-scale layout above, the others (nvfp4, mxfp8, int8...) are not
+# readable here.
+_COMFY_QUANT = ".comfy_quant"
+_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
 DENOISER_CLASSES = {
     "sd15": ("UNet2DConditionModel", "unet"),
     "sdxl": ("UNet2DConditionModel", "unet"),
@@ -125,6 +130,9 @@ def split_scales(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     for key, tensor in state.items():
         if key in _DROPPED_KEYS or key.endswith(_DROPPED_SUFFIXES):
             continue
+        if key.endswith(_COMFY_QUANT):
+            check_comfy_quant(key, tensor)
+            continue
         suffix = next((s for s in _SCALE_SUFFIXES if key.endswith(s)), None)
         if suffix is not None:
             if tensor.numel() != 1:
@@ -135,6 +143,19 @@ def split_scales(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
         else:
             weights[key] = tensor
     return weights, scales
+
+
+def check_comfy_quant(key: str, marker: torch.Tensor) -> None:
+    """A ComfyUI `<layer>.comfy_quant` marker: FP8 passes, any other format is a ValueError naming it."""
+    try:
+        fmt = json.loads(bytes(marker.to(torch.uint8).flatten().tolist())).get("format")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{key}: an unreadable ComfyUI quantisation marker ({e})") from e
+    if fmt not in _FP8_FORMATS:
+        raise ValueError(
+            f"{key.removesuffix(_COMFY_QUANT)}: ComfyUI's '{fmt}' quantisation is not supported (FP8 with per-tensor "
+            f"scales is: {', '.join(_FP8_FORMATS)}; GGUF files for the rest)"
+        )
 
 
 def _convert_scales(scales: dict[str, float], state: Mapping[str, torch.Tensor], convert) -> dict[str, float]:
@@ -216,6 +237,9 @@ def load_denoiser(
     raw = read_tensors(path, wanted)
     try:
         weights, scales = split_scales(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    try:
         prefix = layouts.common_prefix(weights)
         stripped = {k.removeprefix(prefix): v for k, v in weights.items()}
         state = layouts.to_diffusers(stripped, family, config)
@@ -518,10 +542,11 @@ def check_file(spec: ModelSpec) -> None:
     for component, file in file_fields(spec).items():
         path = Path(file)
         keys = _keys(path)
+        _check_quantization(path, keys)
         if component in TEXT_ENCODER_FIELDS:
             continue
-        weights = [k for k in keys if not k.endswith(_SCALE_SUFFIXES + _DROPPED_SUFFIXES) and k not in _DROPPED_KEYS]
-        weights = layouts.denoiser_keys(weights)
+        not_weights = (*_SCALE_SUFFIXES, *_DROPPED_SUFFIXES, _COMFY_QUANT)
+        weights = layouts.denoiser_keys(k for k in keys if not k.endswith(not_weights) and k not in _DROPPED_KEYS)
         prefix = layouts.common_prefix(weights)
         try:
             kind, _ = layouts.detect_layout({k.removeprefix(prefix) for k in weights})
@@ -531,6 +556,23 @@ def check_file(spec: ModelSpec) -> None:
             raise CheckpointError(
                 f"{path}: it holds {layouts.KIND_LABELS[kind]}, but the model's family is {spec.family}"
             )
+
+
+def _check_quantization(path: Path, keys: list[str]) -> None:
+    """At start-up, what `split_scales` would refuse at load: another ComfyUI quantisation than FP8, scales per row."""
+    markers = [k for k in keys if k.endswith(_COMFY_QUANT)]
+    scales = [k for k in keys if k.endswith(_SCALE_SUFFIXES)]
+    if path.suffix.lower() != ".safetensors" or not (markers or scales):
+        return
+    with safe_open(str(path), framework="pt") as f:
+        try:
+            for key in markers:
+                check_comfy_quant(key, f.get_tensor(key))
+            for key in scales:
+                if math.prod(f.get_slice(key).get_shape()) != 1:
+                    raise ValueError(f"{key}: only per-tensor scales (one value) are supported")
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
 
 
 def _keys(path: Path) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -219,6 +220,41 @@ def test_scaled_fp8_with_prefixed_keys_loads(served: Served, demo_root: Path, tm
     with torch.inference_mode():
         got = requantized(**inputs).sample
     assert (got - expected).norm() / expected.norm() < 0.05  # without the scales applied: > 1
+
+
+def _comfy_quant(fmt: str) -> torch.Tensor:
+    return torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)
+
+
+def test_comfyui_mixed_precision_markers(served: Served, demo_root: Path, tmp_path: Path) -> None:
+    """ComfyUI's mixed-precision files: `<layer>.weight_scale` and a `<layer>.comfy_quant` format marker per FP8
+    layer. FP8 loads as any scaled FP8 file; another format is refused at start-up and at load, naming the layer."""
+    folder = demo.ensure_demo_model("flux", demo_root)
+    plain = quantized.load_denoiser("flux", served.files["flux-fp8"], folder, torch.float32)
+    with safe_open(str(served.files["flux-fp8"]), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    mixed: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        mixed[key] = t
+        if t.dtype == torch.float8_e4m3fn:
+            layer = key.removesuffix(".weight")
+            mixed[layer + ".weight_scale"], mixed[layer + ".comfy_quant"] = torch.tensor(1.0), _comfy_quant(
+                "float8_e4m3fn")  # fmt: skip
+    save_file(mixed, str(tmp_path / "fp8mixed.safetensors"))
+    spec = ModelSpec(id="m", family="flux", source="demo:flux", denoiser=str(tmp_path / "fp8mixed.safetensors"))
+    quantized.check_file(spec)
+    model = quantized.load_denoiser("flux", tmp_path / "fp8mixed.safetensors", folder, torch.float32)
+    inputs = _denoiser_inputs("flux")
+    with torch.inference_mode():
+        assert torch.equal(plain(**inputs).sample, model(**inputs).sample)
+    marked = next(k for k in mixed if k.endswith(".comfy_quant"))
+    mixed[marked] = _comfy_quant("nvfp4")
+    save_file(mixed, str(tmp_path / "nvfp4.safetensors"))
+    says = rf"{marked.removesuffix('.comfy_quant')}: ComfyUI's 'nvfp4' quantisation is not supported"
+    with pytest.raises(CheckpointError, match=says):
+        quantized.check_file(spec.model_copy(update={"denoiser": str(tmp_path / "nvfp4.safetensors")}))
+    with pytest.raises(CheckpointError, match=says):
+        quantized.load_denoiser("flux", tmp_path / "nvfp4.safetensors", folder, torch.float32)
 
 
 @pytest.mark.parametrize("family", ["flux", "sdxl"])
