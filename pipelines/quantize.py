@@ -6,7 +6,7 @@ GGUF follows ComfyUI-GGUF's converter: 1-D tensors and tensors of at most 1024 v
 not a whole number of quantisation blocks (and convolutions, which diffusers runs unquantized) F16, the rest in the
 chosen type, with `general.architecture` set to the family's name there (sd1, sdxl, flux, qwen_image). FP8 writes the
 matrices and convolutions in float8_e4m3fn (no scales: the layout of flux1-dev-fp8 and qwen_image_fp8_e4m3fn) and the
-rest in bf16.
+rest in bf16; fp8-scaled the same with one scale per matrix (ComfyUI's "fp8_scaled" layout).
 
 The file is written under a temporary name beside the target and renamed into place, so a reader never sees half a
 file; an existing file is kept unless `force`.
@@ -26,7 +26,7 @@ import torch
 
 from pipelines import layouts
 
-FORMATS = ("fp8", "gguf-q8_0", "gguf-q5_0", "gguf-q4_0")
+FORMATS = ("fp8", "fp8-scaled", "gguf-q8_0", "gguf-q5_0", "gguf-q4_0")
 GGUF_ARCH = {"sd15": "sd1", "sdxl": "sdxl", "flux": "flux", "qwen-image": "qwen_image", "qwen-image-edit": "qwen_image"}
 QUANTIZATION_THRESHOLD = 1024  # values; smaller tensors are not worth a quantisation block's overhead
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -47,7 +47,7 @@ class QuantizeResult:
 
 
 def suffix_for(fmt: str) -> str:
-    return ".safetensors" if fmt == "fp8" else ".gguf"
+    return ".safetensors" if fmt.startswith("fp8") else ".gguf"
 
 
 def write_denoiser(
@@ -69,8 +69,8 @@ def write_denoiser(
     state = layouts.to_community({k: v.detach() for k, v in model.state_dict().items()}, family, model.config)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        if fmt == "fp8":
-            quantized, kept = _write_fp8(state, tmp)
+        if fmt.startswith("fp8"):
+            quantized, kept = _write_fp8(state, tmp, scaled=fmt == "fp8-scaled")
         else:
             quantized, kept = _write_gguf(state, family, fmt.removeprefix("gguf-").upper(), tmp)
         if force:
@@ -89,30 +89,45 @@ def _fp8_eligible(tensor: torch.Tensor) -> bool:
     return tensor.dim() >= 2 and tensor.numel() > QUANTIZATION_THRESHOLD
 
 
-def _converted(state: dict[str, torch.Tensor], convert: Callable[[torch.Tensor], T]) -> Iterator[tuple[str, T]]:
-    """(key, convert(tensor as float32 on the host)) in `state`'s order, converted on several threads: numpy's and
+def _converted(state: dict[str, torch.Tensor], convert: Callable[[str, torch.Tensor], T]) -> Iterator[tuple[str, T]]:
+    """(key, convert(key, tensor as float32 on the host)) in `state`'s order, converted on several threads: numpy's and
     torch's kernels release the GIL, and the GGUF block quantisers are single-threaded numpy (about 100 M values/s
     each), so a 12 B transformer takes minutes on one core."""
 
-    def one(tensor: torch.Tensor) -> T:
-        return convert(tensor.to("cpu", torch.float32))
+    def one(item: tuple[str, torch.Tensor]) -> T:
+        return convert(item[0], item[1].to("cpu", torch.float32))
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        yield from zip(state, pool.map(one, state.values()), strict=True)
+        yield from zip(state, pool.map(one, state.items()), strict=True)
 
 
-def _write_fp8(state: dict[str, torch.Tensor], path: Path) -> tuple[int, int]:
+def _write_fp8(state: dict[str, torch.Tensor], path: Path, *, scaled: bool) -> tuple[int, int]:
+    """FP8 e4m3fn matrices, the rest bf16. `scaled`: each matrix divided by max|W| / 448 first, that scale stored as
+    `<layer>.scale_weight` beside it and ComfyUI's `scaled_fp8` marker in the file (its "fp8_scaled" layout): small
+    weights keep their precision instead of falling into FP8's subnormal range."""
     from safetensors.torch import save_file
 
-    def convert(tensor: torch.Tensor) -> torch.Tensor:
-        if _fp8_eligible(tensor):
-            return tensor.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
-        return tensor.to(torch.bfloat16).contiguous()
+    def convert(key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not _fp8_eligible(tensor):
+            return tensor.to(torch.bfloat16).contiguous(), None
+        scale = tensor.abs().amax() / FP8_MAX if scaled and key.endswith(".weight") else None
+        if scale is not None and scale > 0:
+            tensor = tensor / scale
+        else:
+            scale = None
+        return tensor.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous(), scale
 
-    out = dict(_converted(state, convert))
-    quantized = sum(t.dtype == torch.float8_e4m3fn for t in out.values())
-    save_file(out, str(path), metadata={"format": "pt", "easel.format": "fp8"})
-    return quantized, len(out) - quantized
+    out: dict[str, torch.Tensor] = {}
+    quantized = 0
+    for key, (tensor, scale) in _converted(state, convert):
+        out[key] = tensor
+        quantized += tensor.dtype == torch.float8_e4m3fn
+        if scale is not None:
+            out[key.removesuffix(".weight") + ".scale_weight"] = scale.reshape(()).to(torch.float32)
+    if scaled:
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)  # ComfyUI's marker: scaled, e4m3fn
+    save_file(out, str(path), metadata={"format": "pt", "easel.format": "fp8-scaled" if scaled else "fp8"})
+    return quantized, len(state) - quantized
 
 
 def _write_gguf(state: dict[str, torch.Tensor], family: str, qname: str, path: Path) -> tuple[int, int]:
@@ -127,7 +142,7 @@ def _write_gguf(state: dict[str, torch.Tensor], family: str, qname: str, path: P
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qname}"))
 
-    def convert(tensor: torch.Tensor) -> tuple[Any, Any]:  # (array, raw_dtype or None)
+    def convert(_key: str, tensor: torch.Tensor) -> tuple[Any, Any]:  # (array, raw_dtype or None)
         data = tensor.numpy()
         if tensor.dim() == 1 or tensor.numel() <= QUANTIZATION_THRESHOLD:
             return data, None

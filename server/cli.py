@@ -27,6 +27,9 @@ log = logging.getLogger("easel")
 
 DRAIN_GRACE_S = 15  # beyond drain_timeout_s: a running step (or VAE decode) stopping, answers going out
 
+# pipelines.quantize.FORMATS, written out: the CLI does not import torch to parse its arguments.
+QUANTIZE_FORMATS = ("fp8", "fp8-scaled", "gguf-q8_0", "gguf-q5_0", "gguf-q4_0")
+
 
 def _settings_from_args(args: argparse.Namespace) -> Settings:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "models": args.models}.items() if v}
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p_quant = sub.add_parser("quantize", help="write a model's denoiser as one FP8 or GGUF file (for `denoiser:`)")
     p_quant.add_argument("model", metavar="MODEL_ID", help="a model of models.yaml (id, alias or title)")
-    p_quant.add_argument("--format", required=True, choices=("fp8", "gguf-q8_0", "gguf-q5_0", "gguf-q4_0"))
+    p_quant.add_argument("--format", required=True, choices=QUANTIZE_FORMATS)
     p_quant.add_argument("--out", required=True, type=Path, metavar="FILE", help=".safetensors for fp8, else .gguf")
     p_quant.add_argument("--force", action="store_true", help="replace FILE if it exists")
     _add_common(p_quant)
