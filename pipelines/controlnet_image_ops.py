@@ -8,11 +8,24 @@ resolution and the two slider values already bound-checked, and returns an H x W
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-import cv2
 import numpy as np
 
 Array = np.ndarray
+
+
+class _OpenCV:
+    """cv2, imported on first use: the server reads this package's preprocessor list at start-up, and OpenCV is
+    needed only when a preprocessor runs (a server that never runs one starts without it)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import cv2
+
+        return getattr(cv2, name)
+
+
+cv2 = _OpenCV()
 
 
 def hwc3(x: Array) -> Array:

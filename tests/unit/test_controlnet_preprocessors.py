@@ -166,11 +166,15 @@ def test_model_backed_modules_without_their_model_are_refused_and_not_listed(tmp
         assert name in str(info.value)
 
 
-def test_http_side_imports_no_torch() -> None:
+def test_http_side_imports_no_torch_and_opencv_only_to_run_a_preprocessor() -> None:
     code = (
         "import sys, server.api.a1111.controlnet_modules, pipelines.controlnet_preprocessors as cp;"
         "cp.available_modules();"
-        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported';"
+        # OpenCV only when a preprocessor runs: a server (or the lent GPU box) starts without it.
+        "assert 'cv2' not in sys.modules, 'cv2 imported';"
+        "import numpy as np; cp.run_preprocessor('canny', __import__('PIL.Image').Image.new('RGB', (64, 64)));"
+        "assert 'cv2' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
 
