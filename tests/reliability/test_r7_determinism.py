@@ -13,7 +13,7 @@ import pytest
 from pipelines.engine import Engine
 from pipelines.registry import Registry, load_registry
 from pipelines.request import GenerationRequest
-from tests.reliability.engine_helpers import busy, max_abs_diff, release, start_engine
+from tests.engine_helpers import busy, max_abs_diff, release, start_engine
 
 TOLERANCE = 2  # max |difference| per channel, out of 255, between a request batched and the same request alone
 

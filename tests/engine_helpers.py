@@ -1,4 +1,5 @@
-"""Real engines on the tiny demo SD pipeline for the reliability tests, and the helpers they share."""
+"""Real engines on the tiny demo SD pipeline (demo-sd15) and the helpers the engine tests share: a started engine,
+requests, waiting, a busy worker, a spy on the SD pipeline calls, pixel differences."""
 
 from __future__ import annotations
 
