@@ -25,10 +25,10 @@ from pipelines.errors import InvalidRequest, QueueFull
 from pipelines.registry import Registry, load_registry
 from pipelines.request import Task
 from server.api.gateway.sizes import gemini_size
-from server.app import create_app
 from server.jobs.db import utcnow
 from server.jobs.store import RESTART_ERROR, JobStore, NewJob
 from server.settings import Settings
+from tests.api.conftest import OpenApp
 from tests.api.fake_engine import FakeEngine, seed_color
 from tests.unit.test_jobs import CancellingFakeEngine
 
@@ -84,23 +84,12 @@ class Gateway:
 
 
 @pytest.fixture
-def make_gateway(tmp_path: Path, registry: Registry) -> Iterator[Callable[..., Gateway]]:
-    opened: list[tuple[TestClient, FakeEngine]] = []
-
+def make_gateway(tmp_path: Path, open_app: Callable[..., OpenApp]) -> Callable[..., Gateway]:
     def make(reg: Registry | None = None, data_dir: Path | None = None, **overrides: Any) -> Gateway:
-        reg = reg or registry
-        settings = Settings(data_dir=data_dir or tmp_path / "data", **overrides)
-        engine = CancellingFakeEngine(reg)
-        app = create_app(settings, engine=engine, registry=reg)
-        client = TestClient(app)
-        client.__enter__()  # runs the lifespan: job store start-up and shut-down
-        opened.append((client, engine))
-        return Gateway(client, engine, app, settings)
+        opened = open_app(reg, CancellingFakeEngine, data_dir=data_dir or tmp_path / "data", **overrides)
+        return Gateway(opened.client, opened.engine, opened.app, opened.settings)
 
-    yield make
-    for client, engine in opened:
-        engine.release()
-        client.__exit__(None, None, None)
+    return make
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,8 @@ from PIL import Image
 from pipelines.errors import GenerationFailed, InvalidRequest, QueueFull
 from pipelines.registry import Registry
 from server.api.indoxhub.adapter import aspect_size
-from server.app import create_app
 from server.settings import Settings
+from tests.api.conftest import OpenApp
 from tests.api.fake_engine import FakeEngine, seed_color, with_background_removal
 
 PATH = "/api/v1/images/generations"
@@ -50,23 +50,12 @@ class Hub:
 
 
 @pytest.fixture
-def make_hub(tmp_path: Path, registry: Registry) -> Iterator[Callable[..., Hub]]:
-    opened: list[tuple[TestClient, FakeEngine]] = []
-
+def make_hub(open_app: Callable[..., OpenApp]) -> Callable[..., Hub]:
     def make(reg: Registry | None = None, **overrides: Any) -> Hub:
-        reg = reg or registry
-        settings = Settings(data_dir=tmp_path / f"data{len(opened)}", **overrides)
-        engine = FakeEngine(reg)
-        app = create_app(settings, engine=engine, registry=reg)
-        client = TestClient(app)
-        client.__enter__()
-        opened.append((client, engine))
-        return Hub(client, engine, app)
+        opened = open_app(reg, **overrides)
+        return Hub(opened.client, opened.engine, opened.app)
 
-    yield make
-    for client, engine in opened:
-        engine.release()
-        client.__exit__(None, None, None)
+    return make
 
 
 @pytest.fixture
