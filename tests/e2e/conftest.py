@@ -32,6 +32,23 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{port}"
 
 
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, interval: float) -> None:
+    """Until `easel serve` at `url` answers /readyz; the test fails with the log's tail if the server exits or is not
+    ready within 300 s."""
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"easel serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"easel serve not ready after 300 s:\n{log.read_text()[-4000:]}")
+        time.sleep(interval)
+
+
 def served_models_yaml(folder: Path) -> Path:
     """The repo's models.yaml plus a `background_removal:` model (a tiny random-weight SegFormer folder built here),
     so `background: transparent` runs end to end."""
@@ -81,19 +98,8 @@ def live_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             start_new_session=True,
         )
     server = LiveServer(port, proc, log, data_dir)
-    deadline = time.monotonic() + 300
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"easel serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"easel serve not ready after 300 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_ready(proc, server.url, log, interval=0.5)
         yield server
     finally:
         if proc.poll() is None:
