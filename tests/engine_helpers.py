@@ -18,10 +18,15 @@ from pipelines.request import GenerationRequest
 MODELS_YAML = "default_model: demo-sd15\nmodels:\n  demo-sd15:\n    family: sd15\n    source: demo:sd15\n"
 
 
-def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+def yaml_registry(tmp_path_factory: pytest.TempPathFactory, text: str) -> Registry:
+    """The registry of a models.yaml holding `text`, written in a fresh folder."""
     yaml = tmp_path_factory.mktemp("reg") / "models.yaml"
-    yaml.write_text(MODELS_YAML)
+    yaml.write_text(text)
     return load_registry(yaml)
+
+
+def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    return yaml_registry(tmp_path_factory, MODELS_YAML)
 
 
 def start_engine(data_dir: Path, registry: Registry, **config) -> Engine:

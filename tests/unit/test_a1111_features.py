@@ -337,17 +337,17 @@ def test_refiner_runs_base_to_the_switch_then_the_refiner(load, monkeypatch) -> 
 @pytest.fixture(scope="module")
 def engine(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from pipelines.engine import Engine, EngineConfig
-    from pipelines.registry import load_registry
+    from tests.engine_helpers import yaml_registry
 
-    yaml = tmp_path_factory.mktemp("reg") / "models.yaml"
-    yaml.write_text(
+    registry = yaml_registry(
+        tmp_path_factory,
         "models:\n"
         "  demo-sd15:\n    family: sd15\n    source: demo:sd15\n"
         "  demo-sdxl:\n    family: sdxl\n    source: demo:sdxl\n"
-        "  demo-flux:\n    family: flux\n    source: demo:flux\n"
+        "  demo-flux:\n    family: flux\n    source: demo:flux\n",
     )
     embeddings = tmp_path_factory.mktemp("embeddings")
-    eng = Engine(load_registry(yaml), EngineConfig(data_dir=data_dir, queue_size=4, embeddings_dir=embeddings))
+    eng = Engine(registry, EngineConfig(data_dir=data_dir, queue_size=4, embeddings_dir=embeddings))
     eng.start()
     yield eng
     eng.stop()
