@@ -12,7 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import webuiapi
+from PIL import Image
 
 from tests.conftest import REPO_ROOT
 
@@ -30,6 +33,11 @@ class LiveServer:
         self.proc = proc
         self.log = log
         self.url = f"http://127.0.0.1:{port}"
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    """An image's RGB pixels as int16, so that the difference of two can go negative."""
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, interval: float) -> None:
@@ -109,3 +117,10 @@ def live_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def api(live_server: LiveServer) -> webuiapi.WebUIApi:
+    """The real `webuiapi` client on the live server, Euler and 2 steps by default; a module that wants other defaults
+    defines its own `api`."""
+    return webuiapi.WebUIApi(host="127.0.0.1", port=live_server.port, sampler="Euler", steps=2)
