@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import LiveServer, free_port, wait_ready
+from tests.conftest import free_port
+from tests.e2e.conftest import LiveServer, wait_ready
 
 pytestmark = pytest.mark.e2e
 
