@@ -14,6 +14,7 @@ from pipelines.errors import JobCancelled
 from pipelines.families import adapter_for
 from pipelines.registry import Registry, load_registry
 from pipelines.request import GenerationRequest
+from tests.image_helpers import pixels
 
 MODELS_YAML = "default_model: demo-sd15\nmodels:\n  demo-sd15:\n    family: sd15\n    source: demo:sd15\n"
 
@@ -78,10 +79,6 @@ def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, list[i
 
     monkeypatch.setattr(adapter, "run_batch", spy)
     return calls
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def max_abs_diff(a, b) -> int:

@@ -11,10 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import webuiapi
-from PIL import Image
 
 from tests.conftest import REPO_ROOT, free_port
 
@@ -26,11 +24,6 @@ class LiveServer:
         self.proc = proc
         self.log = log
         self.url = f"http://127.0.0.1:{port}"
-
-
-def pixels(image: Image.Image) -> np.ndarray:
-    """An image's RGB pixels as int16, so that the difference of two can go negative."""
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, interval: float) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import webuiapi
 from PIL import Image, ImageDraw
 
-from tests.e2e.conftest import pixels
+from tests.image_helpers import pixels
 
 DEMO = "control_demo-sd15"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.e2e.conftest import pixels
+from tests.image_helpers import pixels
 
 
 def test_variation_seed_and_tiling_through_webuiapi(api) -> None:

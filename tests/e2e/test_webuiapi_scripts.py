@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import pixels
+from tests.image_helpers import pixels
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,8 @@ import torch
 from pipelines.engine_api import JobStatus
 from pipelines.errors import GenerationFailed, JobCancelled
 from pipelines.families import adapter_for
-from tests.engine_helpers import busy, demo_registry, pixels, record_calls, release, req, start_engine, wait_until
+from tests.engine_helpers import busy, demo_registry, record_calls, release, req, start_engine, wait_until
+from tests.image_helpers import pixels
 
 
 @pytest.fixture(scope="module")
