@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,13 @@ os.environ.setdefault("EASEL_DATA_DIR", str(SESSION_ROOT / "data"))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(SESSION_ROOT / "inductor"))
 os.environ.setdefault("TRITON_CACHE_DIR", str(SESSION_ROOT / "triton"))
 os.environ.setdefault("RAY_TMPDIR", str(SESSION_ROOT / "ray"))
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago, for a server the test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -30,7 +30,8 @@ _TOP = {  # DIFFUSERS_TO_LDM_MAPPING["controlnet"]["layers"]
 }
 
 
-def _resnet_tail(rest: str) -> str:
+def resnet_to_ldm(rest: str) -> str:
+    """A diffusers resnet parameter (`conv1.weight`) under ldm's name (`in_layers.2.weight`)."""
     layer, _, param = rest.partition(".")
     return f"{_RESNET[layer]}.{param}"
 
@@ -50,13 +51,13 @@ def to_ldm(state: dict[str, torch.Tensor], layers_per_block: int, prefix: str = 
             if kind == "downsamplers":  # conv.weight -> op.weight
                 name = f"input_blocks.{1 + block * per_block + layers_per_block}.0.op.{parts[-1]}"
             elif kind == "resnets":
-                name = f"input_blocks.{1 + block * per_block + index}.0.{_resnet_tail(rest)}"
+                name = f"input_blocks.{1 + block * per_block + index}.0.{resnet_to_ldm(rest)}"
             else:  # attentions: the transformer's inner names are the same in both layouts
                 name = f"input_blocks.{1 + block * per_block + index}.1.{rest}"
         elif parts[0] == "mid_block":
             kind, index, rest = parts[1], int(parts[2]), ".".join(parts[3:])
             if kind == "resnets":
-                name = f"middle_block.{2 * index}.{_resnet_tail(rest)}"
+                name = f"middle_block.{2 * index}.{resnet_to_ldm(rest)}"
             else:
                 name = f"middle_block.1.{rest}"
         elif parts[0] == "controlnet_down_blocks":

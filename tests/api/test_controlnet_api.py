@@ -4,9 +4,7 @@ and bad unit fields refused with a 422 naming the field. One test runs the real 
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,26 +21,17 @@ from pipelines.registry import Registry, load_registry
 from server.app import create_app
 from tests.api.fake_engine import FakeEngine
 from tests.api.test_a1111 import A1111_ERROR_KEYS, GW, SD, info_of, make_settings
+from tests.image_helpers import b64_png, decode_b64, pixels
 
 DEMO = controlnet_models.demo_entry("sd15").title
 IP_DEMO = controlnet_models.demo_ip_adapter_entry("sd15").title
 UNIT = "alwayson_scripts.controlnet.args"
 
 
-def b64_png(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def square(size: int = 64) -> Image.Image:
     image = Image.new("RGB", (size, size), "black")
     ImageDraw.Draw(image).rectangle((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill="white")
     return image
-
-
-def decode(data: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
 @pytest.fixture
@@ -113,7 +102,7 @@ def test_unit_defaults_and_detected_map_appended(client: TestClient, engine: Fak
     assert (unit.guidance_start, unit.guidance_end, unit.control_mode) == (0.0, 1.0, ControlMode.BALANCED)
     # One picture, then the detected map ("none": the input, cropped and resized to the output).
     assert len(body["images"]) == 2
-    detected = decode(body["images"][1])
+    detected = decode_b64(body["images"][1])
     assert detected.size == (64, 64)
     assert detected.getpixel((32, 32)) == (255, 255, 255) and detected.getpixel((4, 4)) == (0, 0, 0)
     info = info_of(response)
@@ -263,9 +252,11 @@ def test_real_engine_control_changes_the_picture(data_dir: Path, tmp_path: Path)
     finally:
         real.stop()
     assert plain.status_code == controlled.status_code == zero.status_code == 200, controlled.text
-    pictures = [np.asarray(decode(r.json()["images"][0]).convert("RGB"), dtype=np.int16) for r in (plain, controlled)]
+    pictures = [
+        np.asarray(decode_b64(r.json()["images"][0]).convert("RGB"), dtype=np.int16) for r in (plain, controlled)
+    ]
     assert np.abs(pictures[0] - pictures[1]).mean() > 1
-    assert np.array_equal(np.asarray(decode(zero.json()["images"][0]).convert("RGB"), dtype=np.int16), pictures[0])
+    assert np.array_equal(pixels(decode_b64(zero.json()["images"][0])), pictures[0])
     assert len(controlled.json()["images"]) == 2
 
 

@@ -5,7 +5,6 @@ tests/unit/test_controlnet_preprocessors.py."""
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,19 +17,10 @@ from pipelines.registry import Registry, load_registry
 from server.app import create_app
 from tests.api.fake_engine import FakeEngine
 from tests.api.test_a1111 import A1111_ERROR_KEYS, MODELS_YAML, assert_422_names, make_settings
+from tests.image_helpers import b64_png, decode_b64
 from tests.unit.test_controlnet_preprocessors import SQUARE, square_image, write_tiny_depth_models
 
 CN = "/controlnet"
-
-
-def b64_png(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def decoded(data: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +86,7 @@ def test_detect_canny_answers_the_extensions_shape(client: TestClient) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["info"] == "Success" and len(body["images"]) == 2
-    edges = decoded(body["images"][0])
+    edges = decode_b64(body["images"][0])
     assert edges.format == "PNG" and edges.size == (128, 128)  # short side at processor_res
     mask = np.asarray(edges.convert("L")) == 255
     left, top, right, bottom = (2 * c for c in SQUARE)
@@ -110,7 +100,7 @@ def test_detect_defaults_and_the_webuiapi_spelling(client: TestClient) -> None:
         f"{CN}/detect", json={"controlnet_module": "threshold", "controlnet_images": [b64_png(square_image())]}
     )
     assert r.status_code == 200, r.text
-    out = decoded(r.json()["images"][0])
+    out = decode_b64(r.json()["images"][0])
     assert out.size == (512, 512)
     assert set(np.unique(np.asarray(out))) == {0, 255}
 
@@ -124,7 +114,7 @@ def test_detect_by_alias_on_the_gateway_copy(client: TestClient) -> None:
         },
     )
     assert r.status_code == 200, r.text
-    out = np.asarray(decoded(r.json()["images"][0]).convert("RGB")).astype(int)
+    out = np.asarray(decode_b64(r.json()["images"][0]).convert("RGB")).astype(int)
     assert (out == 255 - np.asarray(square_image()).astype(int)).all()
 
 
@@ -204,6 +194,6 @@ def test_local_depth_models_are_listed_and_detected(a1111_registry: Registry, mo
             json={"controlnet_module": "depth", "controlnet_input_images": [image], "controlnet_processor_res": 64},
         )
         assert r.status_code == 200, r.text
-        depth = np.asarray(decoded(r.json()["images"][0]).convert("RGB"))
+        depth = np.asarray(decode_b64(r.json()["images"][0]).convert("RGB"))
         assert depth.shape == (64, 96, 3)
         assert (depth[:, :, 0] == depth[:, :, 2]).all() and depth.max() > depth.min()

@@ -25,11 +25,12 @@ from pipelines.errors import InvalidRequest, QueueFull
 from pipelines.registry import Registry, load_registry
 from pipelines.request import Task
 from server.api.gateway.sizes import gemini_size
-from server.app import create_app
 from server.jobs.db import utcnow
 from server.jobs.store import RESTART_ERROR, JobStore, NewJob
 from server.settings import Settings
+from tests.api.conftest import OpenApp
 from tests.api.fake_engine import FakeEngine, seed_color
+from tests.image_helpers import decode_b64
 from tests.unit.test_jobs import CancellingFakeEngine
 
 GATEWAY_ROUTES = {
@@ -46,10 +47,6 @@ def png_b64(width: int = 64, height: int = 64, color: Any = (10, 200, 30), mode:
     buf = io.BytesIO()
     Image.new(mode, (width, height), color).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def decode(data: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
 # Small requests for each route (the fake engine draws solid colours at the requested size).
@@ -84,23 +81,12 @@ class Gateway:
 
 
 @pytest.fixture
-def make_gateway(tmp_path: Path, registry: Registry) -> Iterator[Callable[..., Gateway]]:
-    opened: list[tuple[TestClient, FakeEngine]] = []
-
+def make_gateway(tmp_path: Path, open_app: Callable[..., OpenApp]) -> Callable[..., Gateway]:
     def make(reg: Registry | None = None, data_dir: Path | None = None, **overrides: Any) -> Gateway:
-        reg = reg or registry
-        settings = Settings(data_dir=data_dir or tmp_path / "data", **overrides)
-        engine = CancellingFakeEngine(reg)
-        app = create_app(settings, engine=engine, registry=reg)
-        client = TestClient(app)
-        client.__enter__()  # runs the lifespan: job store start-up and shut-down
-        opened.append((client, engine))
-        return Gateway(client, engine, app, settings)
+        opened = open_app(reg, CancellingFakeEngine, data_dir=data_dir or tmp_path / "data", **overrides)
+        return Gateway(opened.client, opened.engine, opened.app, opened.settings)
 
-    yield make
-    for client, engine in opened:
-        engine.release()
-        client.__exit__(None, None, None)
+    return make
 
 
 @pytest.fixture
@@ -200,7 +186,7 @@ def test_flux_sync_returns_base64_images_of_the_requested_size(gw: Gateway) -> N
     r = gw.post("flux", SMALL["flux"])
     assert r.status_code == 200, r.text
     assert list(r.json()) == ["images"]
-    image = decode(r.json()["images"][0])
+    image = decode_b64(r.json()["images"][0])
     assert (image.format, image.size, image.getpixel((0, 0))) == ("PNG", (64, 96), seed_color(11))
     req = gw.engine.requests[0]
     assert (req.model, req.task, req.width, req.height, req.seed) == ("demo-flux", Task.TXT2IMG, 64, 96, 11)
@@ -210,7 +196,7 @@ def test_flux_sync_returns_base64_images_of_the_requested_size(gw: Gateway) -> N
 
 def test_flux_jpeg_and_defaults(gw: Gateway) -> None:
     r = gw.post("flux", {"prompt": "a fox", "output_format": "jpeg", "safety_tolerance": 6})
-    image = decode(r.json()["images"][0])
+    image = decode_b64(r.json()["images"][0])
     assert (image.format, image.size) == ("JPEG", (1024, 1024))  # width/height default 1024
     assert gw.engine.requests[0].seed == -1 and gw.engine.requests[0].tags["safety_tolerance"] == 6
 
@@ -363,9 +349,9 @@ def test_gpt_image_edit_with_mask_is_inpainting(gw: Gateway) -> None:
 
 def test_gemini_sizes(gw: Gateway) -> None:
     r = gw.post("gemini-3", {"prompt": "a fox"})
-    assert decode(r.json()["images"][0]).size == (1024, 1024)  # defaults 1:1, 1K
+    assert decode_b64(r.json()["images"][0]).size == (1024, 1024)  # defaults 1:1, 1K
     r = gw.post("gemini-3", {"prompt": "a fox", "aspect_ratio": "9:16", "image_size": "2K"})
-    assert decode(r.json()["images"][0]).size == (1152, 2048)  # 2K, capped by max_height 2048
+    assert decode_b64(r.json()["images"][0]).size == (1152, 2048)  # 2K, capped by max_height 2048
 
 
 def test_gemini_4k_is_made_at_the_model_size_and_upscaled(gw: Gateway) -> None:
@@ -373,18 +359,18 @@ def test_gemini_4k_is_made_at_the_model_size_and_upscaled(gw: Gateway) -> None:
     the stored image is resized to 4K; the response and the task say so."""
     r = gw.post("gemini-3", {"prompt": "a fox", "image_size": "4K"})
     assert r.status_code == 200, r.text
-    image = decode(r.json()["images"][0]).convert("RGB")
+    image = decode_b64(r.json()["images"][0]).convert("RGB")
     assert image.size == (4096, 4096) and image.getpixel((4095, 0)) == image.getpixel((0, 4095))  # the fake's colour
     assert (gw.engine.requests[-1].width, gw.engine.requests[-1].height) == (512, 512)
     assert "made at 512x512 by demo-flux, then upscaled to 4096x4096 (lanczos)" in r.json()["info"]
 
     accepted = gw.post("gemini-3", {"prompt": "a fox", "image_size": "4K", "aspect_ratio": "16:9", "async": True})
     task = gw.poll(accepted.json()["task_address"])
-    assert decode(task["result"]["images"][0]).size == (5456, 3072) and "upscaled" in task["result"]["info"]
+    assert decode_b64(task["result"]["images"][0]).size == (5456, 3072) and "upscaled" in task["result"]["info"]
     assert (gw.engine.requests[-1].width, gw.engine.requests[-1].height) == (688, 384)
 
     r = gw.post("gemini-3", {"prompt": "a fox", "image_size": "2K"})
-    assert "info" not in r.json() and decode(r.json()["images"][0]).size == (2048, 2048)
+    assert "info" not in r.json() and decode_b64(r.json()["images"][0]).size == (2048, 2048)
 
 
 def test_gemini_4k_within_raised_caps_is_made_by_the_model(make_gateway: Callable[..., Gateway]) -> None:
@@ -393,7 +379,7 @@ def test_gemini_4k_within_raised_caps_is_made_by_the_model(make_gateway: Callabl
     assert "info" not in r.json() and (gw.engine.requests[-1].width, gw.engine.requests[-1].height) == (4096, 4096)
     capped = make_gateway(data_dir=gw.settings.data_dir.parent / "capped", gemini_4k_upscale=False)
     r = capped.post("gemini-3", {"prompt": "a fox", "image_size": "4K"})
-    assert "info" not in r.json() and decode(r.json()["images"][0]).size == (2048, 2048)  # the old cap
+    assert "info" not in r.json() and decode_b64(r.json()["images"][0]).size == (2048, 2048)  # the old cap
 
 
 @pytest.mark.parametrize(
@@ -443,7 +429,7 @@ def test_async_task_returns_the_sync_body(gw: Gateway, route: str) -> None:
     assert list(result) == list(expected)
     key = next(iter(expected))
     if route in ("flux", "gemini-3"):  # base64
-        got, want = [decode(i) for i in result[key]], [decode(i) for i in expected[key]]
+        got, want = [decode_b64(i) for i in result[key]], [decode_b64(i) for i in expected[key]]
     else:  # URLs: new files
         assert not set(result[key]) & set(expected[key])
         got = [Image.open(io.BytesIO(gw.client.get(u).content)) for u in result[key]]
@@ -671,7 +657,7 @@ def test_a1111_txt2img_async(gw: Gateway) -> None:
     assert task["status"] == "completed" and task["route"] == "txt2img"
     result = task["result"]
     assert set(result) == {"images", "parameters", "info"}
-    assert decode(result["images"][0]).getpixel((0, 0)) == seed_color(5)
+    assert decode_b64(result["images"][0]).getpixel((0, 0)) == seed_color(5)
     assert result["images"] == sync.json()["images"] and result["parameters"] == sync.json()["parameters"]
     record = gw.app.state.jobs.list_jobs()[0]
     assert record.dialect == "a1111" and record.request_json["prompt"] == "a fox"

@@ -11,7 +11,7 @@ import io
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,12 @@ from pipelines.errors import GenerationFailed, InvalidRequest, QueueFull
 from pipelines.registry import Registry, load_registry
 from pipelines.request import GenerationRequest
 from server.api.genpicz.errors import render_genpicz
-from server.app import create_app
 from server.errors import renderer_for
 from server.jobs.db import JobRecord
 from server.settings import Settings
 from server.styles import StyleBook
 from server.upscale import UPSCALER_NAMES, upscale
+from tests.api.conftest import OpenApp
 from tests.api.fake_engine import FakeEngine, seed_color
 
 RESPONSE_KEYS = [
@@ -74,23 +74,12 @@ class GenPicz:
 
 
 @pytest.fixture
-def make_genpicz(tmp_path: Path, registry: Registry) -> Iterator[Callable[..., GenPicz]]:
-    opened: list[tuple[TestClient, FakeEngine]] = []
-
+def make_genpicz(open_app: Callable[..., OpenApp]) -> Callable[..., GenPicz]:
     def make(reg: Registry | None = None, **overrides: Any) -> GenPicz:
-        reg = reg or registry
-        engine = FakeEngine(reg)
-        settings = Settings(**{"data_dir": tmp_path / f"data{len(opened)}", **overrides})
-        app = create_app(settings, engine=engine, registry=reg)
-        client = TestClient(app)
-        client.__enter__()  # lifespan: job store start-up and shut-down
-        opened.append((client, engine))
-        return GenPicz(client, engine, app)
+        opened = open_app(reg, **overrides)
+        return GenPicz(opened.client, opened.engine, opened.app)
 
-    yield make
-    for client, engine in opened:
-        engine.release()
-        client.__exit__(None, None, None)
+    return make
 
 
 @pytest.fixture

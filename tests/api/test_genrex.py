@@ -9,9 +9,8 @@ from __future__ import annotations
 import io
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,8 +21,7 @@ from PIL import Image
 
 from pipelines.errors import GenerationFailed, InvalidRequest, QueueFull
 from pipelines.registry import Registry
-from server.app import create_app
-from server.settings import Settings
+from tests.api.conftest import OpenApp
 from tests.api.fake_engine import FakeEngine, with_background_removal
 from tests.unit.test_jobs import CancellingFakeEngine
 
@@ -62,23 +60,12 @@ class Genrex:
 
 
 @pytest.fixture
-def make_genrex(tmp_path: Path, registry: Registry) -> Iterator[Callable[..., Genrex]]:
-    opened: list[tuple[TestClient, FakeEngine]] = []
-
+def make_genrex(open_app: Callable[..., OpenApp]) -> Callable[..., Genrex]:
     def make(reg: Registry | None = None, **overrides: Any) -> Genrex:
-        reg = reg or registry
-        settings = Settings(data_dir=tmp_path / f"data{len(opened)}", **overrides)
-        engine = CancellingFakeEngine(reg)
-        app = create_app(settings, engine=engine, registry=reg)
-        client = TestClient(app)
-        client.__enter__()
-        opened.append((client, engine))
-        return Genrex(client, engine, app)
+        opened = open_app(reg, CancellingFakeEngine, **overrides)
+        return Genrex(opened.client, opened.engine, opened.app)
 
-    yield make
-    for client, engine in opened:
-        engine.release()
-        client.__exit__(None, None, None)
+    return make
 
 
 @pytest.fixture

@@ -5,13 +5,12 @@ The real pipelines run in tests/e2e/test_indoxhub_genrex_e2e.py; here every fiel
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,10 @@ from PIL import Image
 from pipelines.errors import GenerationFailed, InvalidRequest, QueueFull
 from pipelines.registry import Registry
 from server.api.indoxhub.adapter import aspect_size
-from server.app import create_app
 from server.settings import Settings
+from tests.api.conftest import OpenApp
 from tests.api.fake_engine import FakeEngine, seed_color, with_background_removal
+from tests.image_helpers import decode_b64
 
 PATH = "/api/v1/images/generations"
 SMALL = {"prompt": "a fox in the snow", "size": "64x64"}
@@ -50,32 +50,17 @@ class Hub:
 
 
 @pytest.fixture
-def make_hub(tmp_path: Path, registry: Registry) -> Iterator[Callable[..., Hub]]:
-    opened: list[tuple[TestClient, FakeEngine]] = []
-
+def make_hub(open_app: Callable[..., OpenApp]) -> Callable[..., Hub]:
     def make(reg: Registry | None = None, **overrides: Any) -> Hub:
-        reg = reg or registry
-        settings = Settings(data_dir=tmp_path / f"data{len(opened)}", **overrides)
-        engine = FakeEngine(reg)
-        app = create_app(settings, engine=engine, registry=reg)
-        client = TestClient(app)
-        client.__enter__()
-        opened.append((client, engine))
-        return Hub(client, engine, app)
+        opened = open_app(reg, **overrides)
+        return Hub(opened.client, opened.engine, opened.app)
 
-    yield make
-    for client, engine in opened:
-        engine.release()
-        client.__exit__(None, None, None)
+    return make
 
 
 @pytest.fixture
 def hub(make_hub: Callable[..., Hub]) -> Hub:
     return make_hub()
-
-
-def decode(data: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
 def assert_error(r: httpx.Response, field: str | None, status: int = 422) -> dict[str, Any]:
@@ -170,7 +155,7 @@ def test_transparent_background_with_a_removal_model(make_hub: Callable[..., Hub
     body = {**SMALL, "response_format": "b64_json", "additional_params": {"background": "transparent"}}
     out = hub.ok(body)
     assert hub.engine.requests[-1].transparent_background
-    assert decode(out["data"][0]["b64_json"]).mode == "RGBA"
+    assert decode_b64(out["data"][0]["b64_json"]).mode == "RGBA"
     jpeg = {**SMALL, "additional_params": {"background": "transparent", "output_format": "jpeg"}}
     assert "no alpha channel" in assert_error(hub.post(jpeg), "additional_params.output_format")["message"]
 
@@ -246,7 +231,7 @@ def test_b64_json_and_output_format(hub: Hub) -> None:
     body = {**SMALL, "n": 2, "response_format": "b64_json", "additional_params": {"output_format": "webp", "seed": 5}}
     out = hub.ok(body)
     assert [d["url"] for d in out["data"]] == [None, None]
-    images = [decode(d["b64_json"]) for d in out["data"]]
+    images = [decode_b64(d["b64_json"]) for d in out["data"]]
     assert [(im.format, im.size) for im in images] == [("WEBP", (64, 64))] * 2
     assert images[0].convert("RGB").getpixel((0, 0)) == pytest.approx(seed_color(5), abs=3)
     jpeg = hub.ok({**SMALL, "additional_params": {"output_format": "jpg", "output_compression": 30}})
@@ -257,9 +242,9 @@ def test_b64_json_and_output_format(hub: Hub) -> None:
 def test_seed_reproduces_the_image(hub: Hub) -> None:
     body = {**SMALL, "response_format": "b64_json", "additional_params": {"seed": 77}}
     first, second = hub.ok(body), hub.ok(body)
-    assert decode(first["data"][0]["b64_json"]).tobytes() == decode(second["data"][0]["b64_json"]).tobytes()
+    assert decode_b64(first["data"][0]["b64_json"]).tobytes() == decode_b64(second["data"][0]["b64_json"]).tobytes()
     other = hub.ok({**body, "additional_params": {"seed": 78}})
-    assert decode(other["data"][0]["b64_json"]).tobytes() != decode(first["data"][0]["b64_json"]).tobytes()
+    assert decode_b64(other["data"][0]["b64_json"]).tobytes() != decode_b64(first["data"][0]["b64_json"]).tobytes()
 
 
 def test_google_params_reach_the_request(hub: Hub) -> None:

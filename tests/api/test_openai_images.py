@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,8 @@ from pipelines.errors import GenerationFailed, InvalidRequest, QueueFull
 from pipelines.registry import Registry, load_registry
 from pipelines.request import GenerationRequest, Task
 from server.api.openai_images.adapter import image_tokens
-from server.app import create_app
 from server.settings import Settings
+from tests.api.conftest import OpenApp
 from tests.api.fake_engine import FakeEngine, seed_color, with_background_removal
 
 GENERATIONS = "/v1/images/generations"
@@ -53,22 +53,12 @@ class Api:
 
 
 @pytest.fixture
-def make_api(tmp_path: Path, registry: Registry) -> Iterator[Callable[..., Api]]:
-    opened: list[tuple[TestClient, FakeEngine]] = []
-
+def make_api(open_app: Callable[..., OpenApp]) -> Callable[..., Api]:
     def make(reg: Registry | None = None, **overrides: Any) -> Api:
-        reg = reg or registry
-        settings = Settings(data_dir=tmp_path / f"data{len(opened)}", **overrides)
-        engine = FakeEngine(reg)
-        client = TestClient(create_app(settings, engine=engine, registry=reg))
-        client.__enter__()  # the lifespan: job store start-up and shut-down
-        opened.append((client, engine))
-        return Api(client, engine, settings)
+        opened = open_app(reg, **overrides)
+        return Api(opened.client, opened.engine, opened.settings)
 
-    yield make
-    for client, engine in opened:
-        engine.release()
-        client.__exit__(None, None, None)
+    return make
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,14 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import webuiapi
 
-from tests.conftest import REPO_ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import REPO_ROOT, free_port
 
 
 class LiveServer:
@@ -30,6 +24,23 @@ class LiveServer:
         self.proc = proc
         self.log = log
         self.url = f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, interval: float) -> None:
+    """Until `easel serve` at `url` answers /readyz; the test fails with the log's tail if the server exits or is not
+    ready within 300 s."""
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"easel serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"easel serve not ready after 300 s:\n{log.read_text()[-4000:]}")
+        time.sleep(interval)
 
 
 def served_models_yaml(folder: Path) -> Path:
@@ -81,19 +92,8 @@ def live_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             start_new_session=True,
         )
     server = LiveServer(port, proc, log, data_dir)
-    deadline = time.monotonic() + 300
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"easel serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"easel serve not ready after 300 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_ready(proc, server.url, log, interval=0.5)
         yield server
     finally:
         if proc.poll() is None:
@@ -103,3 +103,10 @@ def live_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def api(live_server: LiveServer) -> webuiapi.WebUIApi:
+    """The real `webuiapi` client on the live server, Euler and 2 steps by default; a module that wants other defaults
+    defines its own `api`."""
+    return webuiapi.WebUIApi(host="127.0.0.1", port=live_server.port, sampler="Euler", steps=2)

@@ -7,17 +7,11 @@ import json
 
 import httpx
 import pytest
-import webuiapi
 from PIL import Image
 
 pytestmark = pytest.mark.e2e
 
 SMALL = {"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64, "sampler_name": "Euler"}
-
-
-@pytest.fixture(scope="module")
-def api(live_server) -> webuiapi.WebUIApi:
-    return webuiapi.WebUIApi(host="127.0.0.1", port=live_server.port, sampler="Euler", steps=2)
 
 
 def test_untyped_json_is_generated_and_foreign_origins_refused(live_server):

@@ -5,20 +5,12 @@ appended, and weight 0 giving the picture without ControlNet."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import webuiapi
 from PIL import Image, ImageDraw
 
+from tests.image_helpers import pixels
+
 DEMO = "control_demo-sd15"
-
-
-@pytest.fixture(scope="module")
-def api(live_server) -> webuiapi.WebUIApi:
-    return webuiapi.WebUIApi(host="127.0.0.1", port=live_server.port, sampler="Euler", steps=2)
-
-
-def _px(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def test_controlnet_unit_through_webuiapi(api) -> None:
@@ -34,9 +26,9 @@ def test_controlnet_unit_through_webuiapi(api) -> None:
     unit = webuiapi.ControlNetUnit(image=control, module="none", model=title)
     steered = api.txt2img(controlnet_units=[unit], alwayson_scripts={}, **common)
     assert len(steered.images) == 2  # the picture, then the unit's detected map
-    assert _px(steered.images[1]).shape == (64, 64, 3)
-    assert np.abs(_px(steered.image) - _px(plain.image)).mean() > 1
+    assert pixels(steered.images[1]).shape == (64, 64, 3)
+    assert np.abs(pixels(steered.image) - pixels(plain.image)).mean() > 1
     assert f'ControlNet 0: "Module: none, Model: {title}' in steered.info["infotexts"][0]
     zero = webuiapi.ControlNetUnit(image=control, model=title, weight=0.0)
     off = api.txt2img(controlnet_units=[zero], alwayson_scripts={}, **common)
-    assert np.array_equal(_px(off.image), _px(plain.image))
+    assert np.array_equal(pixels(off.image), pixels(plain.image))

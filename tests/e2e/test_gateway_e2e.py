@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import LiveServer, free_port
+from tests.conftest import free_port
+from tests.e2e.conftest import LiveServer, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -72,18 +73,7 @@ class EaselProcess:
             self.proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
             )
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"easel serve exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"easel serve not ready after 300 s:\n{self.log.read_text()[-4000:]}")
-            time.sleep(0.3)
+        wait_ready(self.proc, self.url, self.log, interval=0.3)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a crash or an OOM kill."""

@@ -4,26 +4,17 @@ mix the noise (strength 1 is the subseed's image), tiling is applied and reporte
 from __future__ import annotations
 
 import numpy as np
-import pytest
-import webuiapi
 
-
-@pytest.fixture(scope="module")
-def api(live_server) -> webuiapi.WebUIApi:
-    return webuiapi.WebUIApi(host="127.0.0.1", port=live_server.port, sampler="Euler", steps=2)
-
-
-def _px(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
+from tests.image_helpers import pixels
 
 
 def test_variation_seed_and_tiling_through_webuiapi(api) -> None:
     common = dict(prompt="a lighthouse", width=64, height=64, steps=2)
     plain = api.txt2img(seed=21, **common)
     varied = api.txt2img(seed=5, subseed=21, subseed_strength=1.0, **common)
-    assert np.abs(_px(varied.image) - _px(plain.image)).max() <= 1  # all of the subseed's noise
+    assert np.abs(pixels(varied.image) - pixels(plain.image)).max() <= 1  # all of the subseed's noise
     assert varied.info["subseed"] == 21 and varied.info["subseed_strength"] == 1.0
     assert "Variation seed: 21, Variation seed strength: 1" in varied.info["infotexts"][0]
     tiled = api.txt2img(seed=21, tiling=True, **common)
     assert "Tiling: True" in tiled.info["infotexts"][0]
-    assert not np.array_equal(_px(tiled.image), _px(plain.image))
+    assert not np.array_equal(pixels(tiled.image), pixels(plain.image))

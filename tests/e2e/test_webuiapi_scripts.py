@@ -5,19 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import webuiapi
 from PIL import Image
 
+from tests.image_helpers import pixels
+
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def api(live_server) -> webuiapi.WebUIApi:
-    return webuiapi.WebUIApi(host="127.0.0.1", port=live_server.port, sampler="Euler", steps=2)
-
-
-def _px(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def _picture() -> Image.Image:
@@ -35,9 +27,9 @@ def test_sd_upscale_through_webuiapi(api) -> None:
         images=[picture], script_name="SD upscale", script_args=["", 32, "Lanczos", 2.0], batch_size=9, **COMMON
     )
     assert r.image.size == (128, 128)
-    plain = _px(picture.resize((128, 128), Image.Resampling.LANCZOS))
+    plain = pixels(picture.resize((128, 128), Image.Resampling.LANCZOS))
     # away from the seams the pixels are the tile's img2img, not the plain upscale
-    assert np.abs(_px(r.image)[:28, :28] - plain[:28, :28]).mean() > 10
+    assert np.abs(pixels(r.image)[:28, :28] - plain[:28, :28]).mean() > 10
     assert "SD upscale overlap: 32, SD upscale upscaler: Lanczos" in r.info["infotexts"][0]
 
 
@@ -46,12 +38,12 @@ def test_outpainting_through_webuiapi_keeps_the_picture(api) -> None:
     # mk2, 64 px to the right, mask blur 0: the 96 px wide job covers 32 px of the picture, which the mask keeps
     r = api.img2img(images=[picture], script_name="Outpainting mk2", script_args=["", 64, 0, ["right"]],
                     **{**COMMON, "width": 96})  # fmt: skip
-    out = _px(r.image)
+    out = pixels(r.image)
     assert r.image.size == (128, 64)
-    assert np.abs(out[:, :60] - _px(picture)[:, :60]).max() <= 2
+    assert np.abs(out[:, :60] - pixels(picture)[:, :60]).max() <= 2
     assert np.abs(out[:, 72:]).std() > 0  # the new strip is made, not left black
     # poor man's, 32 px down: rounded to 64 -> 64x128, the picture's top half untouched by the border tiles
     r = api.img2img(images=[picture], script_name="Poor man's outpainting", script_args=[32, 4, "fill", ["down"]],
                     **COMMON)  # fmt: skip
     assert r.image.size == (64, 128)
-    assert np.abs(_px(r.image)[:24] - _px(picture)[:24]).max() <= 2
+    assert np.abs(pixels(r.image)[:24] - pixels(picture)[:24]).max() <= 2

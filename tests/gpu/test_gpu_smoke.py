@@ -7,8 +7,6 @@ covered, but the run is shorter)."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import sys
@@ -21,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from server.settings import REPO_ROOT
+from tests.image_helpers import b64_png, decode_b64
 
 DEVICE = os.environ.get("GPU_SMOKE_DEVICE", "cuda")
 pytestmark = [
@@ -32,16 +31,6 @@ FAMILIES = ["demo-sd15", "demo-sdxl", "demo-flux", "demo-qwen-image"]
 # The demo models' default size, which the server warms up (and compiles for) at load: no request pays a recompile.
 SIZE = int(os.environ.get("GPU_SMOKE_SIZE", "512"))
 STEPS = 4
-
-
-def b64_png(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def decode(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +67,15 @@ def test_every_family_txt2img_img2img_inpaint_on_cuda(server: str, model: str) -
     # txt2img: the size asked for, and the same seed gives the very same pixels.
     first = post(server, "txt2img", base)
     again = post(server, "txt2img", base)
-    img = decode(first["images"][0])
+    img = decode_b64(first["images"][0])
     assert img.size == (SIZE, SIZE) and json.loads(first["info"])["sd_model_name"] == model
-    assert np.array_equal(np.asarray(img), np.asarray(decode(again["images"][0]))), "same seed, different pixels"
+    assert np.array_equal(np.asarray(img), np.asarray(decode_b64(again["images"][0]))), "same seed, different pixels"
 
     # img2img from a structured picture: the size of the request.
     rng = np.random.default_rng(0)
     init = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
     out = post(server, "img2img", {**base, "init_images": [b64_png(init)], "denoising_strength": 0.6})
-    assert decode(out["images"][0]).size == (SIZE, SIZE)
+    assert decode_b64(out["images"][0]).size == (SIZE, SIZE)
 
     # Inpainting: the masked square is repainted, everything outside it stays the input (composited back).
     mask = Image.new("L", (SIZE, SIZE), 0)
@@ -101,7 +90,7 @@ def test_every_family_txt2img_img2img_inpaint_on_cuda(server: str, model: str) -
         "mask_blur": 0,
         "inpaint_full_res": False,
     }
-    out_img = decode(post(server, "img2img", body)["images"][0]).convert("RGB")
+    out_img = decode_b64(post(server, "img2img", body)["images"][0]).convert("RGB")
     assert out_img.size == (SIZE, SIZE)
     got, src = np.asarray(out_img, dtype=np.int16), np.asarray(init, dtype=np.int16)
     outside = np.ones((SIZE, SIZE), bool)

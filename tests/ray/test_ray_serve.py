@@ -16,7 +16,6 @@ import base64
 import importlib
 import io
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,16 +38,11 @@ from pipelines.request import GenerationRequest  # noqa: E402
 from server.ray_serve.app import APP_NAME, deploy, init_ray  # noqa: E402
 from server.ray_serve.remote_engine import RemoteEngine, RemoteJob  # noqa: E402
 from server.settings import Settings  # noqa: E402
+from tests.conftest import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 180
 JOB_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:

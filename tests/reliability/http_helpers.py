@@ -1,12 +1,48 @@
-"""Driving the ASGI app directly: a POST whose body never arrives, and the app with the admission gate."""
+"""Driving the ASGI app directly (a POST scope; a POST whose body never arrives; the app with the admission gate),
+and watching a live server's engine through A1111's /progress."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
+import httpx
 from fastapi import FastAPI
 
 from server.middleware import AdmissionGate
+
+
+def post_scope(path: str, content_length: int, host: str = "testserver") -> dict:
+    """The ASGI scope of a JSON POST to `path` from 127.0.0.1 announcing `content_length` body bytes."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", host.encode()),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(content_length).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": (host, 80),
+    }
+
+
+def wait_running(client: httpx.Client, steps: int, timeout: float = 120) -> None:
+    """Until the engine runs a job of `steps` steps and has done at least one of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = client.get("/sdapi/v1/progress").json()["state"]
+        if state["sampling_steps"] == steps and state["sampling_step"] >= 1:
+            return
+        assert time.monotonic() < deadline, f"no job of {steps} steps started: {state}"
+        time.sleep(0.05)
 
 
 def with_gate(app: FastAPI) -> FastAPI:
@@ -22,24 +58,7 @@ class RawPost:
 
     def __init__(self, app: FastAPI, path: str, content_length: int = 50_000_000):
         self.app, self.path = app, path
-        self.scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": [
-                (b"host", b"testserver"),
-                (b"content-type", b"application/json"),
-                (b"content-length", str(content_length).encode()),
-            ],
-            "client": ("127.0.0.1", 50000),
-            "server": ("testserver", 80),
-        }
+        self.scope = post_scope(path, content_length)
         self.body_read = False
         self.messages: list[dict] = []
 

@@ -22,7 +22,7 @@ from server.app import create_app
 from server.errors import error_info, renderer_for
 from server.settings import Settings
 from tests.api.fake_engine import FakeEngine
-from tests.reliability.engine_helpers import busy, demo_registry, release, req, start_engine
+from tests.engine_helpers import busy, demo_registry, release, req, start_engine
 from tests.reliability.http_helpers import RawPost, with_gate
 
 GENERATION_POSTS = [

@@ -17,7 +17,7 @@ from pipelines.registry import Registry
 from server.app import create_app
 from server.errors import error_info
 from server.settings import Settings
-from tests.reliability.engine_helpers import (
+from tests.engine_helpers import (
     busy,
     demo_registry,
     record_calls,

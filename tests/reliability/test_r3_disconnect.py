@@ -28,6 +28,7 @@ from server.jobs.store import JobStore
 from server.settings import REPO_ROOT, Settings
 from tests.api.fake_engine import FakeEngine
 from tests.e2e.test_gateway_e2e import EaselProcess
+from tests.reliability.http_helpers import post_scope, wait_running
 
 SLOW_STEPS = 1000  # ModelDefaults' maximum; every dialect that takes its steps from models.yaml runs this many
 CANCEL_WITHIN_S = 20.0  # generous: CPU shared with other work; uncancelled, these jobs run for minutes
@@ -45,20 +46,7 @@ SYNC_CALLS = [
 async def call_and_hang_up(app: object, engine: FakeEngine, path: str, body: dict, hang_up: bool) -> list[dict]:
     """One ASGI request: the body, then (`hang_up`) `http.disconnect` as soon as its job runs. The messages sent."""
     data = json.dumps(body).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"test"), (b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
+    scope = post_scope(path, len(data), host="test")
     pending = [{"type": "http.request", "body": data, "more_body": False}]
     sent: list[dict] = []
     answered = asyncio.Event()
@@ -153,17 +141,6 @@ def read_response(sock: socket.socket) -> tuple[int, dict]:
     while len(body) < length:
         body += sock.recv(65536)
     return int(lines[0].split()[1]), json.loads(body)
-
-
-def wait_running(client: httpx.Client, steps: int, timeout: float = 120) -> None:
-    """Until the engine runs a job of `steps` steps and has done at least one of them."""
-    deadline = time.monotonic() + timeout
-    while True:
-        state = client.get("/sdapi/v1/progress").json()["state"]
-        if state["sampling_steps"] == steps and state["sampling_step"] >= 1:
-            return
-        assert time.monotonic() < deadline, f"no job of {steps} steps started: {state}"
-        time.sleep(0.05)
 
 
 def wait_idle(client: httpx.Client, timeout: float) -> float:

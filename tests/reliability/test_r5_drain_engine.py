@@ -15,7 +15,7 @@ from pipelines.errors import EngineNotReady, JobCancelled
 from pipelines.registry import Registry
 from server.app import create_app
 from server.settings import Settings
-from tests.reliability.engine_helpers import (
+from tests.engine_helpers import (
     busy,
     demo_registry,
     record_calls,

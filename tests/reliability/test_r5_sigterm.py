@@ -19,6 +19,7 @@ import pytest
 
 from server.jobs.store import JobStore
 from tests.e2e.test_gateway_e2e import EaselProcess, poll
+from tests.reliability.http_helpers import wait_running
 
 pytestmark = pytest.mark.e2e
 
@@ -32,16 +33,6 @@ def submit(client: httpx.Client, path: str, body: dict) -> str:
     r = client.post(path, json=body)
     assert r.status_code == 202, r.text
     return r.json()["task_address"]
-
-
-def wait_running(client: httpx.Client, steps: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = client.get("/sdapi/v1/progress").json()["state"]
-        if state["sampling_steps"] == steps and state["sampling_step"] >= 1:
-            return
-        assert time.monotonic() < deadline, f"no job of {steps} steps started: {state}"
-        time.sleep(0.05)
 
 
 def test_sigterm_drains_cancels_records_and_exits_zero(data_dir: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from pipelines.errors import EngineDead, InsufficientMemory
 from pipelines.families import adapter_for
 from pipelines.registry import Registry
 from server.errors import error_info
-from tests.reliability.engine_helpers import busy, demo_registry, record_calls, release, req, start_engine, wait_until
+from tests.engine_helpers import busy, demo_registry, record_calls, release, req, start_engine, wait_until
 
 # Decides, per UNet forward pass, whether to raise: gets the number of images in the call and the step (1-based).
 Fault = Callable[[int, int], BaseException | None]

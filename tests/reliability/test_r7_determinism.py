@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.engine import Engine
-from pipelines.registry import Registry, load_registry
 from pipelines.request import GenerationRequest
-from tests.reliability.engine_helpers import busy, max_abs_diff, release, start_engine
+from tests.engine_helpers import busy, max_abs_diff, release, start_engine, yaml_registry
 
 TOLERANCE = 2  # max |difference| per channel, out of 255, between a request batched and the same request alone
 
@@ -26,10 +25,7 @@ MODELS_YAML = (
 
 @pytest.fixture(scope="module")
 def engine(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    yaml = tmp_path_factory.mktemp("reg") / "models.yaml"
-    yaml.write_text(MODELS_YAML)
-    registry: Registry = load_registry(yaml)
-    eng = start_engine(data_dir, registry, max_batch=8)
+    eng = start_engine(data_dir, yaml_registry(tmp_path_factory, MODELS_YAML), max_batch=8)
     yield eng
     eng.stop()
 

@@ -15,14 +15,9 @@ from fastapi import FastAPI
 from server.cli import uvicorn_config
 from server.http_protocol import HeaderDeadlineProtocol
 from server.settings import Settings
+from tests.conftest import free_port
 
 TIMEOUT_S = 1.5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

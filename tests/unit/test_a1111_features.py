@@ -25,6 +25,7 @@ from pipelines.prompt_schedules import prompt_schedule, text_at_step
 from pipelines.request import GenerationRequest, Task
 from pipelines.text_cache import TextEmbeddingCache
 from pipelines.tiling import tiling_convs
+from tests.image_helpers import pixels
 
 
 def _req(family: str = "sd15", **kw) -> GenerationRequest:
@@ -36,10 +37,6 @@ def _blank():
     from PIL import Image
 
     return Image.new("RGB", (64, 64), (120, 80, 40))
-
-
-def _px(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def _spy_latents(monkeypatch, cls=StableDiffusionPipeline) -> list:
@@ -102,9 +99,9 @@ def test_variation_strength_zero_and_one(load, monkeypatch) -> None:
     assert calls[-1][0] is None  # the pipeline draws its own noise
     zero = run(subseed=555, subseed_strength=0.0)
     assert calls[-1][0] is None
-    assert np.array_equal(_px(zero), _px(plain))  # strength 0: the plain seed's image
+    assert np.array_equal(pixels(zero), pixels(plain))  # strength 0: the plain seed's image
     full = run(subseed=77, subseed_strength=1.0)
-    assert np.abs(_px(full) - _px(run(seed=77))).max() <= 1  # strength 1: the subseed's image
+    assert np.abs(pixels(full) - pixels(run(seed=77))).max() <= 1  # strength 1: the subseed's image
 
 
 @pytest.mark.parametrize("family", ["flux", "qwen-image"])
@@ -115,7 +112,7 @@ def test_variation_seeds_on_packed_latents(load, family: str) -> None:
 
     def run(**kw):
         req = _req(family, width=32, height=32, steps=2, **kw)
-        return _px(adapter.run(loaded, req, [req.seed], None, lambda s, t: False)[0])
+        return pixels(adapter.run(loaded, req, [req.seed], None, lambda s, t: False)[0])
 
     assert np.array_equal(run(subseed=9, subseed_strength=0.0), run())
     assert np.abs(run(subseed=9, subseed_strength=1.0) - run(seed=9)).max() <= 1
@@ -141,7 +138,7 @@ def test_seed_resize_pastes_the_smaller_noise_in_the_middle(load, monkeypatch) -
 
 def _seam(image) -> float:
     """How much the left and right edges differ, relative to neighbouring columns inside the image."""
-    a = _px(image).astype(np.float64)
+    a = pixels(image).astype(np.float64)
     seam = np.abs(a[:, 0] - a[:, -1]).mean()
     inner = np.abs(a[:, 1:] - a[:, :-1]).mean()
     return seam / max(inner, 1e-6)
@@ -337,17 +334,17 @@ def test_refiner_runs_base_to_the_switch_then_the_refiner(load, monkeypatch) -> 
 @pytest.fixture(scope="module")
 def engine(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from pipelines.engine import Engine, EngineConfig
-    from pipelines.registry import load_registry
+    from tests.engine_helpers import yaml_registry
 
-    yaml = tmp_path_factory.mktemp("reg") / "models.yaml"
-    yaml.write_text(
+    registry = yaml_registry(
+        tmp_path_factory,
         "models:\n"
         "  demo-sd15:\n    family: sd15\n    source: demo:sd15\n"
         "  demo-sdxl:\n    family: sdxl\n    source: demo:sdxl\n"
-        "  demo-flux:\n    family: flux\n    source: demo:flux\n"
+        "  demo-flux:\n    family: flux\n    source: demo:flux\n",
     )
     embeddings = tmp_path_factory.mktemp("embeddings")
-    eng = Engine(load_registry(yaml), EngineConfig(data_dir=data_dir, queue_size=4, embeddings_dir=embeddings))
+    eng = Engine(registry, EngineConfig(data_dir=data_dir, queue_size=4, embeddings_dir=embeddings))
     eng.start()
     yield eng
     eng.stop()
@@ -395,13 +392,13 @@ def test_engine_uses_the_embeddings_folder(engine) -> None:
     folder = loaded.embeddings.folder
     dim = loaded.base.text_encoder.get_input_embeddings().embedding_dim
     req = GenerationRequest(model="demo-sd15", prompt="a foxstyle", width=64, height=64, steps=2, seed=4)
-    before = _px(engine.submit(req).wait_sync(120).images[0])
+    before = pixels(engine.submit(req).wait_sync(120).images[0])
     path = folder / "foxstyle.safetensors"
     save_file({"emb_params": torch.randn(2, dim, generator=torch.Generator().manual_seed(1)) * 3}, str(path))
     try:
-        with_emb = _px(engine.submit(req).wait_sync(120).images[0])
+        with_emb = pixels(engine.submit(req).wait_sync(120).images[0])
     finally:
         path.unlink()
-    after = _px(engine.submit(req).wait_sync(120).images[0])
+    after = pixels(engine.submit(req).wait_sync(120).images[0])
     assert not np.array_equal(with_emb, before)
     assert np.array_equal(after, before)

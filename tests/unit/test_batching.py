@@ -3,27 +3,22 @@ result and cancellation; incompatible ones do not mix; an out-of-memory batch is
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.engine import Engine, EngineConfig
 from pipelines.engine_api import JobStatus
 from pipelines.errors import GenerationFailed, JobCancelled
 from pipelines.families import adapter_for
-from pipelines.registry import load_registry
-from pipelines.request import GenerationRequest
+from tests.engine_helpers import busy, demo_registry, record_calls, release, req, start_engine, wait_until
+from tests.image_helpers import pixels
 
 
 @pytest.fixture(scope="module")
 def engine(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    yaml = tmp_path_factory.mktemp("reg") / "models.yaml"
-    yaml.write_text("models:\n  demo-sd15:\n    family: sd15\n    source: demo:sd15\n")
-    eng = Engine(load_registry(yaml), EngineConfig(data_dir=data_dir, max_batch=8, max_wait_ms=0))
-    eng.start()
+    eng = start_engine(data_dir, demo_registry(tmp_path_factory), max_batch=8)
     yield eng
     eng.stop()
 
@@ -31,41 +26,7 @@ def engine(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch):
     """Record the prompts and seeds of every pipeline call the SD adapter makes."""
-    adapter = adapter_for("sd15")
-    original = adapter.run_batch
-    seen: list[list[tuple[str, list[int]]]] = []
-
-    def spy(loaded, items, scheduler, on_step):
-        seen.append([(it.request.prompt, list(it.seeds)) for it in items])
-        return original(loaded, items, scheduler, on_step)
-
-    monkeypatch.setattr(adapter, "run_batch", spy)
-    return seen
-
-
-def req(**kw) -> GenerationRequest:
-    base = dict(model="demo-sd15", prompt="a cat", width=64, height=64, steps=3, seed=1)
-    return GenerationRequest(**{**base, **kw})
-
-
-def busy(engine: Engine):
-    """Occupy the worker so the next submissions queue up together; returns the blocking job."""
-    blocker = engine.submit(req(prompt="blocker", steps=2000))
-    deadline = time.monotonic() + 60
-    while blocker.progress.sampling_step < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    return blocker
-
-
-def release(blocker) -> None:
-    blocker.cancel()
-    with pytest.raises(JobCancelled):
-        blocker.wait_sync(60)
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
+    return record_calls(monkeypatch)
 
 
 def test_compatible_requests_share_one_call_and_match_running_alone(engine, calls):
@@ -116,10 +77,7 @@ def test_cancelling_one_request_of_a_batch_keeps_the_others(engine, calls):
     a = engine.submit(req(prompt="keep", steps=400))
     b = engine.submit(req(prompt="drop", steps=400))
     release(blocker)
-    deadline = time.monotonic() + 60
-    while b.progress.sampling_step < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: b.progress.sampling_step >= 2, 60, "step 2")
     assert {j.id for j in engine.running_jobs()} == {a.id, b.id}
     b.cancel()
     with pytest.raises(JobCancelled):

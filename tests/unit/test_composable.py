@@ -13,14 +13,13 @@ from diffusers import EulerDiscreteScheduler
 
 from pipelines.batching import batch_key
 from pipelines.composable import ComposedUNet, StepConditioning, merged
-from pipelines.engine import Engine, EngineConfig
 from pipelines.families import adapter_for
 from pipelines.families.base import LoadedModel
 from pipelines.prompt_embeds import encode_sd15, encode_sdxl
 from pipelines.prompts import SubPrompt, is_composable, split_and
-from pipelines.registry import load_registry
 from pipelines.request import GenerationRequest
 from pipelines.sampler_names import resolve_sampler
+from tests.engine_helpers import demo_registry, record_calls, start_engine
 
 
 def _req(family: str = "sd15", **kw) -> GenerationRequest:
@@ -196,24 +195,13 @@ def test_sdxl_parts_bring_their_pooled_embeddings_and_prompt_editing(load, monke
 
 @pytest.fixture(scope="module")
 def engine(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    yaml = tmp_path_factory.mktemp("reg") / "models.yaml"
-    yaml.write_text("models:\n  demo-sd15:\n    family: sd15\n    source: demo:sd15\n")
-    eng = Engine(load_registry(yaml), EngineConfig(data_dir=data_dir, max_batch=8, max_wait_ms=0))
-    eng.start()
+    eng = start_engine(data_dir, demo_registry(tmp_path_factory), max_batch=8)
     yield eng
     eng.stop()
 
 
 def test_composable_requests_share_a_call_apart_from_plain_ones(engine, monkeypatch) -> None:
-    adapter = adapter_for("sd15")
-    original = adapter.run_batch
-    calls: list[list[str]] = []
-
-    def spy(loaded, items, scheduler, on_step):
-        calls.append([it.request.prompt for it in items])
-        return original(loaded, items, scheduler, on_step)
-
-    monkeypatch.setattr(adapter, "run_batch", spy)
+    recorded = record_calls(monkeypatch)
     blocker = engine.submit(_req(prompt="blocker", steps=2000))
     while blocker.progress.sampling_step < 1:
         time.sleep(0.01)
@@ -222,6 +210,7 @@ def test_composable_requests_share_a_call_apart_from_plain_ones(engine, monkeypa
     three = engine.submit(_req(prompt="a boat AND sea AND sky:0.3", seed=50))
     blocker.cancel()
     results = [job.wait_sync(60) for job in (two, plain, three)]
+    calls = [[prompt for prompt, _ in call] for call in recorded]
     assert sorted(calls[1:]) == sorted([["a fox AND a cat:0.5", "a boat AND sea AND sky:0.3"], ["a fox"]])
     assert results[0].seeds == [30, 31] and results[2].seeds == [50]
     # Each image is the one its seed makes alone (batched kernels may round a level differently).

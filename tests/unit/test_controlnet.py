@@ -268,18 +268,18 @@ def test_guidance_window_is_a1111s_rule() -> None:
 @pytest.fixture(scope="module")
 def engine(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from pipelines.engine import Engine, EngineConfig
-    from pipelines.registry import load_registry
+    from tests.engine_helpers import yaml_registry
 
-    yaml = tmp_path_factory.mktemp("reg") / "models.yaml"
-    yaml.write_text(
+    registry = yaml_registry(
+        tmp_path_factory,
         "models:\n"
         "  demo-sd15:\n    family: sd15\n    source: demo:sd15\n"
         "  demo-sdxl:\n    family: sdxl\n    source: demo:sdxl\n"
         "  demo-flux:\n    family: flux\n    source: demo:flux\n"
-        "  demo-qwen-image:\n    family: qwen-image\n    source: demo:qwen-image\n"
+        "  demo-qwen-image:\n    family: qwen-image\n    source: demo:qwen-image\n",
     )
     config = EngineConfig(data_dir=data_dir, max_batch=8, max_wait_ms=0, preload_default=False)
-    eng = Engine(load_registry(yaml), config)
+    eng = Engine(registry, config)
     eng.start()
     yield eng
     eng.stop()

@@ -4,7 +4,6 @@ jobs running at once, cancel of one while the other completes, the A1111 /progre
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pipelines.registry import Registry
 from pipelines.request import GenerationRequest
 from server.app import create_app
 from server.settings import Settings
+from tests.engine_helpers import wait_until
 
 
 @pytest.fixture
@@ -34,13 +34,6 @@ def pool(registry: Registry, data_dir: Path) -> Iterator[DevicePool]:
 def req(model: str = "demo-sd15", **kw) -> GenerationRequest:
     base = dict(model=model, prompt="a cat", width=64, height=64, steps=2, seed=7)
     return GenerationRequest(**{**base, **kw})
-
-
-def wait_until(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def running_at_step(job: Job, step: int) -> bool:

@@ -10,19 +10,19 @@ import pytest
 from pipelines.engine import Engine, EngineConfig
 from pipelines.engine_api import JobStatus
 from pipelines.errors import InvalidRequest, JobCancelled, ModelLoadError, ModelNotFound, QueueFull
-from pipelines.registry import load_registry
 from pipelines.request import GenerationRequest, Task
+from tests.engine_helpers import yaml_registry
 
 
 @pytest.fixture(scope="module")
 def engine(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    yaml = tmp_path_factory.mktemp("reg") / "models.yaml"
-    yaml.write_text(
+    registry = yaml_registry(
+        tmp_path_factory,
         "models:\n"
         "  demo-sd15:\n    family: sd15\n    source: demo:sd15\n"
-        "  broken:\n    family: sd15\n    source: /nonexistent/weights\n"
+        "  broken:\n    family: sd15\n    source: /nonexistent/weights\n",
     )
-    eng = Engine(load_registry(yaml), EngineConfig(data_dir=data_dir, queue_size=2))
+    eng = Engine(registry, EngineConfig(data_dir=data_dir, queue_size=2))
     eng.start()
     yield eng
     eng.stop()

@@ -30,6 +30,7 @@ from pipelines.families.base import LoadedModel, UnsupportedTask
 from pipelines.families.qwen import load_edit_processor
 from pipelines.registry import ModelSpec
 from pipelines.request import GenerationRequest, Task
+from tests.image_helpers import pixels
 
 FAMILIES = demo.DEMO_KINDS
 INPAINT_FAMILIES = FAMILIES  # the edit model inpaints through QwenImageEditInpaintPipeline
@@ -78,10 +79,6 @@ def _run(family: str, loaded: LoadedModel, req: GenerationRequest, seeds: list[i
 
     images = adapter_for(family).run(loaded, req, seeds, scheduler, record)
     return images, steps
-
-
-def _px(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 # --- demo models ------------------------------------------------------------------------------------------------------
@@ -205,10 +202,10 @@ def test_txt2img_size_count_and_seeds(load, family: str) -> None:
     assert steps[-1][0] == steps[-1][1] == len(steps)
     single, _ = _run(family, loaded, req, [8])
     again, _ = _run(family, loaded, req, [8])
-    assert np.array_equal(_px(single[0]), _px(again[0])), "same seed, different pixels"
+    assert np.array_equal(pixels(single[0]), pixels(again[0])), "same seed, different pixels"
     # Image i of a batch equals a single run with its seed (A1111's seed + i rule).
-    assert np.abs(_px(batch[1]) - _px(single[0])).max() <= 2
-    assert np.abs(_px(batch[0]) - _px(batch[1])).max() > 10, "different seeds gave the same picture"
+    assert np.abs(pixels(batch[1]) - pixels(single[0])).max() <= 2
+    assert np.abs(pixels(batch[0]) - pixels(batch[1])).max() > 10, "different seeds gave the same picture"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -225,7 +222,7 @@ def test_img2img_changes_input_keeps_size(load, family: str) -> None:
     images, steps = _run(family, loaded, req, [3, 4])
     assert len(images) == 2
     assert all(im.size == (req.width, req.height) for im in images)
-    assert np.abs(_px(images[0]) - _px(req.init_images[0])).mean() > 5
+    assert np.abs(pixels(images[0]) - pixels(req.init_images[0])).mean() > 5
     assert 0 < len(steps) < req.steps or family == "sd15"  # strength 0.6 runs fewer steps (PNDM adds one)
 
 
@@ -236,7 +233,7 @@ def test_inpaint_repaints_masked_region(load, family: str) -> None:
     images, _ = _run(family, loaded, req, [11])
     assert images[0].size == (64, 64)
     inside = (slice(16, 48), slice(16, 48))
-    assert np.abs(_px(images[0])[inside] - _px(req.init_images[0])[inside]).mean() > 5
+    assert np.abs(pixels(images[0])[inside] - pixels(req.init_images[0])[inside]).mean() > 5
 
 
 def test_edit_task(load) -> None:

@@ -351,7 +351,8 @@ def test_listeners_see_each_finished_job(service: JobService, engine: FakeEngine
     assert record.webhook_url == "https://hooks.example/x"
 
 
-def test_missing_nullable_columns_are_added_to_an_older_database(tmp_path: Path) -> None:
+def reopened_without(tmp_path: Path, column: str) -> JobStore:
+    """A store opened (tables created) on a database made before `column` existed: made today, the column dropped."""
     import contextlib
     import sqlite3
 
@@ -359,11 +360,16 @@ def test_missing_nullable_columns_are_added_to_an_older_database(tmp_path: Path)
     store = JobStore(f"sqlite:///{path}")
     store.create_tables()
     store.close()
-    with contextlib.closing(sqlite3.connect(path)) as con:  # a database made before the `timings` column existed
-        con.execute("ALTER TABLE jobs DROP COLUMN timings")
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        con.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
         con.commit()
     store = JobStore(f"sqlite:///{path}")
     store.create_tables()
+    return store
+
+
+def test_missing_nullable_columns_are_added_to_an_older_database(tmp_path: Path) -> None:
+    store = reopened_without(tmp_path, "timings")
     store.add(new_job(), utcnow())
     assert store.finish_completed("j1", seeds=[1], result_json={}, files=[], now=utcnow(), timings={"run_s": 1.5})
     assert store.get("j1").timings == {"run_s": 1.5}
@@ -371,18 +377,7 @@ def test_missing_nullable_columns_are_added_to_an_older_database(tmp_path: Path)
 
 
 def test_request_id_column_is_added_to_an_older_database(tmp_path: Path) -> None:
-    import contextlib
-    import sqlite3
-
-    path = tmp_path / "old.db"
-    store = JobStore(f"sqlite:///{path}")
-    store.create_tables()
-    store.close()
-    with contextlib.closing(sqlite3.connect(path)) as con:  # a database made before the `request_id` column existed
-        con.execute("ALTER TABLE jobs DROP COLUMN request_id")
-        con.commit()
-    store = JobStore(f"sqlite:///{path}")
-    store.create_tables()
+    store = reopened_without(tmp_path, "request_id")
     store.add(new_job(request_id="req-42"), utcnow())
     assert store.get("j1").request_id == "req-42"
     store.close()

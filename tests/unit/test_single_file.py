@@ -51,26 +51,13 @@ from pipelines.layouts import flux_to_bfl
 from pipelines.registry import ModelSpec, Registry
 from pipelines.request import GenerationRequest, Task
 from pipelines.single_file import convert_flux_to_diffusers, load_pipeline
+from tests.controlnet_ldm import resnet_to_ldm
 
 Tensors = dict[str, torch.Tensor]
 UNET_FILE = "diffusion_pytorch_model.safetensors"
 
 
 # --- diffusers -> original layout writers (the test's job: diffusers only converts the other way) ------------------
-
-_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
-
-
-def _resnet(rest: str) -> str:
-    head, tail = rest.split(".", 1)
-    return f"{_RESNET[head]}.{tail}"
 
 
 def unet_to_ldm(sd: Tensors, config: dict) -> Tensors:
@@ -84,7 +71,7 @@ def unet_to_ldm(sd: Tensors, config: dict) -> Tensors:
             new = fixed[key]
         elif m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
             index = (1 if m[1] == "down" else 0) + int(m[2]) * per + int(m[4])
-            part = f"0.{_resnet(m[5])}" if m[3] == "resnets" else f"1.{m[5]}"
+            part = f"0.{resnet_to_ldm(m[5])}" if m[3] == "resnets" else f"1.{m[5]}"
             new = f"{'input' if m[1] == 'down' else 'output'}_blocks.{index}.{part}"
         elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
             new = f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
@@ -92,7 +79,7 @@ def unet_to_ldm(sd: Tensors, config: dict) -> Tensors:
             b = int(m[1])  # the upsampler follows the last resnet (and its attention, if the level has them)
             new = f"output_blocks.{b * per + per - 1}.{2 if up_attn[b] else 1}.conv.{m[2]}"
         elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-            new = f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+            new = f"middle_block.{2 * int(m[1])}.{resnet_to_ldm(m[2])}"
         elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
             new = f"middle_block.1.{m[1]}"
         else:

@@ -18,6 +18,7 @@ from server.access.config import AccessSettingError, check_access_settings
 from server.app import create_app
 from server.preflight import StartupProblem
 from server.settings import Settings
+from tests.conftest import free_port
 
 EASEL = Path(sys.executable).parent / "easel"
 
@@ -37,12 +38,6 @@ def assert_one_line(result: subprocess.CompletedProcess[str], *words: str) -> st
     for word in words:
         assert word in lines[0], lines[0]
     return lines[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_port_in_use_says_how_to_choose_another(tmp_path: Path) -> None:

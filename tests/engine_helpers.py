@@ -1,4 +1,5 @@
-"""Real engines on the tiny demo SD pipeline for the reliability tests, and the helpers they share."""
+"""Real engines on the tiny demo SD pipeline (demo-sd15) and the helpers the engine tests share: a started engine,
+requests, waiting, a busy worker, a spy on the SD pipeline calls, pixel differences."""
 
 from __future__ import annotations
 
@@ -13,14 +14,20 @@ from pipelines.errors import JobCancelled
 from pipelines.families import adapter_for
 from pipelines.registry import Registry, load_registry
 from pipelines.request import GenerationRequest
+from tests.image_helpers import pixels
 
 MODELS_YAML = "default_model: demo-sd15\nmodels:\n  demo-sd15:\n    family: sd15\n    source: demo:sd15\n"
 
 
-def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+def yaml_registry(tmp_path_factory: pytest.TempPathFactory, text: str) -> Registry:
+    """The registry of a models.yaml holding `text`, written in a fresh folder."""
     yaml = tmp_path_factory.mktemp("reg") / "models.yaml"
-    yaml.write_text(MODELS_YAML)
+    yaml.write_text(text)
     return load_registry(yaml)
+
+
+def demo_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    return yaml_registry(tmp_path_factory, MODELS_YAML)
 
 
 def start_engine(data_dir: Path, registry: Registry, **config) -> Engine:
@@ -72,10 +79,6 @@ def record_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[str, list[i
 
     monkeypatch.setattr(adapter, "run_batch", spy)
     return calls
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def max_abs_diff(a, b) -> int:
