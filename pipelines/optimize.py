@@ -159,10 +159,13 @@ def place(pipe: DiffusionPipeline, spec: ModelSpec, device: torch.device) -> Non
 
     # Quantization at load first, on the host: the placement then counts the bytes the model really has, and the
     # device never holds the unquantized weights.
-    steps = quantize_at_load(pipe, spec, device, pipe.dtype)
-    steps += dequantize_gguf_if_it_fits(pipe, spec.performance.gguf, spec.id, device)
-    pipe._easel_load_steps = steps  # noqa: SLF001  (the engine reports them)
     offload = spec.performance.offload
+    gguf = spec.performance.gguf
+    if gguf == "auto" and offload in ("model", "sequential"):
+        gguf = "keep"  # an offload chosen by hand is a memory budget: keep the smaller weights
+    steps = quantize_at_load(pipe, spec, device, pipe.dtype)
+    steps += dequantize_gguf_if_it_fits(pipe, gguf, spec.id, device)
+    pipe._easel_load_steps = steps  # noqa: SLF001  (the engine reports them)
     if offload == "auto":
         if device.type == "cuda":
             placement.apply(pipe, placement.plan(pipe, spec.id, device, pipe.dtype), device)

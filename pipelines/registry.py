@@ -93,8 +93,9 @@ class PerformanceSpec(BaseModel):
     offload: Literal["auto", "none", "model", "sequential"] = "auto"
     # A GGUF denoiser (`denoiser: *.gguf`) is dequantized per layer on every call, which costs time. auto: dequantized
     # once at load to the model's dtype when the whole pipeline, so dequantized, still fits resident on the card's
-    # free memory (no other model is evicted for it; CUDA only); then the fast path (QKV fusion, compile) applies as
-    # to any model. dequantize: always (placement then offloads if it must); keep: never.
+    # free memory (no other model is evicted for it; CUDA only; never under offload: model or sequential); then the
+    # fast path (QKV fusion, compile) applies as to any model. dequantize: always (placement then offloads if it
+    # must); keep: never.
     gguf: Literal["auto", "dequantize", "keep"] = "auto"
 
     @field_validator("warmup_sizes")
