@@ -63,6 +63,11 @@ class Footprint:
     def working(self) -> int:
         return max(WORKING_FLOOR, int(self.denoiser * WORKING_FRACTION))
 
+    @property
+    def resident(self) -> int:
+        """Bytes everything on the device needs: the weights and the working memory."""
+        return self.total + self.working
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -91,7 +96,7 @@ def choose(footprint: Footprint, free: int, max_pixels: int = 4096 * 4096) -> Pl
     """The fastest mode that fits in `free` bytes. Raises PlacementError when none does."""
     working = footprint.working
     needs = {
-        "resident": footprint.total + working,
+        "resident": footprint.resident,
         "text-encoders": footprint.denoiser + footprint.vae + footprint.other + working,
         "model": max(footprint.denoiser, footprint.text_encoders, footprint.vae) + working,
         "sequential": max(footprint.largest_layer, 1) + working,
@@ -195,8 +200,7 @@ def resident_with(pipe, denoiser_bytes: int, device: torch.device, dtype: torch.
     denoiser holding `denoiser_bytes`: (fits, bytes needed, bytes free)."""
     footprint = dataclasses.replace(footprint_of(pipe, dtype), denoiser=denoiser_bytes)
     free, _total = probe(device)
-    needed = footprint.total + footprint.working
-    return needed <= free, needed, free
+    return footprint.resident <= free, footprint.resident, free
 
 
 def apply(pipe, placement: Placement, device: torch.device) -> None:

@@ -66,15 +66,16 @@ def file_fields(spec: ModelSpec) -> dict[str, str]:
 # --- reading -------------------------------------------------------------------------------------------------------
 
 
-def read_tensors(path: str | Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors (`keys`, default all) or .gguf file (all; GGUF quantized ones as diffusers'
-    GGUFParameter)."""
+def read_tensors(path: str | Path, select: Callable[[list[str]], list[str]] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file (those `select` picks from its keys, default all) or a .gguf file (all;
+    GGUF quantized ones as diffusers' GGUFParameter)."""
     path = _existing_file(path)
     if path.suffix.lower() == ".gguf":
         return _read_gguf(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in (f.keys() if keys is None else keys)}
+            keys = list(f.keys())
+            return {k: f.get_tensor(k) for k in (keys if select is None else select(keys))}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
 
@@ -135,14 +136,16 @@ def split_scales(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
             continue
         suffix = next((s for s in _SCALE_SUFFIXES if key.endswith(s)), None)
         if suffix is not None:
-            if tensor.numel() != 1:
-                raise ValueError(
-                    f"{key}: only per-tensor scales (one value) are supported, got shape {tuple(tensor.shape)}"
-                )
+            check_per_tensor_scale(key, tuple(tensor.shape))
             scales[key.removesuffix(suffix) + ".weight"] = float(tensor.float().item())
         else:
             weights[key] = tensor
     return weights, scales
+
+
+def check_per_tensor_scale(key: str, shape: tuple[int, ...]) -> None:
+    if math.prod(shape) != 1:
+        raise ValueError(f"{key}: only per-tensor scales (one value) are supported, got shape {shape}")
 
 
 def check_comfy_quant(key: str, marker: torch.Tensor) -> None:
@@ -229,12 +232,16 @@ def load_denoiser(
         config = cls.load_config(str(config_dir), subfolder=subfolder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: no {subfolder} config in the base {config_dir}: {e}") from e
-    keys = _keys(path)
-    wanted = layouts.denoiser_keys(k for k in keys if k not in _DROPPED_KEYS)
-    if len(wanted) < len(keys) - sum(k in _DROPPED_KEYS for k in keys):
-        log.info("%s: an all-in-one checkpoint: its denoiser's %d tensors are read, the text encoders and VAE come "
-                 "from the model's source", path.name, len(wanted))  # fmt: skip
-    raw = read_tensors(path, wanted)
+
+    def denoiser_part(keys: list[str]) -> list[str]:
+        kept = [k for k in keys if k not in _DROPPED_KEYS]
+        wanted = layouts.denoiser_keys(kept)
+        if len(wanted) < len(kept):
+            log.info("%s: an all-in-one checkpoint: its denoiser's %d tensors are read, the text encoders and VAE "
+                     "come from the model's source", path.name, len(wanted))  # fmt: skip
+        return wanted
+
+    raw = read_tensors(path, denoiser_part)
     try:
         weights, scales = split_scales(raw)
     except ValueError as e:
@@ -569,8 +576,7 @@ def _check_quantization(path: Path, keys: list[str]) -> None:
             for key in markers:
                 check_comfy_quant(key, f.get_tensor(key))
             for key in scales:
-                if math.prod(f.get_slice(key).get_shape()) != 1:
-                    raise ValueError(f"{key}: only per-tensor scales (one value) are supported")
+                check_per_tensor_scale(key, tuple(f.get_slice(key).get_shape()))
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
 
