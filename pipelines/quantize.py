@@ -3,8 +3,11 @@ UNets, BFL keys for FLUX.1, Qwen-Image's own), FP8 `.safetensors` or `.gguf`, so
 entry's `denoiser:` and in ComfyUI/Forge.
 
 GGUF follows ComfyUI-GGUF's converter: 1-D tensors and tensors of at most 1024 values stay F32, tensors whose rows are
-not a whole number of quantisation blocks (and convolutions, which diffusers runs unquantized) F16, the rest in the
-chosen type, with `general.architecture` set to the family's name there (sd1, sdxl, flux, qwen_image). FP8 writes the
+not a whole number of quantisation blocks (32 values, 256 for the K-quants; and convolutions, which diffusers runs
+unquantized) F16, the rest in the chosen type, with `general.architecture` set to the family's name there (sd1, sdxl,
+flux, qwen_image). Q8_0/Q5_0/Q4_0 come from the gguf package's quantizers, Q6_K/Q5_K/Q4_K from pipelines.gguf_kquants
+(the package only reads those); every tensor in the file has the one type asked for, where llama.cpp's "_S"/"_M"
+mixes give a few tensors a wider type. FP8 writes the
 matrices and convolutions in float8_e4m3fn (no scales: the layout of flux1-dev-fp8 and qwen_image_fp8_e4m3fn) and the
 rest in bf16; fp8-scaled the same with one scale per matrix (ComfyUI's "fp8_scaled" layout).
 
@@ -26,7 +29,7 @@ import torch
 
 from pipelines import layouts
 
-FORMATS = ("fp8", "fp8-scaled", "gguf-q8_0", "gguf-q5_0", "gguf-q4_0")
+FORMATS = ("fp8", "fp8-scaled", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q5_0", "gguf-q4_k", "gguf-q4_0")
 GGUF_ARCH = {"sd15": "sd1", "sdxl": "sdxl", "flux": "flux", "qwen-image": "qwen_image", "qwen-image-edit": "qwen_image"}
 QUANTIZATION_THRESHOLD = 1024  # values; smaller tensors are not worth a quantisation block's overhead
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -136,11 +139,15 @@ def _write_gguf(state: dict[str, torch.Tensor], family: str, qname: str, path: P
         from gguf.quants import quantize
     except ImportError as e:
         raise QuantizeError("GGUF files need the gguf package: pip install 'easel[gguf]'") from e
+    from pipelines import gguf_kquants
+
     qtype = gguf.GGMLQuantizationType[qname]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    k_quant = qname in gguf_kquants.TYPE_SIZES
     writer = gguf.GGUFWriter(str(path), GGUF_ARCH[family])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qname}"))
+    file_type = f"MOSTLY_{qname}_S" if k_quant and qname != "Q6_K" else f"MOSTLY_{qname}"  # no plain Q4_K/Q5_K
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
 
     def convert(_key: str, tensor: torch.Tensor) -> tuple[Any, Any]:  # (array, raw_dtype or None)
         data = tensor.numpy()
@@ -148,7 +155,7 @@ def _write_gguf(state: dict[str, torch.Tensor], family: str, qname: str, path: P
             return data, None
         if tensor.dim() != 2 or tensor.shape[-1] % block:
             return data.astype("float16"), None
-        return quantize(data, qtype), qtype
+        return (gguf_kquants.quantize(data, qname) if k_quant else quantize(data, qtype)), qtype
 
     quantized = 0
     for key, (data, raw_dtype) in _converted(state, convert):

@@ -13,7 +13,7 @@ the capped run). One row per process, so each cap starts from an empty device.
     python scripts/bench_capped.py --all --only flux,sd        # the rows whose names contain flux or sd
     python scripts/bench_capped.py --tiny --row flux-gguf-q8_0@24   # the plumbing on CPU with tiny configs
 
-GGUF Q4_K rows run Q4_0: the gguf package's writer cannot make Q4_K (it only reads it). See docs/benchmarks.md.
+GGUF Q4_K files are written by pipelines.gguf_kquants (the gguf package only reads K-quants). See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ GIB = 1 << 30
 @dataclass(frozen=True)
 class Row:
     family: str
-    fmt: str  # bf16 (fp16 for SD) | fp8 | gguf-q8_0 | gguf-q4_0
+    fmt: str  # bf16 (fp16 for SD) | fp8 | gguf-q8_0 | gguf-q4_k
     cap_gb: int | None  # None: uncapped (the reference row)
     goal: str
     gguf: str = "auto"  # performance.gguf for GGUF rows: auto (dequantized once when it fits resident) | keep
@@ -62,9 +62,9 @@ ROWS = [
     # GGUF's per-call dequantisation against dequantizing once (performance.gguf), where bf16 fits: vs the reference.
     Row("flux", "gguf-q8_0", None, "per-call dequantisation cost", gguf="keep"),
     Row("flux", "gguf-q8_0", None, "dequantized once at load (gguf: auto)"),
-    Row("qwen-image", "gguf-q4_0", 24, "completes (Q4_K in the issue; text encoder offloaded)"),
+    Row("qwen-image", "gguf-q4_k", 24, "completes (text encoder offloaded)"),
     Row("sdxl", "bf16", 24, "completes"),
-    Row("flux", "gguf-q4_0", 12, "completes (Q4_K in the issue)"),
+    Row("flux", "gguf-q4_k", 12, "completes"),
     Row("sdxl", "bf16", 12, "completes"),
     Row("sdxl", "bf16", 8, "completes (VAE tiling)"),
     Row("sd15", "bf16", 8, "completes"),

@@ -28,7 +28,7 @@ log = logging.getLogger("easel")
 DRAIN_GRACE_S = 15  # beyond drain_timeout_s: a running step (or VAE decode) stopping, answers going out
 
 # pipelines.quantize.FORMATS, written out: the CLI does not import torch to parse its arguments.
-QUANTIZE_FORMATS = ("fp8", "fp8-scaled", "gguf-q8_0", "gguf-q5_0", "gguf-q4_0")
+QUANTIZE_FORMATS = ("fp8", "fp8-scaled", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q5_0", "gguf-q4_k", "gguf-q4_0")
 
 
 def _settings_from_args(args: argparse.Namespace) -> Settings:
