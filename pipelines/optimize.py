@@ -217,6 +217,14 @@ def nf4_problem(device: torch.device, installed: frozenset[str] | None = None) -
     return None
 
 
+def bnb_4bit_layers(device: torch.device, installed: frozenset[str] | None = None) -> tuple[bool, str]:
+    """Whether a bitsandbytes 4-bit file (NF4/FP4) keeps 4-bit layers on this device, and why."""
+    problem = nf4_problem(device, installed)
+    if problem is None:
+        return True, "bitsandbytes on CUDA"
+    return False, problem.replace("quantization nf4 needs", "4-bit layers need", 1)
+
+
 def load_quantization(spec: ModelSpec, device: torch.device, capability: tuple[int, int] | None,
                       installed: frozenset[str]) -> str | None:  # fmt: skip
     """What `quantize_at_load` does for this model: fp8-compute (torchao, the FP8 tier: applied with the other fast

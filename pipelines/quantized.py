@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from pipelines import layouts
+from pipelines import bnb_files, layouts
 from pipelines.checkpoints import CheckpointError
 from pipelines.registry import ModelSpec
 
@@ -125,9 +125,12 @@ def _read_gguf(path: Path) -> dict[str, torch.Tensor]:
 
 
 def split_scales(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The weights, and per-tensor scales keyed by the weight they scale (`<layer>.weight`)."""
+    """The weights, and per-tensor scales keyed by the weight they scale (`<layer>.weight`); bitsandbytes 4-bit
+    weights decoded to their stored dtype (pipelines.bnb_files)."""
     weights: dict[str, torch.Tensor] = {}
     scales: dict[str, float] = {}
+    if bnb_files.quant_types(state):
+        state = bnb_files.dequantized(dict(state))
     for key, tensor in state.items():
         if key in _DROPPED_KEYS or key.endswith(_DROPPED_SUFFIXES):
             continue
@@ -214,6 +217,7 @@ def load_denoiser(
     fp8_compute: tuple[bool, str] | None = None,
     fuse_qkv: bool = False,
     dequantize: bool = False,
+    bnb_4bit: tuple[bool, str] | None = None,
 ) -> torch.nn.Module:
     """The denoiser of `family` from one file, its architecture from `<config_dir>/<unet|transformer>/config.json`.
 
@@ -221,7 +225,10 @@ def load_denoiser(
     weights times their scales in `dtype`, then the FP8 compute tier (`optimize.quantize_fp8`, after fusing the QKV
     projections when `fuse_qkv`); otherwise FP8 storage computed in `dtype` layer by layer. The tier runs here, on
     the host, so placement counts the FP8 bytes and the card never holds the bf16 weights. `dequantize`: an FP8 file's
-    weights times their scales as a plain `dtype` model (what `easel quantize` re-quantizes from)."""
+    weights times their scales as a plain `dtype` model (what `easel quantize` re-quantizes from).
+    A bitsandbytes 4-bit file (NF4/FP4, Forge's flux1-dev-bnb-nf4): with `bnb_4bit` on (`optimize.nf4_problem` finds
+    none: CUDA and bitsandbytes), its decoded weights re-quantized by bitsandbytes at load with the file's type and
+    block size, which gives back the file's 4-bit codes; otherwise decoded to `dtype` (the reason logged)."""
     import diffusers
     from accelerate import init_empty_weights
 
@@ -268,6 +275,16 @@ def load_denoiser(
     check_tensors(path, state, expected, subfolder)
     if any(hasattr(t, "quant_type") for t in state.values()):
         return _load_gguf_model(cls, model, state, config_dir, subfolder, dtype)
+    four_bit = bnb_files.quant_types(raw)
+    if four_bit and bnb_4bit is not None:
+        keep, why = bnb_4bit
+        kind = "/".join(sorted(four_bit)).upper()
+        if keep:
+            log.info("%s: bitsandbytes %s weights, kept in 4 bits on the card: %s", path.name, kind, why)
+            nested = any(k.endswith(".nested_absmax") for k in raw)
+            return _load_bnb_4bit_model(cls, state, config_dir, subfolder, dtype, min(four_bit), nested)
+        log.info("%s: bitsandbytes %s weights, decoded to %s: %s", path.name, kind, str(dtype).removeprefix("torch."),
+                 why)  # fmt: skip
     fp8 = next((t.dtype for t in state.values() if t.dtype in FP8_DTYPES), None)
     compute, why = fp8_compute if fp8_compute is not None else (False, "")
     if fp8 is not None and (compute or dequantize):  # the real weights, scales applied
@@ -311,8 +328,6 @@ def _load_gguf_model(cls, meta_model, state, config_dir, subfolder: str, dtype: 
     from diffusers import GGUFQuantizationConfig
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
-    from pipelines.families import dtype_kwargs
-
     # diffusers runs quantized weights in Linear layers only: any other quantized tensor (a convolution in some
     # community UNet files) is dequantized once here.
     linear = {f"{name}.weight" for name, m in meta_model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -320,14 +335,29 @@ def _load_gguf_model(cls, meta_model, state, config_dir, subfolder: str, dtype: 
         k: (dequantize_gguf_tensor(v).to(dtype) if hasattr(v, "quant_type") and k not in linear else v)
         for k, v in state.items()
     }
-    return cls.from_single_file(
-        state,
-        config=str(config_dir),
-        subfolder=subfolder,
-        quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
-        local_files_only=True,
-        **dtype_kwargs(dtype),
-    )
+    return _from_single_file(cls, state, config_dir, subfolder, dtype, GGUFQuantizationConfig(compute_dtype=dtype))
+
+
+def _load_bnb_4bit_model(
+    cls, state, config_dir, subfolder: str, dtype: torch.dtype, quant_type: str, nested: bool
+) -> torch.nn.Module:
+    """bitsandbytes 4-bit layers (CUDA) from a 4-bit file's decoded weights: the same type, block size (64, both
+    bitsandbytes' default and the files') and double quantisation as the file, so each block gets back its codes."""
+    from diffusers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=nested,
+                                bnb_4bit_compute_dtype=dtype)  # fmt: skip
+    state = {k: v.to(dtype) for k, v in state.items()}
+    return _from_single_file(cls, state, config_dir, subfolder, dtype, config)
+
+
+def _from_single_file(cls, state, config_dir, subfolder: str, dtype: torch.dtype, quantization_config):
+    """A diffusers model from a state dict already in its keys, quantized by diffusers' `quantization_config`."""
+    from pipelines.families import dtype_kwargs
+
+    return cls.from_single_file(state, config=str(config_dir), subfolder=subfolder,
+                                quantization_config=quantization_config, local_files_only=True,
+                                **dtype_kwargs(dtype))  # fmt: skip
 
 
 def is_gguf(model: torch.nn.Module) -> bool:
@@ -499,18 +529,23 @@ def _checkpoint_key_renamer(model: torch.nn.Module, expected: Mapping[str, torch
 
 
 def load_components(
-    spec: ModelSpec, config_dir: str | Path, dtype: torch.dtype, fp8_compute: tuple[bool, str] | None = None
+    spec: ModelSpec,
+    config_dir: str | Path,
+    dtype: torch.dtype,
+    fp8_compute: tuple[bool, str] | None = None,
+    bnb_4bit: tuple[bool, str] | None = None,
 ) -> dict[str, torch.nn.Module]:
     """The components a model entry takes from its own files, and with `quantization: nf4` its denoiser (and text
     encoders) quantized while loading; ready to pass to `from_pretrained`. `fp8_compute`: whether an FP8 denoiser
-    file takes the FP8 compute tier, and why (`optimize.fp8_compute_tier` for the device)."""
+    file takes the FP8 compute tier, and why (`optimize.fp8_compute_tier` for the device); `bnb_4bit`: whether a
+    bitsandbytes 4-bit denoiser file keeps 4-bit layers, and why (`optimize.bnb_4bit_layers`)."""
     out: dict[str, torch.nn.Module] = {}
     for component, file in file_fields(spec).items():
         if component in TEXT_ENCODER_FIELDS:
             out[component] = load_text_encoder(component, file, config_dir, dtype)
         else:
             out[component] = load_denoiser(spec.family, file, config_dir, dtype, fp8_compute=fp8_compute,
-                                           fuse_qkv=spec.performance.fuse_qkv)  # fmt: skip
+                                           fuse_qkv=spec.performance.fuse_qkv, bnb_4bit=bnb_4bit)  # fmt: skip
     if spec.performance.quantization == "nf4":
         out.update(_nf4_components(spec, Path(config_dir), dtype, exclude=set(out)))
     return out
@@ -553,7 +588,9 @@ def check_file(spec: ModelSpec) -> None:
         if component in TEXT_ENCODER_FIELDS:
             continue
         not_weights = (*_SCALE_SUFFIXES, *_DROPPED_SUFFIXES, _COMFY_QUANT)
-        weights = layouts.denoiser_keys(k for k in keys if not k.endswith(not_weights) and k not in _DROPPED_KEYS)
+        weights = layouts.denoiser_keys(
+            k for k in keys if not k.endswith(not_weights) and k not in _DROPPED_KEYS and not bnb_files.is_aux(k)
+        )
         prefix = layouts.common_prefix(weights)
         try:
             kind, _ = layouts.detect_layout({k.removeprefix(prefix) for k in weights})
@@ -566,7 +603,12 @@ def check_file(spec: ModelSpec) -> None:
 
 
 def _check_quantization(path: Path, keys: list[str]) -> None:
-    """At start-up, what `split_scales` would refuse at load: another ComfyUI quantisation than FP8, scales per row."""
+    """At start-up, what `split_scales` would refuse at load: another ComfyUI quantisation than FP8, scales per row,
+    bitsandbytes 8-bit."""
+    try:
+        bnb_files.check_quant_types(keys)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     markers = [k for k in keys if k.endswith(_COMFY_QUANT)]
     scales = [k for k in keys if k.endswith(_SCALE_SUFFIXES)]
     if path.suffix.lower() != ".safetensors" or not (markers or scales):
