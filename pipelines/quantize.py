@@ -92,13 +92,16 @@ def _fp8_eligible(tensor: torch.Tensor) -> bool:
     return tensor.dim() >= 2 and tensor.numel() > QUANTIZATION_THRESHOLD
 
 
-def _converted(state: dict[str, torch.Tensor], convert: Callable[[str, torch.Tensor], T]) -> Iterator[tuple[str, T]]:
-    """(key, convert(key, tensor as float32 on the host)) in `state`'s order, converted on several threads: numpy's and
-    torch's kernels release the GIL, and the GGUF block quantisers are single-threaded numpy (about 100 M values/s
-    each), so a 12 B transformer takes minutes on one core."""
+def _converted(
+    state: dict[str, torch.Tensor], convert: Callable[[str, torch.Tensor], T], *, on_device: bool = False
+) -> Iterator[tuple[str, T]]:
+    """(key, convert(key, tensor as float32 on the host, or on its own device when `on_device`)) in `state`'s order,
+    converted on several threads: numpy's and torch's kernels release the GIL, and the gguf package's block quantisers
+    are single-threaded numpy (about 100 M values/s each), so a 12 B transformer takes minutes on one core. The
+    K-quants (torch) run on the model's device: a model on the GPU is converted there."""
 
     def one(item: tuple[str, torch.Tensor]) -> T:
-        return convert(item[0], item[1].to("cpu", torch.float32))
+        return convert(item[0], item[1].to("cpu" if not on_device else item[1].device, torch.float32))
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         yield from zip(state, pool.map(one, state.items()), strict=True)
@@ -150,15 +153,16 @@ def _write_gguf(state: dict[str, torch.Tensor], family: str, qname: str, path: P
     writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
 
     def convert(_key: str, tensor: torch.Tensor) -> tuple[Any, Any]:  # (array, raw_dtype or None)
-        data = tensor.numpy()
         if tensor.dim() == 1 or tensor.numel() <= QUANTIZATION_THRESHOLD:
-            return data, None
+            return tensor.cpu().numpy(), None
         if tensor.dim() != 2 or tensor.shape[-1] % block:
-            return data.astype("float16"), None
-        return (gguf_kquants.quantize(data, qname) if k_quant else quantize(data, qtype)), qtype
+            return tensor.cpu().numpy().astype("float16"), None
+        if k_quant:  # torch: on the GPU when the model is there
+            return gguf_kquants.quantize(tensor, qname).cpu().numpy(), qtype
+        return quantize(tensor.cpu().numpy(), qtype), qtype
 
     quantized = 0
-    for key, (data, raw_dtype) in _converted(state, convert):
+    for key, (data, raw_dtype) in _converted(state, convert, on_device=k_quant):
         writer.add_tensor(key, data, raw_dtype=raw_dtype)
         quantized += raw_dtype is not None
     writer.write_header_to_file()

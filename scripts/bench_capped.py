@@ -105,33 +105,34 @@ def run_row(row: Row, tiny: bool) -> dict[str, Any]:
     cfg = bg.TINY[row.family] if tiny else bg.FULL[row.family]
     work = bg.WORKLOADS[row.family]
     size, steps = (64, 2) if tiny else (work.size, work.steps)
-    # Random init on the GPU (minutes faster than on the host for 20 B values), then everything to the host:
-    # placement decides what moves back.
+    # Random init on the GPU (minutes faster than on the host for 20 B values), the file written from there (the
+    # K-quant writer runs on the GPU), then everything to the host: placement decides what moves back.
     comps = bg.build_components(row.family, cfg, device, dtype)
-    for module in comps.values():
-        if isinstance(module, torch.nn.Module):
-            module.to("cpu")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     name = bg.DENOISER[row.family]
     result: dict[str, Any] = {"row": asdict(row), "name": row.name, "size": size, "steps": steps}
     result["dtype"] = str(dtype).removeprefix("torch.")
     reference = comps[name]
-    if row.fmt != "bf16":
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            reference.save_config(folder / name)  # the config the loader reads, as in a diffusers folder
-            path = folder / f"denoiser{quantize.suffix_for(row.fmt)}"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        path = folder / f"denoiser{quantize.suffix_for(row.fmt)}"
+        if row.fmt != "bf16":
             written = quantize.write_denoiser(reference, row.family, row.fmt, path)
             result.update(file_bytes=written.bytes, quantize_s=round(written.seconds, 1))
+        for module in comps.values():
+            if isinstance(module, torch.nn.Module):
+                module.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if row.fmt != "bf16":
+            reference.save_config(folder / name)  # the config the loader reads, as in a diffusers folder
             # An FP8 file takes the FP8 compute tier where the server would give it one (FLUX/Qwen-Image on 8.9+
             # with torchao), as a `denoiser:` entry does; layerwise casting elsewhere.
             spec = ModelSpec(id=f"bench-{row.family}", family=row.family, source=f"demo:{row.family}")
             fp8_compute = optimize.fp8_compute_tier(spec, optimize.capability_of(device), optimize.installed_packages())
             result["fp8_compute"] = fp8_compute[0] if row.fmt == "fp8" else None
             comps[name] = quantized.load_denoiser(row.family, path, folder, dtype, fp8_compute=fp8_compute)
-        result["relative_error"] = denoiser_error(bg, reference, comps[name], device, dtype)
-        del reference
+            result["relative_error"] = denoiser_error(bg, reference, comps[name], device, dtype)
+    del reference
     pipe = bg.assemble(row.family, comps)
     if device.type == "cuda":
         torch.cuda.empty_cache()
