@@ -88,6 +88,20 @@ def write_denoiser(
     return QuantizeResult(out, out.stat().st_size, time.perf_counter() - started, quantized, kept)
 
 
+def on_device(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """`model` moved to `device` for the writer (`easel quantize --device`); QuantizeError where there is no such
+    device."""
+    try:
+        target = torch.device(device)
+    except RuntimeError as e:
+        raise QuantizeError(f"--device {device}: {e}") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise QuantizeError(f"--device {device}: no CUDA device here")
+    if target.type not in ("cpu", "cuda"):
+        raise QuantizeError(f"--device {device}: use cpu or cuda")
+    return model.to(target)
+
+
 def _fp8_eligible(tensor: torch.Tensor) -> bool:
     return tensor.dim() >= 2 and tensor.numel() > QUANTIZATION_THRESHOLD
 

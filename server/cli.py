@@ -278,6 +278,7 @@ def quantize_model(args: argparse.Namespace) -> int:
         return 1
     try:
         model = quantize.source_denoiser(spec, settings.data_dir / "demo-models", settings.configs_dir)
+        model = quantize.on_device(model, args.device)
         result = quantize.write_denoiser(model, spec.family, args.format, args.out, force=args.force)
     except (quantize.QuantizeError, CheckpointError) as e:
         print(f"easel: {e}", file=sys.stderr)
@@ -351,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     p_quant.add_argument("--format", required=True, choices=QUANTIZE_FORMATS)
     p_quant.add_argument("--out", required=True, type=Path, metavar="FILE", help=".safetensors for fp8, else .gguf")
     p_quant.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    p_quant.add_argument(
+        "--device",
+        default="cpu",
+        help="where the GGUF K-quants are computed: cpu (default) or cuda (faster; the denoiser must fit the card)",
+    )
     _add_common(p_quant)
     p_quant.set_defaults(func=quantize_model, host=None, port=None)
 

@@ -113,3 +113,19 @@ def test_a_k_quant_denoiser_loads_quantized_and_stays_close(tmp_path: Path) -> N
         errors[fmt] = float((out - reference).norm() / reference.norm())
     assert errors["gguf-q6_k"] < errors["gguf-q5_k"] < errors["gguf-q4_k"] < errors["gguf-q4_0"], errors
     assert errors["gguf-q4_k"] < 0.1, errors
+
+
+def test_easel_quantize_writes_k_quants_and_names_a_missing_device(data_dir: Path, tmp_path: Path, capsys) -> None:
+    from server.cli import main
+
+    models = tmp_path / "m.yaml"
+    models.write_text("default_model: demo-flux\nmodels:\n  demo-flux:\n    family: flux\n    source: demo:flux\n")
+    common = ["--models", str(models), "--data-dir", str(data_dir)]
+    out = tmp_path / "q4k.gguf"
+    args = ["quantize", "demo-flux", "--format", "gguf-q4_k", "--out", str(out), *common]
+    if not torch.cuda.is_available():
+        assert main([*args, "--device", "cuda"]) == 1
+        assert "--device cuda: no CUDA device here" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--device", "cpu"]) == 0
+    assert "tensors in gguf-q4_k" in capsys.readouterr().out
+    assert gguf.GGUFReader(str(out)).fields["general.file_type"].parts[-1][0] == gguf.LlamaFileType.MOSTLY_Q4_K_S
