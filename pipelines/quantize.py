@@ -88,9 +88,9 @@ def write_denoiser(
     return QuantizeResult(out, out.stat().st_size, time.perf_counter() - started, quantized, kept)
 
 
-def on_device(model: torch.nn.Module, device: str) -> torch.nn.Module:
-    """`model` moved to `device` for the writer (`easel quantize --device`); QuantizeError where there is no such
-    device."""
+def writer_device(device: str) -> torch.device:
+    """The device `easel quantize --device` names, checked before minutes of loading; QuantizeError where there is no
+    such device."""
     try:
         target = torch.device(device)
     except RuntimeError as e:
@@ -99,7 +99,7 @@ def on_device(model: torch.nn.Module, device: str) -> torch.nn.Module:
         raise QuantizeError(f"--device {device}: no CUDA device here")
     if target.type not in ("cpu", "cuda"):
         raise QuantizeError(f"--device {device}: use cpu or cuda")
-    return model.to(target)
+    return target
 
 
 def _fp8_eligible(tensor: torch.Tensor) -> bool:

@@ -277,8 +277,8 @@ def quantize_model(args: argparse.Namespace) -> int:
         print(f"easel: {args.out} exists; pass --force to replace it", file=sys.stderr)
         return 1
     try:
-        model = quantize.source_denoiser(spec, settings.data_dir / "demo-models", settings.configs_dir)
-        model = quantize.on_device(model, args.device)
+        device = quantize.writer_device(args.device)
+        model = quantize.source_denoiser(spec, settings.data_dir / "demo-models", settings.configs_dir).to(device)
         result = quantize.write_denoiser(model, spec.family, args.format, args.out, force=args.force)
     except (quantize.QuantizeError, CheckpointError) as e:
         print(f"easel: {e}", file=sys.stderr)
