@@ -408,6 +408,9 @@ def store_fp8(model: torch.nn.Module, storage: torch.dtype, compute: torch.dtype
     hooked = {name for name, m in model.named_modules() if getattr(m, "_diffusers_hook", None) is not None}
     for name, module in model.named_modules():
         if name in hooked:
+            # PEFT makes a LoRA's layers in the dtype of the layer it wraps, FP8 here, where they cannot run and the
+            # LoRA's weights would be rounded to FP8; its rule for quantized layers takes `compute_dtype` instead.
+            module.compute_dtype = compute
             continue
         for pname, param in module.named_parameters(recurse=False):
             if param.dtype in FP8_DTYPES:

@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
-from peft import LoraConfig, inject_adapter_in_model
-from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -32,24 +30,9 @@ from pipelines.lora import LoraManager, LoraNotFound, LoraRegistry, read_metadat
 from pipelines.registry import ModelSpec, load_registry
 from pipelines.request import GenerationRequest, LoraRef
 from pipelines.sampler_names import resolve_sampler
+from tests.lora_helpers import ATTN, prefixed, random_lora
 
-ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 TAGS = {"fox": 3, "snow": 1}
-
-
-def _lora_weights(module: torch.nn.Module, targets: list[str], seed: int) -> dict[str, torch.Tensor]:
-    """A random rank-4 LoRA for `module` (lora_B random too, so it changes the output), PEFT/diffusers key names.
-
-    PEFT injects it directly, not through transformers' or diffusers' adapter integration: the files are made the
-    same way whatever versions are installed, and only the loading code under test goes through those layers."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False), module)
-    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(module).items()}
-
-
-def _prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v for k, v in sd.items()}
 
 
 def _kohya(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -74,13 +57,13 @@ def lora_dir(sd15_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("Lora")
     (root / "sub").mkdir()
     unet = lambda: UNet2DConditionModel.from_pretrained(sd15_path / "unet")  # noqa: E731
-    a = _lora_weights(unet(), ATTN, seed=1)
+    a = random_lora(unet(), ATTN, seed=1)
     meta = {"ss_output_name": "StyleA", "ss_tag_frequency": json.dumps(TAGS)}
-    save_file(_prefixed("unet", a), root / "style_a.safetensors", metadata=meta)
-    save_file(_prefixed("unet", _lora_weights(unet(), ATTN, seed=2)), root / "sub" / "style_b.safetensors")
+    save_file(prefixed("unet", a), root / "style_a.safetensors", metadata=meta)
+    save_file(prefixed("unet", random_lora(unet(), ATTN, seed=2)), root / "sub" / "style_b.safetensors")
     save_file(_kohya(a), root / "kohya_a.safetensors")
-    te = _lora_weights(CLIPTextModel.from_pretrained(sd15_path / "text_encoder"), ["q_proj", "v_proj"], seed=3)
-    both = {**_prefixed("unet", _lora_weights(unet(), ATTN, seed=4)), **_prefixed("text_encoder", te)}
+    te = random_lora(CLIPTextModel.from_pretrained(sd15_path / "text_encoder"), ["q_proj", "v_proj"], seed=3)
+    both = {**prefixed("unet", random_lora(unet(), ATTN, seed=4)), **prefixed("text_encoder", te)}
     save_file(both, root / "both.safetensors")
     (root / "readme.txt").write_text("not a LoRA")
     (root / "broken.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
@@ -240,7 +223,7 @@ def test_alternating_loras_do_not_grow_memory(sd15_path: Path, lora_dir: Path) -
 def test_flux_lora(demo_root: Path, tmp_path: Path) -> None:
     path = demo.ensure_demo_model("flux", demo_root)
     transformer = FluxTransformer2DModel.from_pretrained(path / "transformer")
-    save_file(_prefixed("transformer", _lora_weights(transformer, ATTN, seed=5)), tmp_path / "flux_style.safetensors")
+    save_file(prefixed("transformer", random_lora(transformer, ATTN, seed=5)), tmp_path / "flux_style.safetensors")
     spec = ModelSpec(id="demo-flux", family="flux", source="demo:flux")
     loaded = adapter_for("flux").load(spec, str(path), torch.device("cpu"), torch.float32)
     loaded.loras = LoraManager(loaded.base, LoraRegistry(tmp_path))
@@ -256,13 +239,13 @@ def test_flux_lora(demo_root: Path, tmp_path: Path) -> None:
 
 def test_sdxl_lora_on_the_unet_and_both_text_encoders(demo_root: Path, tmp_path: Path) -> None:
     path = demo.ensure_demo_model("sdxl", demo_root)
-    unet = _lora_weights(UNet2DConditionModel.from_pretrained(path / "unet"), ATTN, seed=6)
-    te1 = _lora_weights(CLIPTextModel.from_pretrained(path / "text_encoder"), ["q_proj", "v_proj"], seed=7)
-    te2 = _lora_weights(
+    unet = random_lora(UNet2DConditionModel.from_pretrained(path / "unet"), ATTN, seed=6)
+    te1 = random_lora(CLIPTextModel.from_pretrained(path / "text_encoder"), ["q_proj", "v_proj"], seed=7)
+    te2 = random_lora(
         CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2"), ["q_proj", "v_proj"], seed=8
     )
-    save_file(_prefixed("unet", unet), tmp_path / "xl_unet.safetensors")
-    save_file({**_prefixed("text_encoder", te1), **_prefixed("text_encoder_2", te2)}, tmp_path / "xl_te.safetensors")
+    save_file(prefixed("unet", unet), tmp_path / "xl_unet.safetensors")
+    save_file({**prefixed("text_encoder", te1), **prefixed("text_encoder_2", te2)}, tmp_path / "xl_te.safetensors")
     spec = ModelSpec(id="demo-sdxl", family="sdxl", source="demo:sdxl")
     loaded = adapter_for("sdxl").load(spec, str(path), torch.device("cpu"), torch.float32)
     loaded.loras = LoraManager(loaded.base, LoraRegistry(tmp_path))
@@ -277,8 +260,8 @@ def test_sdxl_lora_on_the_unet_and_both_text_encoders(demo_root: Path, tmp_path:
 
 def test_flux_lora_on_the_clip_text_encoder(demo_root: Path, tmp_path: Path) -> None:
     path = demo.ensure_demo_model("flux", demo_root)
-    te = _lora_weights(CLIPTextModel.from_pretrained(path / "text_encoder"), ["q_proj", "v_proj"], seed=9)
-    save_file(_prefixed("text_encoder", te), tmp_path / "flux_te.safetensors")
+    te = random_lora(CLIPTextModel.from_pretrained(path / "text_encoder"), ["q_proj", "v_proj"], seed=9)
+    save_file(prefixed("text_encoder", te), tmp_path / "flux_te.safetensors")
     spec = ModelSpec(id="demo-flux", family="flux", source="demo:flux")
     loaded = adapter_for("flux").load(spec, str(path), torch.device("cpu"), torch.float32)
     loaded.loras = LoraManager(loaded.base, LoraRegistry(tmp_path))

@@ -687,3 +687,33 @@ def test_e5m2_files_load_and_stay_e5m2(served: Served, demo_root: Path, tmp_path
     with torch.inference_mode():
         want, got = reference(**inputs).sample, model(**inputs).sample
     assert float((got - want).norm() / want.norm()) < 0.2  # e5m2 has 2 mantissa bits to e4m3's 3
+
+
+def test_loras_apply_to_quantized_denoisers(served: Served, data_dir: Path, demo_root: Path, tmp_path: Path) -> None:
+    """flux1-dev-fp8 or a GGUF file with a LoRA is the common case: the LoRA's layers run in the compute dtype (PEFT
+    made them FP8 on an FP8-stored layer, which cannot run), change the image, and go away after the call."""
+    from diffusers import FluxTransformer2DModel
+
+    from pipelines.lora import LoraManager, LoraRegistry
+    from tests.lora_helpers import ATTN, prefixed, random_lora
+
+    transformer = FluxTransformer2DModel.from_pretrained(demo.ensure_demo_model("flux", demo_root) / "transformer")
+    (tmp_path / "Lora").mkdir()
+    save_file(prefixed("transformer", random_lora(transformer, ATTN, seed=5)), tmp_path / "Lora" / "style.safetensors")
+    for model_id in ("flux-fp8", "flux-gguf-q4_0"):
+        loaded = served.engine.cache.get(served.engine.registry.get(model_id))
+        if loaded is None:
+            _generate(served.client, model_id, 1)
+            loaded = served.engine.cache.get(served.engine.registry.get(model_id))
+        loaded.loras = LoraManager(loaded.base, LoraRegistry(tmp_path / "Lora"))
+        try:
+            req = {"model": model_id, "width": 64, "height": 64, "steps": 2, "seed": 5}
+            runs = [served.engine.submit(GenerationRequest(prompt=p, **req)).wait_sync(120)
+                    for p in ("a red fox", "a red fox <lora:style:1>", "a red fox")]  # fmt: skip
+        finally:
+            loaded.loras = None
+        plain, styled, again = (np.asarray(r.images[0], dtype=np.int16) for r in runs)
+        assert np.abs(styled - plain).mean() > 0.3, model_id
+        assert np.array_equal(again, plain), model_id
+        lora_dtypes = {p.dtype for n, p in loaded.base.transformer.named_parameters() if ".lora_" in n}
+        assert lora_dtypes == {torch.float32}, (model_id, lora_dtypes)
