@@ -58,6 +58,7 @@ from pipelines.controlnet_file_check import LABELS, ControlNetFileError, describ
 from pipelines.errors import InvalidRequest, ModelLoadError
 from pipelines.families import dtype_kwargs
 from pipelines.families.base import BatchItem, LoadedModel
+from pipelines.quantized import keep_storage_dtype
 from pipelines.request import GenerationRequest, Task
 
 log = logging.getLogger("easel.controlnet")
@@ -315,7 +316,8 @@ def control_pipeline(loaded: LoadedModel, task: Task) -> DiffusionPipeline:
         cls = _CLASSES[loaded.spec.family][task]
         # One parameter of the model's dtype: diffusers reads the placeholder's dtype while deriving.
         placeholder = _MULTI[loaded.spec.family]([torch.nn.Linear(1, 1, dtype=loaded.dtype)])
-        pipe = cls.from_pipe(loaded.base, controlnet=placeholder, **dtype_kwargs(loaded.dtype))
+        with keep_storage_dtype(loaded.base):  # FP8-stored and GGUF denoisers: from_pipe would cast them
+            pipe = cls.from_pipe(loaded.base, controlnet=placeholder, **dtype_kwargs(loaded.dtype))
         pipe.set_progress_bar_config(disable=True)
         loaded.control_derived[task] = pipe
     return pipe

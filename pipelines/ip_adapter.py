@@ -26,6 +26,7 @@ from pipelines.control_units import ControlUnit
 from pipelines.errors import InvalidRequest, ModelLoadError
 from pipelines.families import dtype_kwargs
 from pipelines.families.base import LoadedModel
+from pipelines.quantized import keep_storage_dtype
 
 log = logging.getLogger("easel.ip_adapter")
 
@@ -105,7 +106,11 @@ def scope(
     try:
         # Not under accelerate's init_empty_weights (low_cpu_mem_usage), which patches torch for every thread while
         # it runs (pipelines.cache._LOAD_LOCK): the adapter layers are small, built and filled directly.
-        unet._load_ip_adapter_weights([w.state_dict for w in weights], low_cpu_mem_usage=False)
+        # diffusers ends this with the whole UNet cast to its own dtype, which a GGUF-quantized UNet refuses (and an
+        # FP8-stored one must not get): the UNet is pinned and only the new layers are placed.
+        with keep_storage_dtype(view):
+            unet._load_ip_adapter_weights([w.state_dict for w in weights], low_cpu_mem_usage=False)
+        _place_adapter_layers(unet, loaded.dtype)
         view.set_ip_adapter_scale([u.weight for u in units])
         kwargs["ip_adapter_image"] = [u.image for u in units]
         yield
@@ -113,3 +118,11 @@ def scope(
         unet.set_attn_processor(saved)
         unet.encoder_hid_proj = None
         unet.config.encoder_hid_dim_type = None
+
+
+def _place_adapter_layers(unet: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The image projection and the IP attention processors just added, on the UNet's device in the model's dtype."""
+    unet.encoder_hid_proj.to(device=unet.device, dtype=dtype)
+    for processor in unet.attn_processors.values():
+        if isinstance(processor, torch.nn.Module):
+            processor.to(device=unet.device, dtype=dtype)

@@ -717,3 +717,37 @@ def test_loras_apply_to_quantized_denoisers(served: Served, data_dir: Path, demo
         assert np.array_equal(again, plain), model_id
         lora_dtypes = {p.dtype for n, p in loaded.base.transformer.named_parameters() if ".lora_" in n}
         assert lora_dtypes == {torch.float32}, (model_id, lora_dtypes)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "unit"),
+    [
+        ("flux-gguf-q4_0", {"model": "control_demo-flux", "source": "demo:flux"}),
+        ("sdxl-gguf-q8_0", {"model": "control_demo-sdxl", "source": "demo:sdxl"}),
+        (
+            "sd15-gguf-q8_0",
+            {"model": "ip-adapter_demo-sd15", "source": "demo-ip:sd15", "image_encoder": "demo-ip:sd15"},
+        ),
+        ("sd15-fp8", {"model": "ip-adapter_demo-sd15", "source": "demo-ip:sd15", "image_encoder": "demo-ip:sd15"}),
+    ],
+)
+def test_controlnet_and_ip_adapter_on_quantized_denoisers(served: Served, model_id: str, unit: dict) -> None:
+    """A GGUF denoiser refuses the whole-model cast that diffusers' from_pipe (ControlNet pipelines) and IP-Adapter
+    loading end with: both failed on every request before. The unit steers the image; without it the model gives
+    its own image again, in its own storage."""
+    from PIL import ImageDraw
+
+    from pipelines.control_units import ControlUnit
+
+    square = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(square).rectangle((16, 16, 48, 48), fill="white")
+    req = {"model": model_id, "prompt": "a cat", "width": 64, "height": 64, "steps": 2, "seed": 5}
+    plain = served.engine.submit(GenerationRequest(**req)).wait_sync(120)
+    loaded = served.engine.cache.get(served.engine.registry.get(model_id))
+    denoiser = loaded.base.transformer if model_id.startswith("flux") else loaded.base.unet
+    stored = {p.dtype for p in denoiser.parameters()}
+    steered = served.engine.submit(GenerationRequest(**req, control_units=[ControlUnit(**unit, image=square)]))
+    again = served.engine.submit(GenerationRequest(**req)).wait_sync(120)
+    a, b, c = (np.asarray(r.images[0], dtype=np.int16) for r in (plain, steered.wait_sync(120), again))
+    assert np.abs(b - a).mean() > 0.3 and np.array_equal(c, a)
+    assert {p.dtype for p in denoiser.parameters()} == stored
