@@ -4,8 +4,6 @@ served through the A1111 route, the CUDA path's bitsandbytes config, and 8-bit f
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
 from safetensors.torch import save_file
 
 from pipelines import bnb_files, demo, layouts, quantized
@@ -24,6 +21,7 @@ from pipelines.engine import Engine, EngineConfig
 from pipelines.registry import load_registry
 from server.app import create_app
 from server.settings import Settings
+from tests.image_helpers import a1111_txt2img
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
@@ -119,21 +117,13 @@ def served(data_dir: Path, demo_root: Path, tmp_path_factory: pytest.TempPathFac
     engine.stop()
 
 
-def _generate(client: TestClient, model_id: str, seed: int) -> np.ndarray:
-    body = {"prompt": "a red cube on a table", "seed": seed, "steps": 2, "width": 64, "height": 64,
-            "cfg_scale": 3.0, "override_settings": {"sd_model_checkpoint": model_id}}  # fmt: skip
-    r = client.post("/sdapi/v1/txt2img", json=body)
-    assert r.status_code == 200, r.text
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"), np.float32)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forge_nf4_files_serve_nearly_the_unquantized_image(served: Served, family: str, caplog) -> None:
-    reference = _generate(served.client, f"demo-{family}", 11)
-    other_seed = float(np.abs(reference - _generate(served.client, f"demo-{family}", 12)).mean())
+    reference = a1111_txt2img(served.client, f"demo-{family}", 11)
+    other_seed = float(np.abs(reference - a1111_txt2img(served.client, f"demo-{family}", 12)).mean())
     assert other_seed > 1.0
     with caplog.at_level(logging.INFO, logger="easel.quantized"):
-        near = float(np.abs(reference - _generate(served.client, f"{family}-nf4", 11)).mean())
+        near = float(np.abs(reference - a1111_txt2img(served.client, f"{family}-nf4", 11)).mean())
     assert near * MARGIN < other_seed, f"{family}: {near:.2f} vs another seed's {other_seed:.2f}"
     # No CUDA here: decoded to the compute dtype, and the log says why.
     assert "bitsandbytes NF4 weights, decoded to float32: 4-bit layers need a CUDA device" in caplog.text
@@ -142,7 +132,7 @@ def test_forge_nf4_files_serve_nearly_the_unquantized_image(served: Served, fami
 def test_an_8bit_file_is_refused_at_start_up_by_name(served: Served) -> None:
     message = served.engine.broken_models["flux-int8"]
     assert "int8.safetensors" in message and "bitsandbytes int8 weights are not supported" in message
-    assert _generate(served.client, "demo-flux", 1).shape == (64, 64, 3)  # the others serve
+    assert a1111_txt2img(served.client, "demo-flux", 1).shape == (64, 64, 3)  # the others serve
 
 
 def test_on_cuda_the_file_keeps_4bit_layers_of_its_own_kind(demo_root: Path, tmp_path: Path, monkeypatch) -> None:

@@ -3,7 +3,6 @@ the A1111 route, the FP8 file really FP8, and every kind of bad file refused by 
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import shutil
@@ -28,6 +27,7 @@ from pipelines.request import GenerationRequest, Task
 from server.app import create_app
 from server.cli import main
 from server.settings import Settings
+from tests.image_helpers import a1111_txt2img
 
 FAMILIES = ("sd15", "sdxl", "flux", "qwen-image")
 FORMATS = {"gguf-q8_0": ".gguf", "gguf-q4_0": ".gguf", "fp8": ".safetensors"}
@@ -97,16 +97,6 @@ def served(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     engine.stop()
 
 
-def _generate(client: TestClient, model_id: str, seed: int) -> np.ndarray:
-    body = {"prompt": "a red cube on a table", "seed": seed, "steps": 2, "width": 64, "height": 64,
-            "cfg_scale": 3.0, "override_settings": {"sd_model_checkpoint": model_id}}  # fmt: skip
-    r = client.post("/sdapi/v1/txt2img", json=body)
-    assert r.status_code == 200, r.text
-    image = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
-    assert image.size == (64, 64)
-    return np.asarray(image, dtype=np.float32)
-
-
 def _distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).mean())
 
@@ -119,11 +109,11 @@ def test_quantize_reports_size_and_time(served: Served) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_denoisers_make_nearly_the_unquantized_image(served: Served, family: str) -> None:
-    reference = _generate(served.client, f"demo-{family}", SEEDS[0])
-    other_seed = _distance(reference, _generate(served.client, f"demo-{family}", SEEDS[1]))
+    reference = a1111_txt2img(served.client, f"demo-{family}", SEEDS[0])
+    other_seed = _distance(reference, a1111_txt2img(served.client, f"demo-{family}", SEEDS[1]))
     assert other_seed > 1.0  # the seeds really make different images
     for fmt in FORMATS:
-        near = _distance(reference, _generate(served.client, f"{family}-{fmt}", SEEDS[0]))
+        near = _distance(reference, a1111_txt2img(served.client, f"{family}-{fmt}", SEEDS[0]))
         assert near * MARGIN < other_seed, f"{family} {fmt}: {near:.2f} vs another seed's {other_seed:.2f}"
 
 
@@ -422,7 +412,7 @@ def test_bad_files_are_named_at_start_up_and_refused_per_model(served: Served, m
     assert model_id in error["detail"] and says in error["detail"]
     assert "Traceback" not in r.text
     # The other models keep serving.
-    assert _generate(served.client, "demo-sd15", 1).shape == (64, 64, 3)
+    assert a1111_txt2img(served.client, "demo-sd15", 1).shape == (64, 64, 3)
 
 
 def test_tensors_of_another_architecture_fail_at_load_naming_the_file(served: Served) -> None:
@@ -570,8 +560,8 @@ def test_the_cache_evicts_lru_pipelines_before_a_load_would_not_fit() -> None:
 
 def test_gguf_dequantized_once_makes_the_same_image(served: Served) -> None:
     """`performance.gguf: dequantize`: the same weights, dequantized at load instead of on every call."""
-    once = _generate(served.client, "flux-gguf-q8_0-once", SEEDS[0])
-    assert np.array_equal(once, _generate(served.client, "flux-gguf-q8_0", SEEDS[0]))
+    once = a1111_txt2img(served.client, "flux-gguf-q8_0-once", SEEDS[0])
+    assert np.array_equal(once, a1111_txt2img(served.client, "flux-gguf-q8_0", SEEDS[0]))
     loaded = served.engine.cache.get(served.engine.registry.get("flux-gguf-q8_0-once"))
     assert "gguf-dequantized" in loaded.optimizations and not quantized.is_gguf(loaded.base.transformer)
 
@@ -616,7 +606,7 @@ def test_gguf_auto_dequantizes_only_when_the_pipeline_still_fits_resident(served
 
 
 def test_memory_and_metrics_report_each_loaded_models_bytes(served: Served) -> None:
-    _generate(served.client, "flux-gguf-q4_0", 1)
+    a1111_txt2img(served.client, "flux-gguf-q4_0", 1)
     loaded = served.engine.cache.get(served.engine.registry.get("flux-gguf-q4_0"))
     memory = served.client.get("/sdapi/v1/memory").json()
     assert set(memory) == {"ram", "cuda"}  # A1111's shape
@@ -703,7 +693,7 @@ def test_loras_apply_to_quantized_denoisers(served: Served, data_dir: Path, demo
     for model_id in ("flux-fp8", "flux-gguf-q4_0"):
         loaded = served.engine.cache.get(served.engine.registry.get(model_id))
         if loaded is None:
-            _generate(served.client, model_id, 1)
+            a1111_txt2img(served.client, model_id, 1)
             loaded = served.engine.cache.get(served.engine.registry.get(model_id))
         loaded.loras = LoraManager(loaded.base, LoraRegistry(tmp_path / "Lora"))
         try:
