@@ -62,14 +62,20 @@ def dequantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             weight = key.rpartition(QUANT_STATE)[0]
             if weight not in tensors:
                 raise ValueError(f"{key}: the quantized weight {weight} is missing")
-            out[weight] = _decode(weight, tensors, json.loads(bytes(tensors[key].tolist()).decode()))
+            try:
+                state = json.loads(bytes(tensors[key].flatten().tolist()).decode())
+            except (ValueError, TypeError) as e:  # not UTF-8 JSON
+                raise ValueError(f"{key}: an unreadable bitsandbytes quant state ({e})") from e
+            out[weight] = _decode(weight, tensors, state)
     return out
 
 
 def _decode(weight: str, tensors: dict[str, torch.Tensor], state: dict) -> torch.Tensor:
     try:
         shape, blocksize = tuple(state["shape"]), int(state["blocksize"])
-        dtype = getattr(torch, state["dtype"])
+        dtype = getattr(torch, state["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype {state['dtype']!r}")
         codes = tensors[f"{weight}.quant_map"].float()
         absmax = tensors[f"{weight}.absmax"]
         if "nested_blocksize" in state:

@@ -62,6 +62,15 @@ def test_an_inconsistent_state_is_named() -> None:
     with pytest.raises(ValueError, match=r"w: an incomplete bitsandbytes 4-bit state"):
         bnb_files.dequantized(stored)
     stored = {f"w{k}": v for k, v in _quantized_state(torch.randn(8, 64), "nf4", False).items()}
+    stored["w.quant_state.bitsandbytes__nf4"] = torch.tensor(
+        list(b'{"dtype": "load", "shape": [8, 64], "blocksize": 64}'), dtype=torch.uint8
+    )
+    with pytest.raises(ValueError, match=r"w: an incomplete bitsandbytes 4-bit state .*'load'"):
+        bnb_files.dequantized(stored)
+    stored["w.quant_state.bitsandbytes__nf4"] = torch.tensor([0xFF, 0xFE], dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"w.quant_state.bitsandbytes__nf4: an unreadable bitsandbytes quant state"):
+        bnb_files.dequantized(stored)
+    stored = {f"w{k}": v for k, v in _quantized_state(torch.randn(8, 64), "nf4", False).items()}
     stored["w"] = stored["w"][:10]
     with pytest.raises(ValueError, match=r"packed bytes .* do not make the shape \[8, 64\]"):
         bnb_files.dequantized(stored)
