@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -33,6 +33,7 @@ FORMATS = ("fp8", "fp8-scaled", "gguf-q8_0", "gguf-q6_k", "gguf-q5_k", "gguf-q5_
 GGUF_ARCH = {"sd15": "sd1", "sdxl": "sdxl", "flux": "flux", "qwen-image": "qwen_image", "qwen-image-edit": "qwen_image"}
 QUANTIZATION_THRESHOLD = 1024  # values; smaller tensors are not worth a quantisation block's overhead
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+CPU = torch.device("cpu")
 T = TypeVar("T")
 
 
@@ -54,9 +55,16 @@ def suffix_for(fmt: str) -> str:
 
 
 def write_denoiser(
-    model: torch.nn.Module, family: str, fmt: str, out: str | Path, *, force: bool = False
+    model: torch.nn.Module,
+    family: str,
+    fmt: str,
+    out: str | Path,
+    *,
+    force: bool = False,
+    device: torch.device | None = None,
 ) -> QuantizeResult:
-    """Write `model` (a diffusers UNet/transformer of `family`) to `out` in `fmt`."""
+    """Write `model` (a diffusers UNet/transformer of `family`) to `out` in `fmt`. The GGUF K-quants are computed on
+    `device`, one tensor at a time (default: where each tensor is)."""
     if fmt not in FORMATS:
         raise QuantizeError(f"unknown format '{fmt}'; one of: {', '.join(FORMATS)}")
     out = Path(out)
@@ -75,7 +83,7 @@ def write_denoiser(
         if fmt.startswith("fp8"):
             quantized, kept = _write_fp8(state, tmp, scaled=fmt == "fp8-scaled")
         else:
-            quantized, kept = _write_gguf(state, family, fmt.removeprefix("gguf-").upper(), tmp)
+            quantized, kept = _write_gguf(state, family, fmt.removeprefix("gguf-").upper(), tmp, device)
         if force:
             os.replace(tmp, out)
         else:
@@ -107,15 +115,17 @@ def _fp8_eligible(tensor: torch.Tensor) -> bool:
 
 
 def _converted(
-    state: dict[str, torch.Tensor], convert: Callable[[str, torch.Tensor], T], *, on_device: bool = False
+    state: dict[str, torch.Tensor],
+    convert: Callable[[str, torch.Tensor], T],
+    *,
+    device: torch.device | Literal["own"] = CPU,
 ) -> Iterator[tuple[str, T]]:
-    """(key, convert(key, tensor as float32 on the host, or on its own device when `on_device`)) in `state`'s order,
-    converted on several threads: numpy's and torch's kernels release the GIL, and the gguf package's block quantisers
-    are single-threaded numpy (about 100 M values/s each), so a 12 B transformer takes minutes on one core. The
-    K-quants (torch) run on the model's device: a model on the GPU is converted there."""
+    """(key, convert(key, tensor as float32 on `device`, "own": where it is)) in `state`'s order, converted on several
+    threads: numpy's and torch's kernels release the GIL, and the gguf package's block quantisers are single-threaded
+    numpy (about 100 M values/s each), so a 12 B transformer takes minutes on one core."""
 
     def one(item: tuple[str, torch.Tensor]) -> T:
-        return convert(item[0], item[1].to("cpu" if not on_device else item[1].device, torch.float32))
+        return convert(item[0], item[1].to(item[1].device if device == "own" else device, torch.float32))
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         yield from zip(state, pool.map(one, state.items()), strict=True)
@@ -150,7 +160,9 @@ def _write_fp8(state: dict[str, torch.Tensor], path: Path, *, scaled: bool) -> t
     return quantized, len(state) - quantized
 
 
-def _write_gguf(state: dict[str, torch.Tensor], family: str, qname: str, path: Path) -> tuple[int, int]:
+def _write_gguf(
+    state: dict[str, torch.Tensor], family: str, qname: str, path: Path, device: torch.device | None
+) -> tuple[int, int]:
     try:
         import gguf
         from gguf.quants import quantize
@@ -171,12 +183,14 @@ def _write_gguf(state: dict[str, torch.Tensor], family: str, qname: str, path: P
             return tensor.cpu().numpy(), None
         if tensor.dim() != 2 or tensor.shape[-1] % block:
             return tensor.cpu().numpy().astype("float16"), None
-        if k_quant:  # torch: on the GPU when the model is there
+        if k_quant:
             return gguf_kquants.quantize(tensor, qname).cpu().numpy(), qtype
         return quantize(tensor.cpu().numpy(), qtype), qtype
 
     quantized = 0
-    for key, (data, raw_dtype) in _converted(state, convert, on_device=k_quant):
+    # The K-quants are torch code: on `device`, or where each tensor is (a model on the GPU is converted there).
+    on = (device or "own") if k_quant else CPU
+    for key, (data, raw_dtype) in _converted(state, convert, device=on):
         writer.add_tensor(key, data, raw_dtype=raw_dtype)
         quantized += raw_dtype is not None
     writer.write_header_to_file()

@@ -278,8 +278,8 @@ def quantize_model(args: argparse.Namespace) -> int:
         return 1
     try:
         device = quantize.writer_device(args.device)
-        model = quantize.source_denoiser(spec, settings.data_dir / "demo-models", settings.configs_dir).to(device)
-        result = quantize.write_denoiser(model, spec.family, args.format, args.out, force=args.force)
+        model = quantize.source_denoiser(spec, settings.data_dir / "demo-models", settings.configs_dir)
+        result = quantize.write_denoiser(model, spec.family, args.format, args.out, force=args.force, device=device)
     except (quantize.QuantizeError, CheckpointError) as e:
         print(f"easel: {e}", file=sys.stderr)
         return 1
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p_quant.add_argument(
         "--device",
         default="cpu",
-        help="where the GGUF K-quants are computed: cpu (default) or cuda (faster; the denoiser must fit the card)",
+        help="where the GGUF K-quants are computed, one tensor at a time: cpu (default) or cuda (much faster)",
     )
     _add_common(p_quant)
     p_quant.set_defaults(func=quantize_model, host=None, port=None)
