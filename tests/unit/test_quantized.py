@@ -741,3 +741,33 @@ def test_controlnet_and_ip_adapter_on_quantized_denoisers(served: Served, model_
     a, b, c = (np.asarray(r.images[0], dtype=np.int16) for r in (plain, steered.wait_sync(120), again))
     assert np.abs(b - a).mean() > 0.3 and np.array_equal(c, a)
     assert {p.dtype for p in denoiser.parameters()} == stored
+
+
+def test_a_text_encoder_lora_applies_to_an_fp8_text_encoder_file(data_dir: Path, demo_root: Path, tmp_path) -> None:
+    from transformers import CLIPTextModel
+
+    from tests.lora_helpers import prefixed, random_lora
+
+    folder = demo.ensure_demo_model("flux", demo_root)
+    clip = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+    state = {k: (v.to(torch.float8_e4m3fn) if v.dim() == 2 else v).contiguous() for k, v in clip.state_dict().items()}
+    save_file(state, str(tmp_path / "clip_fp8.safetensors"))
+    (tmp_path / "Lora").mkdir()
+    save_file(
+        prefixed("text_encoder", random_lora(clip, ["q_proj", "v_proj"], seed=9)), tmp_path / "Lora" / "te.safetensors"
+    )
+    spec = ModelSpec(
+        id="te-fp8", family="flux", source="demo:flux", text_encoder=str(tmp_path / "clip_fp8.safetensors")
+    )
+    engine = Engine(
+        Registry([spec]), EngineConfig(data_dir=data_dir, lora_dir=tmp_path / "Lora", preload_default=False)
+    )
+    engine.start()
+    try:
+        req = {"model": "te-fp8", "width": 64, "height": 64, "steps": 2, "seed": 5}
+        runs = [engine.submit(GenerationRequest(prompt=p, **req)).wait_sync(120)
+                for p in ("a red fox", "a red fox <lora:te:1>", "a red fox")]  # fmt: skip
+    finally:
+        engine.stop()
+    plain, styled, again = (np.asarray(r.images[0], dtype=np.int16) for r in runs)
+    assert np.abs(styled - plain).mean() > 0.3 and np.array_equal(again, plain)
