@@ -5,6 +5,9 @@
 - transformers warns once per process that an image processor "requires torchvision" and falls back to its PIL
   implementation. Easel does not install torchvision on purpose (the PIL processors do what the pipelines need), so
   that fallback is the intended path: the message goes to the debug level instead of every start-up.
+- bitsandbytes (the [nf4] extra, and [dev]) warns on import, on a machine without CUDA, that an optional CPU kernel
+  package is missing. Easel runs bitsandbytes' 4-bit layers only on CUDA and decodes 4-bit files itself elsewhere, so
+  that warning goes to the debug level too.
 """
 
 from __future__ import annotations
@@ -15,23 +18,32 @@ from typing import Any
 
 log = logging.getLogger("easel.pipelines")
 
-_PIL_FALLBACK = "requires torchvision (not installed); falling back to"
+_EXPECTED_WARNINGS = {  # logger -> (a part of the message, the library named in the debug line)
+    "transformers.utils.import_utils": ("requires torchvision (not installed); falling back to", "transformers"),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward", "bitsandbytes"),
+}
 _installed = False
 
 
-class _PilFallbackToDebug(logging.Filter):
+class _ExpectedWarningToDebug(logging.Filter):
+    def __init__(self, message_part: str, library: str) -> None:
+        super().__init__()
+        self.message_part, self.library = message_part, library
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING and _PIL_FALLBACK in record.getMessage():
-            log.debug("transformers: %s", record.getMessage())
+        if record.levelno >= logging.WARNING and self.message_part in record.getMessage():
+            log.debug("%s: %s", self.library, record.getMessage())
             return False
         return True
 
 
 def install_filters() -> None:
-    """Before transformers is imported (the fallback warns while diffusers imports it); touches only `logging`."""
+    """Before transformers and bitsandbytes are imported (they warn while diffusers and peft import them); touches
+    only `logging`."""
     global _installed
     if not _installed:
-        logging.getLogger("transformers.utils.import_utils").addFilter(_PilFallbackToDebug())
+        for logger, (message_part, library) in _EXPECTED_WARNINGS.items():
+            logging.getLogger(logger).addFilter(_ExpectedWarningToDebug(message_part, library))
         _installed = True
 
 

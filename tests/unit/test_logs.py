@@ -87,3 +87,22 @@ def test_sane_request_ids_are_kept(given: str) -> None:
 def test_other_request_ids_are_replaced(given: str | None) -> None:
     made = accept_or_make(given)
     assert made != given and len(made) == 32 and int(made, 16) >= 0
+
+
+@pytest.mark.parametrize(
+    ("logger", "message"),
+    [
+        ("transformers.utils.import_utils", "CLIPImageProcessor requires torchvision (not installed); falling back to"),
+        ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: no kernels"),
+    ],
+)
+def test_expected_library_warnings_go_to_debug(caplog, logger: str, message: str) -> None:
+    from pipelines.library_logging import install_filters
+
+    install_filters()
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger(logger).warning(message)
+        logging.getLogger(logger).warning("something else went wrong")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["something else went wrong"]
+    assert any(message in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
