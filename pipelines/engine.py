@@ -59,7 +59,6 @@ from pipelines.matting import BackgroundRemover
 from pipelines.optimize import (
     QuantizationUnavailable,
     apply_optimizations,
-    bnb_4bit_layers,
     capability_of,
     fp8_compute_tier,
     installed_packages,
@@ -699,8 +698,7 @@ class Engine:
             load_quantization(spec, self.device, capability_of(self.device), installed_packages())
             base_folder = Path(spec.config) if spec.is_single_file and spec.config else path
             fp8_compute = fp8_compute_tier(spec, capability_of(self.device), installed_packages())
-            bnb_4bit = bnb_4bit_layers(self.device, installed_packages())
-            components = quantized.load_components(spec, base_folder, dtype, fp8_compute, bnb_4bit)
+            components = quantized.load_components(spec, base_folder, dtype, fp8_compute)
         except (checkpoints.CheckpointError, QuantizationUnavailable) as e:
             raise ModelLoadError(f"model '{spec.id}': {e}") from None
         try:

@@ -165,6 +165,7 @@ def place(pipe: DiffusionPipeline, spec: ModelSpec, device: torch.device) -> Non
         gguf = "keep"  # an offload chosen by hand is a memory budget: keep the smaller weights
     steps = quantize_at_load(pipe, spec, device, pipe.dtype)
     steps += dequantize_gguf_if_it_fits(pipe, gguf, spec.id, device)
+    steps += requantize_4bit_file(pipe, gguf, spec.id, device)
     pipe._easel_load_steps = steps  # noqa: SLF001  (the engine reports them)
     if offload == "auto":
         if device.type == "cuda":
@@ -215,14 +216,6 @@ def nf4_problem(device: torch.device, installed: frozenset[str] | None = None) -
     if "bitsandbytes" not in installed:
         return "quantization nf4 needs the bitsandbytes package: pip install 'easel[nf4]'"
     return None
-
-
-def bnb_4bit_layers(device: torch.device, installed: frozenset[str] | None = None) -> tuple[bool, str]:
-    """Whether a bitsandbytes 4-bit file (NF4/FP4) keeps 4-bit layers on this device, and why."""
-    problem = nf4_problem(device, installed)
-    if problem is None:
-        return True, "bitsandbytes on CUDA"
-    return False, problem.replace("quantization nf4 needs", "4-bit layers need", 1)
 
 
 def load_quantization(spec: ModelSpec, device: torch.device, capability: tuple[int, int] | None,
@@ -302,6 +295,42 @@ def dequantize_gguf_if_it_fits(pipe: DiffusionPipeline, policy: str, model_id: s
     return ["gguf-dequantized"]
 
 
+def requantize_4bit_file(
+    pipe: DiffusionPipeline, policy: str, model_id: str, device: torch.device, installed: frozenset[str] | None = None
+) -> list[str]:
+    """`performance.gguf` for a bitsandbytes 4-bit file's denoiser, which loads decoded (pipelines.quantized): back into
+    bitsandbytes 4-bit layers under `keep`, or under `auto` when the decoded pipeline would not fit resident in the
+    free memory; decoded under `dequantize`. 4-bit layers need CUDA and bitsandbytes: elsewhere it stays decoded,
+    the reason logged. Returns the step taken (or nothing)."""
+    from pipelines import placement, quantized
+
+    model = denoiser(pipe)
+    file = getattr(model, "_easel_4bit_file", None)
+    if model is None or file is None:
+        return []
+    dtype = str(pipe.dtype).removeprefix("torch.")
+    decoded = f"model {model_id}: 4-bit ({file.quant_type}) denoiser kept decoded in {dtype}"
+    if policy == "dequantize":
+        log.info("%s (gguf: dequantize)", decoded)
+        return []
+    problem = nf4_problem(device, installed)
+    if problem is not None:
+        log.info("%s: %s", decoded, problem.replace("quantization nf4 needs", "4-bit layers need", 1))
+        return []
+    if policy == "auto":
+        fits, needed, free = placement.resident_with(pipe, placement.module_bytes(model), device, pipe.dtype)
+        if fits:
+            log.info("%s: it fits resident (%d bytes needed, %d free)", decoded, needed, free)
+            return []
+    started = time.perf_counter()
+    work = device if torch.cuda.is_available() else torch.device("cpu")  # the card quantizes much faster
+    layers = quantized.to_bnb_4bit(model, file, pipe.dtype, work)
+    log.info("model %s: 4-bit (%s) denoiser in bitsandbytes 4-bit layers again (%d layers, %.1f s; %s)", model_id,
+             file.quant_type, layers, time.perf_counter() - started,
+             "gguf: keep" if policy == "keep" else "decoded, it would not fit resident")  # fmt: skip
+    return [f"bnb-{file.quant_type}"]
+
+
 def compile_denoiser(model: torch.nn.Module, spec: ModelSpec, regional: bool) -> None:
     perf = spec.performance
     mode = compile_mode(perf, spec.family)
@@ -338,6 +367,8 @@ def apply_optimizations(
     force: bool = False,
 ) -> list[str]:
     """Apply the planned steps to a loaded base pipeline (derived pipelines share its modules). Returns what ran."""
+    from pipelines import quantized
+
     applied: list[str] = []
     model = denoiser(pipe)
     installed = installed_packages()
@@ -357,7 +388,13 @@ def apply_optimizations(
             elif step == "channels_last" and model is not None:
                 model.to(memory_format=torch.channels_last)
             elif step == "fuse_qkv" and model is not None and hasattr(model, "fuse_qkv_projections"):
-                if getattr(model, "_easel_fp8", None) != FP8_COMPUTE:  # else fused while loading, before FP8
+                storage = getattr(model, "_easel_fp8", None)
+                if storage != FP8_COMPUTE and (storage is not None or quantized.is_gguf(model)):
+                    # FP8-stored, int8, GGUF or bitsandbytes weights: concatenating them is not a fused layer.
+                    log.info("model %s: QKV projections not fused: its weights are stored quantized (%s)", spec.id,
+                             storage or "gguf")  # fmt: skip
+                    continue
+                if storage is None:  # else fused while loading, before the FP8 tier
                     model.fuse_qkv_projections()
             elif step == "fp8" and model is not None:
                 log.info("model %s: %d linear layers in FP8", spec.id, quantize_fp8(model))

@@ -134,7 +134,18 @@ def footprint_of(pipe, dtype: torch.dtype) -> Footprint:
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    return sum(_tensor_bytes(t) for t in (*module.parameters(), *module.buffers()))
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    """A tensor's bytes, with a bitsandbytes 4-bit weight's block scales and code table (its quant_state)."""
+    state = getattr(tensor, "quant_state", None)
+    extra = (
+        0
+        if state is None
+        else sum(v.numel() * v.element_size() for v in state.as_dict().values() if isinstance(v, torch.Tensor))
+    )
+    return tensor.numel() * tensor.element_size() + extra
 
 
 def cuda_probe(device: torch.device) -> tuple[int, int]:

@@ -18,6 +18,7 @@ quantisation type, a truncated or corrupt file, tensors that do not match the ba
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -217,7 +218,6 @@ def load_denoiser(
     fp8_compute: tuple[bool, str] | None = None,
     fuse_qkv: bool = False,
     dequantize: bool = False,
-    bnb_4bit: tuple[bool, str] | None = None,
 ) -> torch.nn.Module:
     """The denoiser of `family` from one file, its architecture from `<config_dir>/<unet|transformer>/config.json`.
 
@@ -226,9 +226,8 @@ def load_denoiser(
     projections when `fuse_qkv`); otherwise FP8 storage computed in `dtype` layer by layer. The tier runs here, on
     the host, so placement counts the FP8 bytes and the card never holds the bf16 weights. `dequantize`: an FP8 file's
     weights times their scales as a plain `dtype` model (what `easel quantize` re-quantizes from).
-    A bitsandbytes 4-bit file (NF4/FP4, Forge's flux1-dev-bnb-nf4): with `bnb_4bit` on (`optimize.nf4_problem` finds
-    none: CUDA and bitsandbytes), its decoded weights re-quantized by bitsandbytes at load with the file's type and
-    block size, which gives back the file's 4-bit codes; otherwise decoded to `dtype` (the reason logged)."""
+    A bitsandbytes 4-bit file (NF4/FP4, Forge's flux1-dev-bnb-nf4): decoded to `dtype`, its format kept in
+    `_easel_4bit_file`; placement decides whether it goes back into 4-bit layers (`optimize.requantize_4bit_file`)."""
     import diffusers
     from accelerate import init_empty_weights
 
@@ -276,15 +275,9 @@ def load_denoiser(
     if any(hasattr(t, "quant_type") for t in state.values()):
         return _load_gguf_model(cls, model, state, config_dir, subfolder, dtype)
     four_bit = bnb_files.quant_types(raw)
-    if four_bit and bnb_4bit is not None:
-        keep, why = bnb_4bit
-        kind = "/".join(sorted(four_bit)).upper()
-        if keep:
-            log.info("%s: bitsandbytes %s weights, kept in 4 bits on the card: %s", path.name, kind, why)
-            nested = any(k.endswith(".nested_absmax") for k in raw)
-            return _load_bnb_4bit_model(cls, state, config_dir, subfolder, dtype, min(four_bit), nested)
-        log.info("%s: bitsandbytes %s weights, decoded to %s: %s", path.name, kind, str(dtype).removeprefix("torch."),
-                 why)  # fmt: skip
+    if four_bit:
+        log.info("%s: bitsandbytes %s weights, decoded to %s", path.name, "/".join(sorted(four_bit)).upper(),
+                 str(dtype).removeprefix("torch."))  # fmt: skip
     fp8 = next((t.dtype for t in state.values() if t.dtype in FP8_DTYPES), None)
     compute, why = fp8_compute if fp8_compute is not None else (False, "")
     if fp8 is not None and (compute or dequantize):  # the real weights, scales applied
@@ -293,6 +286,8 @@ def load_denoiser(
         state = {k: t if t.dtype in FP8_DTYPES else t.to(dtype) for k, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
+    if four_bit and not dequantize:
+        model._easel_4bit_file = FourBitFile(min(four_bit), any(k.endswith(".nested_absmax") for k in raw))  # noqa: SLF001
     if fp8 is None or dequantize:
         return model
     stored, computed = str(fp8).removeprefix("torch."), str(dtype).removeprefix("torch.")
@@ -328,6 +323,8 @@ def _load_gguf_model(cls, meta_model, state, config_dir, subfolder: str, dtype: 
     from diffusers import GGUFQuantizationConfig
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
+    from pipelines.families import dtype_kwargs
+
     # diffusers runs quantized weights in Linear layers only: any other quantized tensor (a convolution in some
     # community UNet files) is dequantized once here.
     linear = {f"{name}.weight" for name, m in meta_model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -335,29 +332,49 @@ def _load_gguf_model(cls, meta_model, state, config_dir, subfolder: str, dtype: 
         k: (dequantize_gguf_tensor(v).to(dtype) if hasattr(v, "quant_type") and k not in linear else v)
         for k, v in state.items()
     }
-    return _from_single_file(cls, state, config_dir, subfolder, dtype, GGUFQuantizationConfig(compute_dtype=dtype))
+    return cls.from_single_file(
+        state,
+        config=str(config_dir),
+        subfolder=subfolder,
+        quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+        local_files_only=True,
+        **dtype_kwargs(dtype),
+    )
 
 
-def _load_bnb_4bit_model(
-    cls, state, config_dir, subfolder: str, dtype: torch.dtype, quant_type: str, nested: bool
-) -> torch.nn.Module:
-    """bitsandbytes 4-bit layers (CUDA) from a 4-bit file's decoded weights: the same type, block size (64, both
-    bitsandbytes' default and the files') and double quantisation as the file, so each block gets back its codes."""
-    from diffusers import BitsAndBytesConfig
+@dataclasses.dataclass(frozen=True)
+class FourBitFile:
+    """The bitsandbytes format a denoiser file stored its weights in (the model holds them decoded)."""
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=nested,
-                                bnb_4bit_compute_dtype=dtype)  # fmt: skip
-    state = {k: v.to(dtype) for k, v in state.items()}
-    return _from_single_file(cls, state, config_dir, subfolder, dtype, config)
+    quant_type: str  # nf4 | fp4
+    nested: bool  # double-quantized block scales
 
 
-def _from_single_file(cls, state, config_dir, subfolder: str, dtype: torch.dtype, quantization_config):
-    """A diffusers model from a state dict already in its keys, quantized by diffusers' `quantization_config`."""
-    from pipelines.families import dtype_kwargs
+def to_bnb_4bit(model: torch.nn.Module, file: FourBitFile, compute: torch.dtype, work: torch.device) -> int:
+    """The model's Linear layers (but those its class keeps in float32, as diffusers' bitsandbytes quantizer does)
+    as bitsandbytes 4-bit layers of the file's type, block size (64: bitsandbytes' and the files') and double
+    quantisation, which gives each block of a decoded file back its codes. Each layer is quantized on `work` (the
+    card, much faster) and returned to the host for placement. Returns how many changed."""
+    import bitsandbytes as bnb
 
-    return cls.from_single_file(state, config=str(config_dir), subfolder=subfolder,
-                                quantization_config=quantization_config, local_files_only=True,
-                                **dtype_kwargs(dtype))  # fmt: skip
+    kept = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    changed = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is not torch.nn.Linear or any(key in full for key in kept):
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=compute, compress_statistics=file.nested,
+                                      quant_type=file.quant_type, device="meta")  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=file.nested,
+                                             quant_type=file.quant_type)  # fmt: skip
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data.to(compute), requires_grad=False)
+            setattr(module, child_name, layer.to(work).to("cpu") if work.type != "cpu" else layer.to(work))
+            changed += 1
+    model._easel_fp8 = f"bnb-{file.quant_type}"  # noqa: SLF001  (from_pipe must leave its dtype alone)
+    return changed
 
 
 def is_gguf(model: torch.nn.Module) -> bool:
@@ -536,19 +553,17 @@ def load_components(
     config_dir: str | Path,
     dtype: torch.dtype,
     fp8_compute: tuple[bool, str] | None = None,
-    bnb_4bit: tuple[bool, str] | None = None,
 ) -> dict[str, torch.nn.Module]:
     """The components a model entry takes from its own files, and with `quantization: nf4` its denoiser (and text
     encoders) quantized while loading; ready to pass to `from_pretrained`. `fp8_compute`: whether an FP8 denoiser
-    file takes the FP8 compute tier, and why (`optimize.fp8_compute_tier` for the device); `bnb_4bit`: whether a
-    bitsandbytes 4-bit denoiser file keeps 4-bit layers, and why (`optimize.bnb_4bit_layers`)."""
+    file takes the FP8 compute tier, and why (`optimize.fp8_compute_tier` for the device)."""
     out: dict[str, torch.nn.Module] = {}
     for component, file in file_fields(spec).items():
         if component in TEXT_ENCODER_FIELDS:
             out[component] = load_text_encoder(component, file, config_dir, dtype)
         else:
             out[component] = load_denoiser(spec.family, file, config_dir, dtype, fp8_compute=fp8_compute,
-                                           fuse_qkv=spec.performance.fuse_qkv, bnb_4bit=bnb_4bit)  # fmt: skip
+                                           fuse_qkv=spec.performance.fuse_qkv)  # fmt: skip
     if spec.performance.quantization == "nf4":
         out.update(_nf4_components(spec, Path(config_dir), dtype, exclude=set(out)))
     return out

@@ -95,7 +95,8 @@ class PerformanceSpec(BaseModel):
     # once at load to the model's dtype when the whole pipeline, so dequantized, still fits resident on the card's
     # free memory (no other model is evicted for it; CUDA only; never under offload: model or sequential); then the
     # fast path (QKV fusion, compile) applies as to any model. dequantize: always (placement then offloads if it
-    # must); keep: never.
+    # must); keep: never. A bitsandbytes 4-bit denoiser file follows the same rule (it loads decoded and goes back
+    # into 4-bit layers where the decoded pipeline would not fit: optimize.requantize_4bit_file).
     gguf: Literal["auto", "dequantize", "keep"] = "auto"
 
     @field_validator("warmup_sizes")

@@ -771,3 +771,19 @@ def test_a_text_encoder_lora_applies_to_an_fp8_text_encoder_file(data_dir: Path,
         engine.stop()
     plain, styled, again = (np.asarray(r.images[0], dtype=np.int16) for r in runs)
     assert np.abs(styled - plain).mean() > 0.3 and np.array_equal(again, plain)
+
+
+@pytest.mark.parametrize("model_id", ["flux-fp8", "flux-gguf-q8_0"])
+def test_the_fast_path_leaves_quantized_projections_unfused(served: Served, model_id: str, caplog) -> None:
+    """Fusing concatenates the q/k/v weights: FP8-stored or GGUF ones make no fused layer (diffusers raised, and the
+    step was logged as a failure on every load). The step is skipped and said so; the model still makes its image."""
+    from pipelines.optimize import apply_optimizations
+
+    before = a1111_txt2img(served.client, model_id, 3)
+    loaded = served.engine.cache.get(served.engine.registry.get(model_id))
+    spec = ModelSpec(id=model_id, family="flux", source="demo:flux", performance={"compile": "off"})
+    with caplog.at_level("INFO", logger="easel.optimize"):
+        applied = apply_optimizations(loaded.base, spec, torch.device("cpu"), force=True)
+    assert "fuse_qkv" not in applied and "not applied" not in caplog.text
+    assert "QKV projections not fused: its weights are stored quantized" in caplog.text
+    assert np.array_equal(a1111_txt2img(served.client, model_id, 3), before)
