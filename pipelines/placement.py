@@ -139,13 +139,11 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
     """A tensor's bytes, with a bitsandbytes 4-bit weight's block scales and code table (its quant_state)."""
+    size = tensor.numel() * tensor.element_size()
     state = getattr(tensor, "quant_state", None)
-    extra = (
-        0
-        if state is None
-        else sum(v.numel() * v.element_size() for v in state.as_dict().values() if isinstance(v, torch.Tensor))
-    )
-    return tensor.numel() * tensor.element_size() + extra
+    if state is not None:
+        size += sum(v.numel() * v.element_size() for v in state.as_dict().values() if isinstance(v, torch.Tensor))
+    return size
 
 
 def cuda_probe(device: torch.device) -> tuple[int, int]:

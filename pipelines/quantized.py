@@ -371,7 +371,7 @@ def to_bnb_4bit(model: torch.nn.Module, file: FourBitFile, compute: torch.dtype,
                                              quant_type=file.quant_type)  # fmt: skip
             if child.bias is not None:
                 layer.bias = torch.nn.Parameter(child.bias.data.to(compute), requires_grad=False)
-            setattr(module, child_name, layer.to(work).to("cpu") if work.type != "cpu" else layer.to(work))
+            setattr(module, child_name, layer.to(work).to("cpu"))  # quantized on `work`, kept on the host
             changed += 1
     model._easel_fp8 = f"bnb-{file.quant_type}"  # noqa: SLF001  (from_pipe must leave its dtype alone)
     return changed
@@ -549,10 +549,7 @@ def _checkpoint_key_renamer(model: torch.nn.Module, expected: Mapping[str, torch
 
 
 def load_components(
-    spec: ModelSpec,
-    config_dir: str | Path,
-    dtype: torch.dtype,
-    fp8_compute: tuple[bool, str] | None = None,
+    spec: ModelSpec, config_dir: str | Path, dtype: torch.dtype, fp8_compute: tuple[bool, str] | None = None
 ) -> dict[str, torch.nn.Module]:
     """The components a model entry takes from its own files, and with `quantization: nf4` its denoiser (and text
     encoders) quantized while loading; ready to pass to `from_pretrained`. `fp8_compute`: whether an FP8 denoiser
