@@ -1,6 +1,7 @@
 """bitsandbytes 4-bit files as `denoiser:` (Forge's flux1-dev-bnb-nf4 and -v2, diffusers' bnb-4bit saves): Easel's
 decoder against bitsandbytes' own, Forge-layout all-in-one files written with bitsandbytes from the demo models and
-served through the A1111 route, the CUDA path's bitsandbytes config, and 8-bit files refused by name."""
+served through the A1111 route, the decoded model back in bitsandbytes 4-bit layers (the file's codes) where it would
+not fit, and 8-bit files refused by name."""
 
 from __future__ import annotations
 
