@@ -60,7 +60,7 @@ def test_the_decoder_gives_bitsandbytes_own_values(quant_type: str, nested: bool
 @pytest.mark.parametrize("shape", [(32, 32), (16, 16), (64, 32)])
 def test_matrices_narrower_than_a_block_decode_to_their_values(shape) -> None:
     """Blocks run across rows here. bitsandbytes 0.50's own CPU dequantisation gets these wrong (40-50 % off; its
-    CUDA kernels and its quantisation are right), so the reference is the original matrix."""
+    quantisation is right, its CUDA kernels were not tried), so the reference is the original matrix."""
     torch.manual_seed(0)
     weight = torch.randn(shape)
     stored = {f"w{k}": v for k, v in _quantized_state(weight, "nf4", False).items()}
@@ -200,7 +200,7 @@ def test_4bit_layers_where_the_decoded_model_would_not_fit(demo_root: Path, tmp_
     if not nested:
         assert torch.equal(model.x_embedder.weight.quant_state.absmax, absmax)
     # Every 4-bit layer holds the decoded model's weights (read back with Easel's decoder: bitsandbytes 0.50's own CPU
-    # dequantisation is wrong for matrices narrower than a block, as the demo's 32-column ones; CUDA is not affected).
+    # dequantisation is wrong for matrices narrower than a block, as the demo's 32-column ones).
     layers = {n: m for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
     weights = decoded.transformer.state_dict()
     assert len(layers) > 20
