@@ -208,13 +208,16 @@ class QuantizationUnavailable(ValueError):
     """`performance.quantization` asks for something this machine cannot do (the message says what is missing)."""
 
 
-def nf4_problem(device: torch.device, installed: frozenset[str] | None = None) -> str | None:
-    """Why nf4 cannot run here, or None. bitsandbytes' 4-bit kernels are CUDA only."""
+def nf4_problem(
+    device: torch.device, installed: frozenset[str] | None = None, needs: str = "quantization nf4 needs"
+) -> str | None:
+    """Why bitsandbytes' 4-bit layers cannot run here (a sentence starting with `needs`), or None. Its 4-bit kernels
+    are CUDA only."""
     installed = installed_packages() if installed is None else installed
     if device.type != "cuda":
-        return f"quantization nf4 needs a CUDA device (bitsandbytes 4-bit); this model runs on {device}"
+        return f"{needs} a CUDA device (bitsandbytes 4-bit); this model runs on {device}"
     if "bitsandbytes" not in installed:
-        return "quantization nf4 needs the bitsandbytes package: pip install 'easel[nf4]'"
+        return f"{needs} the bitsandbytes package: pip install 'easel[nf4]'"
     return None
 
 
@@ -313,9 +316,9 @@ def requantize_4bit_file(
     if policy == "dequantize":
         log.info("%s (gguf: dequantize)", decoded)
         return []
-    problem = nf4_problem(device, installed)
+    problem = nf4_problem(device, installed, needs="4-bit layers need")
     if problem is not None:
-        log.info("%s: %s", decoded, problem.replace("quantization nf4 needs", "4-bit layers need", 1))
+        log.info("%s: %s", decoded, problem)
         return []
     if policy == "auto":
         fits, needed, free = placement.resident_with(pipe, placement.module_bytes(model), device, pipe.dtype)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -115,17 +115,14 @@ def _fp8_eligible(tensor: torch.Tensor) -> bool:
 
 
 def _converted(
-    state: dict[str, torch.Tensor],
-    convert: Callable[[str, torch.Tensor], T],
-    *,
-    device: torch.device | Literal["own"] = CPU,
+    state: dict[str, torch.Tensor], convert: Callable[[str, torch.Tensor], T], *, device: torch.device | None = CPU
 ) -> Iterator[tuple[str, T]]:
-    """(key, convert(key, tensor as float32 on `device`, "own": where it is)) in `state`'s order, converted on several
+    """(key, convert(key, tensor as float32 on `device`, None: where it is)) in `state`'s order, converted on several
     threads: numpy's and torch's kernels release the GIL, and the gguf package's block quantisers are single-threaded
     numpy (about 100 M values/s each), so a 12 B transformer takes minutes on one core."""
 
     def one(item: tuple[str, torch.Tensor]) -> T:
-        return convert(item[0], item[1].to(item[1].device if device == "own" else device, torch.float32))
+        return convert(item[0], item[1].to(device or item[1].device, torch.float32))
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         yield from zip(state, pool.map(one, state.items()), strict=True)
@@ -189,8 +186,7 @@ def _write_gguf(
 
     quantized = 0
     # The K-quants are torch code: on `device`, or where each tensor is (a model on the GPU is converted there).
-    on = (device or "own") if k_quant else CPU
-    for key, (data, raw_dtype) in _converted(state, convert, device=on):
+    for key, (data, raw_dtype) in _converted(state, convert, device=device if k_quant else CPU):
         writer.add_tensor(key, data, raw_dtype=raw_dtype)
         quantized += raw_dtype is not None
     writer.write_header_to_file()
